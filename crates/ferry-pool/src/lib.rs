@@ -1,0 +1,124 @@
+//! `ferry-pool`: Ferry's primary storage, a thin block pool with O(1)
+//! snapshots, group snapshots, clones, change tracking and lazy volumes.
+//!
+//! # On disk
+//!
+//! A pool is a directory:
+//!
+//! - `pool.hdr`: magic `FERRYPOL`, format version, chunk size (see
+//!   [`format`]). A pool of another version is refused with
+//!   [`ErrorKind::UnknownVersion`] and left untouched.
+//! - `data`: a sparse file of fixed-size chunks (64 KiB by default, set at
+//!   creation); physical chunk `p` lives at byte `p × chunk_size`. Freed
+//!   chunks are punched out (`FALLOC_FL_PUNCH_HOLE`) and reused.
+//! - `meta.redb`: the metadata in redb, an embedded copy-on-write B-tree
+//!   store with ACID transactions (tables described in `meta.rs`). The mapping
+//!   is `(lineage, chunk, epoch) → physical chunk | ZERO`.
+//!
+//! # Snapshots are epochs
+//!
+//! Each volume (a *lineage*) has a current epoch. A snapshot records
+//! (lineage, current epoch) and moves the live volume to the next epoch: one
+//! small transaction, whatever the volume's size. The content of a chunk at
+//! epoch `e` is its newest entry with epoch ≤ `e`; a clone is a new lineage
+//! whose missing chunks fall through to (parent lineage, snapshot epoch).
+//! A live write to a chunk whose entry no snapshot sees is done in place; a
+//! chunk a snapshot sees is copied on write into a fresh chunk with an entry
+//! at the current epoch. Every physical chunk is referenced by exactly one
+//! entry, so its reference count is implicit and exact. Deleting a snapshot
+//! looks only at the entries of its own epoch interval (`epochs` index) and
+//! frees those the next snapshot (or the live volume) has superseded.
+//! Changes between two snapshots are the entries with epoch in (A, B].
+//!
+//! In memory each volume keeps only the newest entry per chunk (lock-striped
+//! hash maps): reads never touch the metadata store nor any pool-wide lock,
+//! so 1000 snapshots cost the live volume nothing. Snapshot reads go to the
+//! metadata store (a read transaction per call).
+//!
+//! # Concurrency
+//!
+//! [`Pool`] and [`Volume`] are `Send + Sync` and cheap to clone. A read
+//! takes one shard's read lock of its volume (64 shards) while it preads;
+//! chunks that follow each other in the data file are read (or overwritten
+//! in place) with one pread/pwrite, the further shard or chunk locks only
+//! *tried*, so holding several cannot deadlock. Writers of one chunk
+//! serialise on one of 256 striped chunk locks and hold their volume's state
+//! lock shared; a snapshot holds it exclusively, which makes a group
+//! snapshot atomic across its volumes. A [`Snapshot`] handle refuses reads
+//! once the snapshot is deleted; a read already running when the delete
+//! commits is not stopped (callers must not delete what they still read).
+//!
+//! # Writes, flush and group commit
+//!
+//! Data is written with `pwrite` to the data file. Changes of the mapping
+//! (new chunk, copy-on-write, trim) are staged in memory; [`Pool::flush`]
+//! (or [`Volume::flush`]) commits them: the first flusher fdatasyncs the
+//! data file, then commits every staged change in one redb transaction;
+//! flushers arriving meanwhile find their writes covered and return, or
+//! share the next commit. When only in-place overwrites happened since the
+//! last commit, a flush is one fdatasync and no metadata transaction; when
+//! nothing was written, nothing. Control-plane operations (create, delete,
+//! snapshot, group snapshot, clone) commit synchronously, staged changes
+//! included.
+//!
+//! # What a crash can leave, and how it is recovered
+//!
+//! redb commits are atomic: after a crash the metadata is exactly the last
+//! committed state. On open, the live maps are rebuilt from the metadata
+//! and the free list is every chunk below the highest referenced one that
+//! no entry references. Three rules make that state consistent with the data
+//! file:
+//!
+//! 1. The data file is fdatasync'd before every metadata commit, so no
+//!    durable entry points at a chunk whose data is not durable.
+//! 2. A chunk freed by an uncommitted change (trim, delete, a superseded
+//!    entry) is not reused until the commit freeing it is durable; until then
+//!    durable metadata may still point at it and its bytes stay intact.
+//! 3. A chunk is overwritten in place only when no snapshot sees its entry,
+//!    and snapshot deletion commits before its chunks become exclusive, so
+//!    in-place writes never touch data a durable snapshot references.
+//!
+//! So a crash can leave: writes after the last flush lost or present (each
+//! 512-byte sector old or new), chunks allocated after the last commit
+//! unreferenced (they are free again on open), a lazy volume's fetched but
+//! uncommitted chunks missing (fetched again). Nothing acknowledged by a
+//! flush is lost; [`Pool::verify`] checks every invariant.
+//!
+//! # Lazy volumes
+//!
+//! See [`lazy`] and [`hydrator`]. A lazy volume's source is not stored:
+//! after a restart the caller re-attaches it with [`Volume::attach_source`].
+//! Snapshots, clones and growth of a lazy volume are refused until it is
+//! hydrated.
+//!
+//! # Space
+//!
+//! [`Pool::usage`], [`Pool::volume_space`]; an optional limit
+//! ([`PoolOptions::limit_bytes`], [`Pool::set_limit`]) makes writes that
+//! need a new chunk fail with [`ErrorKind::NoSpace`] and change nothing.
+//! Space freed by trim becomes usable after the next flush; space freed by
+//! deleting a volume or snapshot at once.
+
+mod control;
+pub mod crashtest;
+mod error;
+pub mod format;
+mod hydrator;
+pub mod lazy;
+mod meta;
+mod pool;
+mod profile;
+mod snapshot;
+mod verify;
+mod volume;
+pub mod workload;
+
+pub use control::{Pool, SnapshotInfo, VolumeInfo};
+pub use error::{Error, ErrorKind, Result};
+pub use hydrator::{HydrationProgress, Hydrator, HydratorOptions};
+pub use lazy::ChunkSource;
+pub use pool::{DATA_FILE, META_FILE, PoolOptions};
+pub use profile::ProfileLimit;
+pub use snapshot::Snapshot;
+pub use verify::{PoolUsage, VolumeSpace};
+pub use volume::{Extent, ExtentKind, Volume};

@@ -1,0 +1,436 @@
+//! The pool: its files, in-memory state, allocation and the group commit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
+
+use crate::error::{Ctx, Error, ErrorKind, Result};
+use crate::format::{FORMAT_VERSION, HEADER_FILE, Header, sync_dir};
+use crate::meta::{self, COUNTERS, MAP, PROFILES, SNAPSHOTS, SnapRec, VOLUMES, VolumeRec, ZERO};
+use crate::volume::{Slot, VolInner};
+
+/// Name of the data file inside the pool directory.
+pub const DATA_FILE: &str = "data";
+/// Name of the metadata database inside the pool directory.
+pub const META_FILE: &str = "meta.redb";
+
+/// Parameters of a new pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Bytes per chunk: a power of two, at least 4096 (64 KiB by default).
+    pub chunk_size: u32,
+    /// Optional limit on the bytes the data file may hold.
+    pub limit_bytes: Option<u64>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            chunk_size: 64 * 1024,
+            limit_bytes: None,
+        }
+    }
+}
+
+/// Free physical chunks. `used` counts chunks referenced by metadata (durable
+/// or pending) plus chunks freed by a change that is not yet durable.
+#[derive(Debug, Default)]
+pub(crate) struct Alloc {
+    pub free: BTreeSet<u64>,
+    pub hw: u64,
+    pub used: u64,
+    pub limit: Option<u64>,
+}
+
+/// Metadata changes not yet committed: map entries (None = delete) and the
+/// chunks they free, which may be reused only once the commit is durable.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    pub ops: BTreeMap<(u64, u64, u64), Option<u64>>,
+    pub frees: Vec<u64>,
+}
+
+/// Names and records of everything in the pool.
+#[derive(Default)]
+pub(crate) struct Catalog {
+    pub by_name: HashMap<String, Arc<VolInner>>,
+    pub by_id: HashMap<u64, Arc<VolInner>>,
+    pub recs: HashMap<u64, VolumeRec>,
+    pub snaps: BTreeMap<String, SnapRec>,
+    pub next_id: u64,
+}
+
+/// State shared by the pool and every volume handle.
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub chunk: u64,
+    pub data: File,
+    pub db: Database,
+    pub alloc: Mutex<Alloc>,
+    pub pending: Mutex<Pending>,
+    /// Set by every data write; cleared when a commit starts its fdatasync.
+    pub data_dirty: AtomicBool,
+    /// Incremented after every acknowledged write.
+    pub write_gen: AtomicU64,
+    /// The commit lock; holds the write generation known durable.
+    pub commit: Mutex<u64>,
+    pub catalog: RwLock<Catalog>,
+    /// Volumes recording a read profile (persisted at each commit).
+    pub profiling: Mutex<Vec<Arc<VolInner>>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn data_at(&self, phys: u64) -> u64 {
+        phys * self.chunk
+    }
+
+    pub fn pread(&self, phys: u64, within: u64, buf: &mut [u8]) -> Result<()> {
+        self.data
+            .read_exact_at(buf, self.data_at(phys) + within)
+            .ctx(|| format!("read physical chunk {phys} of pool {}", self.dir.display()))
+    }
+
+    pub fn pwrite(&self, phys: u64, within: u64, buf: &[u8]) -> Result<()> {
+        let r = self
+            .data
+            .write_all_at(buf, self.data_at(phys) + within)
+            .ctx(|| format!("write physical chunk {phys} of pool {}", self.dir.display()));
+        // Set after the write (also a failed one, which may have written
+        // part); loaded first so the hot path does not bounce a cache line.
+        if !self.data_dirty.load(Ordering::SeqCst) {
+            self.data_dirty.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Take a free chunk, or fail with `NoSpace` (nothing changed).
+    pub fn allocate(&self, what: &dyn Fn() -> String) -> Result<u64> {
+        let mut a = lock(&self.alloc);
+        if let Some(limit) = a.limit
+            && a.used >= limit
+        {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "{}: pool limit of {} chunks reached; nothing was written (space freed by trim or delete becomes usable after the next flush)",
+                    what(),
+                    limit
+                ),
+            ));
+        }
+        let p = match a.free.pop_first() {
+            Some(p) => p,
+            None => {
+                a.hw += 1;
+                a.hw - 1
+            }
+        };
+        a.used += 1;
+        Ok(p)
+    }
+
+    /// Return a chunk that no metadata (durable or pending) ever referenced.
+    pub fn unallocate(&self, phys: u64) {
+        let mut a = lock(&self.alloc);
+        a.used -= 1;
+        a.free.insert(phys);
+    }
+
+    /// Record a metadata change to commit at the next flush.
+    pub fn stage(&self, key: (u64, u64, u64), value: Option<u64>, freed: Option<u64>) {
+        let mut p = lock(&self.pending);
+        p.ops.insert(key, value);
+        if let Some(f) = freed
+            && f != ZERO
+        {
+            p.frees.push(f);
+        }
+    }
+
+    /// Make every write acknowledged before the call durable.
+    pub fn flush(&self) -> Result<()> {
+        let want = self.write_gen.load(Ordering::SeqCst);
+        let mut durable = lock(&self.commit);
+        if *durable >= want && !self.profiles_dirty() {
+            return Ok(());
+        }
+        self.commit_locked(&mut durable, false, |_, _| Ok(()))
+    }
+
+    /// Commit pending changes plus `extra` in one transaction.
+    pub fn commit_with(
+        &self,
+        extra: impl FnOnce(&WriteTransaction, &mut Vec<u64>) -> Result<()>,
+    ) -> Result<()> {
+        let mut durable = lock(&self.commit);
+        self.commit_locked(&mut durable, true, extra)
+    }
+
+    fn commit_locked(
+        &self,
+        durable: &mut MutexGuard<'_, u64>,
+        always_txn: bool,
+        extra: impl FnOnce(&WriteTransaction, &mut Vec<u64>) -> Result<()>,
+    ) -> Result<()> {
+        let target = self.write_gen.load(Ordering::SeqCst);
+        let (ops, mut frees) = {
+            let mut p = lock(&self.pending);
+            (std::mem::take(&mut p.ops), std::mem::take(&mut p.frees))
+        };
+        let profiles: Vec<(u64, Vec<u8>)> = lock(&self.profiling)
+            .iter()
+            .filter_map(|v| v.profile_to_persist())
+            .collect();
+        let staged_frees = frees.len();
+        let result = (|| -> Result<()> {
+            // New chunks' data must be durable before metadata points at them.
+            if self.data_dirty.swap(false, Ordering::SeqCst) {
+                let synced = self.data.sync_data();
+                if synced.is_err() {
+                    self.data_dirty.store(true, Ordering::SeqCst);
+                }
+                synced.ctx(|| format!("fdatasync data file of pool {}", self.dir.display()))?;
+            }
+            if !always_txn && ops.is_empty() && profiles.is_empty() {
+                // Only in-place overwrites since the last commit: the
+                // fdatasync above made them durable.
+                return Ok(());
+            }
+            let txn = self
+                .db
+                .begin_write()
+                .ctx(|| "begin metadata commit".into())?;
+            {
+                let mut map = txn.open_table(MAP).ctx(|| "open map".into())?;
+                let mut ep = txn.open_table(meta::EPOCHS).ctx(|| "open epochs".into())?;
+                for (k, v) in &ops {
+                    match v {
+                        Some(p) => meta::put_entry(&mut map, &mut ep, *k, *p)?,
+                        None => {
+                            meta::del_entry(&mut map, &mut ep, *k)?;
+                        }
+                    }
+                }
+                let mut pt = txn.open_table(PROFILES).ctx(|| "open profiles".into())?;
+                for (id, json) in &profiles {
+                    pt.insert(*id, json.as_slice())
+                        .ctx(|| format!("store read profile of volume {id}"))?;
+                }
+            }
+            extra(&txn, &mut frees)?;
+            txn.commit().ctx(|| "commit metadata".into())
+        })();
+        match result {
+            Ok(()) => {
+                self.release(frees);
+                **durable = target;
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing became durable: keep the changes for the next try.
+                let mut p = lock(&self.pending);
+                for (k, v) in ops {
+                    p.ops.entry(k).or_insert(v);
+                }
+                // Chunks `extra` meant to free stay referenced: drop them.
+                frees.truncate(staged_frees);
+                p.frees.extend(frees);
+                Err(e)
+            }
+        }
+    }
+
+    fn profiles_dirty(&self) -> bool {
+        lock(&self.profiling).iter().any(|v| v.profile_dirty())
+    }
+
+    /// Chunks freed by a durable commit: punch them out and make them reusable.
+    fn release(&self, frees: Vec<u64>) {
+        if frees.is_empty() {
+            return;
+        }
+        for &p in &frees {
+            punch_hole(&self.data, self.data_at(p), self.chunk);
+        }
+        let mut a = lock(&self.alloc);
+        for p in frees {
+            if a.free.insert(p) {
+                a.used -= 1;
+            }
+        }
+    }
+}
+
+/// Give a freed chunk's space back to the file system (best effort: a file
+/// system without hole punching keeps the bytes, which is only space).
+fn punch_hole(f: &File, off: u64, len: u64) {
+    // SAFETY: fallocate on a file descriptor we own, with plain integer
+    // arguments; it does not touch our memory.
+    unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        );
+    }
+}
+
+/// Create a new pool in `dir` (created if absent; must not hold a pool).
+pub(crate) fn create(dir: &Path, opts: &PoolOptions) -> Result<Arc<Shared>> {
+    if !opts.chunk_size.is_power_of_two() || opts.chunk_size < 4096 {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "create pool {}: chunk size {} is not a power of two ≥ 4096",
+                dir.display(),
+                opts.chunk_size
+            ),
+        ));
+    }
+    std::fs::create_dir_all(dir).ctx(|| format!("create pool directory {}", dir.display()))?;
+    if dir.join(HEADER_FILE).exists() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("create pool {}: a pool exists there", dir.display()),
+        ));
+    }
+    File::create(dir.join(DATA_FILE)).ctx(|| format!("create data file in {}", dir.display()))?;
+    let db = Database::create(dir.join(META_FILE))
+        .ctx(|| format!("create metadata of pool {}", dir.display()))?;
+    meta::create_tables(&db)?;
+    if let Some(limit) = opts.limit_bytes {
+        let txn = db.begin_write().ctx(|| "store pool limit".into())?;
+        txn.open_table(COUNTERS)
+            .ctx(|| "open counters".into())?
+            .insert("limit_bytes", limit)
+            .ctx(|| "store pool limit".into())?;
+        txn.commit().ctx(|| "store pool limit".into())?;
+    }
+    drop(db);
+    sync_dir(dir)?;
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // The header last: a directory without it is not a pool.
+    Header {
+        version: FORMAT_VERSION,
+        chunk_size: opts.chunk_size,
+        created,
+    }
+    .write_new(dir)?;
+    open(dir)
+}
+
+/// Open the pool in `dir` and rebuild the in-memory state from metadata.
+pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
+    let header = Header::read(dir)?;
+    let chunk = header.chunk_size as u64;
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(DATA_FILE))
+        .ctx(|| format!("open data file of pool {}", dir.display()))?;
+    let db = Database::open(dir.join(META_FILE))
+        .ctx(|| format!("open metadata of pool {}", dir.display()))?;
+    let mut cat = Catalog::default();
+    let mut alloc = Alloc::default();
+    let mut profiles: HashMap<u64, Vec<u64>> = HashMap::new();
+    {
+        let txn = db.begin_read().ctx(|| "read metadata".into())?;
+        let counters = txn.open_table(COUNTERS).ctx(|| "open counters".into())?;
+        cat.next_id = counters
+            .get("next_id")
+            .ctx(|| "read next id".into())?
+            .map(|g| g.value())
+            .unwrap_or(1);
+        alloc.limit = counters
+            .get("limit_bytes")
+            .ctx(|| "read pool limit".into())?
+            .map(|g| g.value() / chunk);
+        let vols = txn.open_table(VOLUMES).ctx(|| "open volumes".into())?;
+        for item in vols.iter().ctx(|| "scan volumes".into())? {
+            let (k, v) = item.ctx(|| "scan volumes".into())?;
+            let rec: VolumeRec =
+                serde_json::from_slice(v.value()).ctx(|| format!("decode volume {}", k.value()))?;
+            cat.recs.insert(rec.id, rec);
+        }
+        let snaps = txn.open_table(SNAPSHOTS).ctx(|| "open snapshots".into())?;
+        for item in snaps.iter().ctx(|| "scan snapshots".into())? {
+            let (k, v) = item.ctx(|| "scan snapshots".into())?;
+            let rec: SnapRec = serde_json::from_slice(v.value())
+                .ctx(|| format!("decode snapshot {}", k.value()))?;
+            cat.snaps.insert(rec.name.clone(), rec);
+        }
+        let pt = txn.open_table(PROFILES).ctx(|| "open profiles".into())?;
+        for item in pt.iter().ctx(|| "scan profiles".into())? {
+            let (k, v) = item.ctx(|| "scan profiles".into())?;
+            let chunks: Vec<u64> = serde_json::from_slice(v.value())
+                .ctx(|| format!("decode profile {}", k.value()))?;
+            profiles.insert(k.value(), chunks);
+        }
+        let map = txn.open_table(MAP).ctx(|| "open map".into())?;
+        let mut used = BTreeSet::new();
+        for item in map.iter().ctx(|| "scan map".into())? {
+            let (_, v) = item.ctx(|| "scan map".into())?;
+            if v.value() != ZERO {
+                used.insert(v.value());
+            }
+        }
+        alloc.hw = used.last().map(|m| m + 1).unwrap_or(0);
+        alloc.used = used.len() as u64;
+        alloc.free = (0..alloc.hw).filter(|p| !used.contains(p)).collect();
+        for rec in cat.recs.values() {
+            let slots = meta::view(&map, &cat.recs, rec.id, rec.epoch)?;
+            let snaps: BTreeSet<u64> = cat
+                .snaps
+                .values()
+                .filter(|s| s.volume == rec.id)
+                .map(|s| s.epoch)
+                .collect();
+            let vol = Arc::new(VolInner::new(rec, snaps, chunk));
+            for (c, (phys, epoch, own)) in slots {
+                vol.set_slot(c, Some(Slot { phys, epoch, own }));
+            }
+            if let Some(p) = profiles.remove(&rec.id) {
+                vol.load_profile(p);
+            }
+            cat.by_name.insert(rec.name.clone(), vol.clone());
+            cat.by_id.insert(rec.id, vol);
+        }
+    }
+    Ok(Arc::new(Shared {
+        dir: dir.to_path_buf(),
+        chunk,
+        data,
+        db,
+        alloc: Mutex::new(alloc),
+        pending: Mutex::new(Pending::default()),
+        data_dirty: AtomicBool::new(false),
+        write_gen: AtomicU64::new(0),
+        commit: Mutex::new(0),
+        catalog: RwLock::new(cat),
+        profiling: Mutex::new(Vec::new()),
+    }))
+}
+
+impl Drop for Shared {
+    /// A clean close commits what is staged (a crash simply loses it).
+    fn drop(&mut self) {
+        let staged = !lock(&self.pending).ops.is_empty() || self.profiles_dirty();
+        if staged {
+            let _ = self.commit_with(|_, _| Ok(()));
+        }
+    }
+}

@@ -1,0 +1,522 @@
+//! A volume: its in-memory live map and the data path (read, write, trim,
+//! write-zeroes, allocation map).
+//!
+//! The live map holds, for each chunk, only the newest entry (or the entry
+//! inherited from a clone's parent), in 64 lock-striped shards: a read takes
+//! one shard's read lock, copies nothing but the slot and preads the data
+//! file while holding it (so a chunk cannot be freed and reused under a
+//! reader). Writers to one chunk serialise on one of 256 striped chunk locks;
+//! writers hold the volume's state lock shared, so a snapshot (which takes it
+//! exclusively) sees every write either wholly before or wholly after it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::lazy::LazyState;
+use crate::meta::{VolumeRec, ZERO};
+use crate::pool::{Shared, lock};
+use crate::profile::Profile;
+
+const SHARDS: u64 = 64;
+const LOCKS: u64 = 256;
+/// Most chunks one pread/pwrite covers (well below SHARDS and LOCKS).
+const MAX_RUN: u64 = 32;
+
+/// The live content of one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// Physical chunk, or ZERO.
+    pub phys: u64,
+    /// Epoch of the mapping entry.
+    pub epoch: u64,
+    /// False when inherited from a clone's parent snapshot.
+    pub own: bool,
+}
+
+/// Snapshot bookkeeping of a volume (changed only with the lock exclusive).
+#[derive(Debug)]
+pub(crate) struct VolState {
+    pub epoch: u64,
+    pub snaps: BTreeSet<u64>,
+    pub parent: Option<(u64, u64)>,
+    pub deleted: bool,
+}
+
+impl VolState {
+    /// True when an entry written at `epoch` is visible to no snapshot, so
+    /// the live volume may overwrite or free it.
+    pub fn exclusive(&self, epoch: u64) -> bool {
+        self.snaps.range(epoch..self.epoch).next().is_none()
+    }
+}
+
+pub(crate) struct VolInner {
+    pub id: u64,
+    pub name: String,
+    pub size: AtomicU64,
+    pub state: RwLock<VolState>,
+    shards: Box<[RwLock<HashMap<u64, Slot>>]>,
+    locks: Box<[Mutex<()>]>,
+    pub deleted: AtomicBool,
+    pub lazy: LazyState,
+    pub profile: Profile,
+}
+
+impl VolInner {
+    pub fn new(rec: &VolumeRec, snaps: BTreeSet<u64>, _chunk: u64) -> VolInner {
+        VolInner {
+            id: rec.id,
+            name: rec.name.clone(),
+            size: AtomicU64::new(rec.size),
+            state: RwLock::new(VolState {
+                epoch: rec.epoch,
+                snaps,
+                parent: rec.parent,
+                deleted: false,
+            }),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            locks: (0..LOCKS).map(|_| Mutex::new(())).collect(),
+            deleted: AtomicBool::new(false),
+            lazy: LazyState::new(rec.lazy),
+            profile: Profile::default(),
+        }
+    }
+
+    pub fn shard(&self, c: u64) -> &RwLock<HashMap<u64, Slot>> {
+        &self.shards[(c % SHARDS) as usize]
+    }
+
+    pub fn chunk_lock(&self, c: u64) -> &Mutex<()> {
+        &self.locks[(c % LOCKS) as usize]
+    }
+
+    pub fn get(&self, c: u64) -> Option<Slot> {
+        self.shard(c)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&c)
+            .copied()
+    }
+
+    pub fn set_slot(&self, c: u64, s: Option<Slot>) {
+        let mut sh = self.shard(c).write().unwrap_or_else(|e| e.into_inner());
+        match s {
+            Some(s) => sh.insert(c, s),
+            None => sh.remove(&c),
+        };
+    }
+
+    /// Every slot (for verify and accounting).
+    pub fn slots(&self) -> HashMap<u64, Slot> {
+        let mut out = HashMap::new();
+        for s in self.shards.iter() {
+            out.extend(
+                s.read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|(k, v)| (*k, *v)),
+            );
+        }
+        out
+    }
+
+    pub fn present_chunks(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+            .sum()
+    }
+
+    pub fn clear(&self) {
+        for s in self.shards.iter() {
+            s.write().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    pub fn read_state(&self) -> RwLockReadGuard<'_, VolState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a byte range of a volume holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated data (or, on a lazy volume, not fetched yet).
+    Data,
+    /// Reads as zeroes and holds no space (trimmed or written as zeroes).
+    Zero,
+    /// Never written: reads as zeroes, holds no space.
+    Hole,
+}
+
+/// A byte range and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// What the range holds.
+    pub kind: ExtentKind,
+}
+
+/// A handle on a volume: cheap to clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct Volume {
+    pub(crate) sh: Arc<Shared>,
+    pub(crate) v: Arc<VolInner>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("name", &self.v.name)
+            .field("id", &self.v.id)
+            .finish()
+    }
+}
+
+impl Volume {
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.v.name
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.v.size.load(Ordering::Acquire)
+    }
+
+    /// The pool's chunk size.
+    pub fn chunk_size(&self) -> u64 {
+        self.sh.chunk
+    }
+
+    fn check(&self, op: &str, off: u64, len: u64) -> Result<()> {
+        if self.v.deleted.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{op} on volume {}: volume was deleted", self.v.name),
+            ));
+        }
+        let size = self.size();
+        if off.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{op} on volume {}: range {off}+{len} beyond size {size}",
+                    self.v.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Split `[off, off+len)` into (chunk, offset within chunk, length, position in buffer).
+    fn pieces(&self, off: u64, len: u64) -> impl Iterator<Item = (u64, u64, usize, usize)> + use<> {
+        let cs = self.sh.chunk;
+        let end = off + len;
+        let mut pos = off;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let c = pos / cs;
+            let within = pos % cs;
+            let n = (cs - within).min(end - pos);
+            let item = (c, within, n as usize, (pos - off) as usize);
+            pos += n;
+            Some(item)
+        })
+    }
+
+    /// Read `buf.len()` bytes at `off`.
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.check("read", off, buf.len() as u64)?;
+        let mut pieces = self.pieces(off, buf.len() as u64).peekable();
+        while let Some((c, within, n, at)) = pieces.next() {
+            let run = self.read_run(c, within, n, at, &mut pieces, buf)?;
+            for k in 0..run {
+                self.v.profile.record(c + k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the piece of chunk `c`; when the next chunks of the request
+    /// follow it in the data file, read them with the same pread. Returns
+    /// the number of chunks read. Further shards are only *tried* (never
+    /// waited for), so holding several read locks cannot deadlock.
+    fn read_run(
+        &self,
+        c: u64,
+        within: u64,
+        n: usize,
+        at: usize,
+        pieces: &mut std::iter::Peekable<impl Iterator<Item = (u64, u64, usize, usize)>>,
+        buf: &mut [u8],
+    ) -> Result<u64> {
+        loop {
+            {
+                let first = self.v.shard(c).read().unwrap_or_else(|e| e.into_inner());
+                match first.get(&c).copied() {
+                    Some(s) if s.phys != ZERO => {
+                        let mut guards = Vec::new();
+                        let mut len = n;
+                        let mut k = 1u64;
+                        while k < MAX_RUN {
+                            let Some(&(c2, 0, n2, _)) = pieces.peek() else {
+                                break;
+                            };
+                            let Ok(g) = self.v.shard(c2).try_read() else {
+                                break;
+                            };
+                            if g.get(&c2).is_none_or(|s2| s2.phys != s.phys + k) {
+                                break;
+                            }
+                            guards.push(g);
+                            len += n2;
+                            k += 1;
+                            pieces.next();
+                        }
+                        self.sh.pread(s.phys, within, &mut buf[at..at + len])?;
+                        return Ok(k);
+                    }
+                    Some(_) => {
+                        buf[at..at + n].fill(0);
+                        return Ok(1);
+                    }
+                    None if !self.v.lazy.is_lazy() => {
+                        buf[at..at + n].fill(0);
+                        return Ok(1);
+                    }
+                    None => {}
+                }
+            }
+            self.fetch(c)?;
+        }
+    }
+
+    /// Write `data` at `off`. Durable after the next [`Volume::flush`].
+    pub fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
+        self.check("write", off, data.len() as u64)?;
+        let st = self.v.read_state();
+        if st.deleted {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("write on volume {}: volume was deleted", self.v.name),
+            ));
+        }
+        let result = (|| {
+            let mut pieces = self.pieces(off, data.len() as u64).peekable();
+            while let Some((c, within, n, at)) = pieces.next() {
+                let _g = lock(self.v.chunk_lock(c));
+                let slot = self.v.get(c);
+                match slot {
+                    Some(s) if s.own && s.phys != ZERO && st.exclusive(s.epoch) => {
+                        // In place; the following chunks too while they
+                        // follow in the data file (their locks only tried).
+                        let mut locks = Vec::new();
+                        let mut len = n;
+                        let mut k = 1u64;
+                        while k < MAX_RUN {
+                            let Some(&(c2, 0, n2, _)) = pieces.peek() else {
+                                break;
+                            };
+                            let Ok(g) = self.v.chunk_lock(c2).try_lock() else {
+                                break;
+                            };
+                            if !self.v.get(c2).is_some_and(|s2| {
+                                s2.own && s2.phys == s.phys + k && st.exclusive(s2.epoch)
+                            }) {
+                                break;
+                            }
+                            locks.push(g);
+                            len += n2;
+                            k += 1;
+                            pieces.next();
+                        }
+                        self.sh.pwrite(s.phys, within, &data[at..at + len])?;
+                    }
+                    _ => self.write_chunk_locked(&st, c, within, &data[at..at + n])?,
+                }
+            }
+            Ok(())
+        })();
+        self.sh.write_gen.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
+    fn write_chunk_locked(&self, st: &VolState, c: u64, within: u64, data: &[u8]) -> Result<()> {
+        let cs = self.sh.chunk;
+        let full = within == 0 && data.len() as u64 == cs;
+        let mut slot = self.v.get(c);
+        match slot {
+            Some(s) if s.own && s.phys != ZERO && st.exclusive(s.epoch) => {
+                return self.sh.pwrite(s.phys, within, data);
+            }
+            None if !full && self.v.lazy.is_lazy() => {
+                self.fetch_locked(c, st.epoch)?;
+                slot = self.v.get(c);
+                if let Some(s) = slot
+                    && s.own
+                    && s.phys != ZERO
+                    && st.exclusive(s.epoch)
+                {
+                    return self.sh.pwrite(s.phys, within, data);
+                }
+            }
+            _ => {}
+        }
+        let name = &self.v.name;
+        let p = self
+            .sh
+            .allocate(&|| format!("write chunk {c} of volume {name}"))?;
+        let written = if full {
+            self.sh.pwrite(p, 0, data)
+        } else {
+            let mut buf = vec![0u8; cs as usize];
+            let copied = match slot {
+                Some(s) if s.phys != ZERO => self.sh.pread(s.phys, 0, &mut buf),
+                _ => Ok(()),
+            };
+            copied.and_then(|()| {
+                buf[within as usize..within as usize + data.len()].copy_from_slice(data);
+                self.sh.pwrite(p, 0, &buf)
+            })
+        };
+        if let Err(e) = written {
+            self.sh.unallocate(p);
+            return Err(e);
+        }
+        self.install(
+            st,
+            c,
+            slot,
+            Slot {
+                phys: p,
+                epoch: st.epoch,
+                own: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Replace chunk `c`'s slot by `new` and stage the metadata change;
+    /// an old entry no snapshot sees is removed and its chunk freed once the
+    /// change is durable.
+    pub(crate) fn install(&self, st: &VolState, c: u64, old: Option<Slot>, new: Slot) {
+        self.v.set_slot(c, Some(new));
+        let id = self.v.id;
+        let mut freed = None;
+        if let Some(o) = old
+            && o.own
+            && st.exclusive(o.epoch)
+        {
+            if o.epoch != new.epoch {
+                self.sh.stage((id, c, o.epoch), None, Some(o.phys));
+            } else {
+                freed = Some(o.phys);
+            }
+        }
+        self.sh.stage((id, c, new.epoch), Some(new.phys), freed);
+    }
+
+    /// Discard `[off, off+len)`: whole chunks are freed, partial ones zeroed.
+    /// Reads of the range return zeroes.
+    pub fn trim(&self, off: u64, len: u64) -> Result<()> {
+        self.zero_range("trim", off, len, false)
+    }
+
+    /// Write zeroes to `[off, off+len)`. Without `no_hole` whole chunks are
+    /// released (they read as zeroes); with it they stay allocated.
+    pub fn write_zeroes(&self, off: u64, len: u64, no_hole: bool) -> Result<()> {
+        self.zero_range("write-zeroes", off, len, no_hole)
+    }
+
+    fn zero_range(&self, op: &str, off: u64, len: u64, no_hole: bool) -> Result<()> {
+        self.check(op, off, len)?;
+        let st = self.v.read_state();
+        let cs = self.sh.chunk;
+        let zeroes = vec![0u8; cs as usize];
+        let result = (|| {
+            for (c, within, n, _) in self.pieces(off, len) {
+                let _g = lock(self.v.chunk_lock(c));
+                if no_hole || (n as u64) < cs {
+                    let slot = self.v.get(c);
+                    let reads_zero = match slot {
+                        None => !self.v.lazy.is_lazy(),
+                        Some(s) => s.phys == ZERO,
+                    };
+                    if reads_zero && !no_hole {
+                        continue;
+                    }
+                    self.write_chunk_locked(&st, c, within, &zeroes[..n])?;
+                } else {
+                    self.trim_chunk_locked(&st, c);
+                }
+            }
+            Ok(())
+        })();
+        self.sh.write_gen.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
+    fn trim_chunk_locked(&self, st: &VolState, c: u64) {
+        let slot = self.v.get(c);
+        let lazy = self.v.lazy.is_lazy();
+        match slot {
+            None if !lazy => {}
+            Some(s) if s.phys == ZERO && s.own && s.epoch == st.epoch => {}
+            Some(s) if s.own && st.snaps.is_empty() && st.parent.is_none() && !lazy => {
+                // The chunk's only entry: drop it, the chunk is a hole again.
+                self.v.set_slot(c, None);
+                self.sh.stage((self.v.id, c, s.epoch), None, Some(s.phys));
+            }
+            _ => self.install(
+                st,
+                c,
+                slot,
+                Slot {
+                    phys: ZERO,
+                    epoch: st.epoch,
+                    own: true,
+                },
+            ),
+        }
+    }
+
+    /// What `[off, off+len)` holds, as merged extents.
+    pub fn allocation(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check("allocation", off, len)?;
+        let lazy = self.v.lazy.is_lazy();
+        let mut out: Vec<Extent> = Vec::new();
+        let cs = self.sh.chunk;
+        for (c, within, n, _) in self.pieces(off, len) {
+            let kind = match self.v.get(c) {
+                None if lazy => ExtentKind::Data,
+                None => ExtentKind::Hole,
+                Some(s) if s.phys == ZERO => ExtentKind::Zero,
+                Some(_) => ExtentKind::Data,
+            };
+            let offset = c * cs + within;
+            match out.last_mut() {
+                Some(l) if l.kind == kind && l.offset + l.length == offset => l.length += n as u64,
+                _ => out.push(Extent {
+                    offset,
+                    length: n as u64,
+                    kind,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Make every write acknowledged before this call durable (group commit
+    /// with every other volume of the pool).
+    pub fn flush(&self) -> Result<()> {
+        self.sh.flush()
+    }
+}

@@ -1,0 +1,361 @@
+//! Volumes, snapshots, group snapshots, clones, change tracking, space,
+//! allocation map, read profiles and the on-disk format check.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ferry_pool::format::{HEADER_FILE, Header};
+use ferry_pool::{ErrorKind, ExtentKind, Pool, PoolOptions, ProfileLimit};
+
+const CS: u64 = 4096;
+
+fn pool(dir: &tempfile::TempDir) -> Pool {
+    Pool::create(
+        dir.path().join("p"),
+        PoolOptions {
+            chunk_size: CS as u32,
+            limit_bytes: None,
+        },
+    )
+    .unwrap()
+}
+
+fn read(v: &ferry_pool::Volume, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    v.read_at(off, &mut b).unwrap();
+    b
+}
+
+#[test]
+fn unknown_format_version_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(pool(&dir));
+    let hdr_path = dir.path().join("p").join(HEADER_FILE);
+    let h = Header::read(&dir.path().join("p")).unwrap();
+    let newer = Header {
+        version: h.version + 1,
+        ..h
+    }
+    .encode();
+    std::fs::write(&hdr_path, newer).unwrap();
+    let err = Pool::open(dir.path().join("p")).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnknownVersion);
+    assert!(err.to_string().contains("format version 2"), "{err}");
+    assert_eq!(std::fs::read(&hdr_path).unwrap(), newer);
+    std::fs::write(&hdr_path, b"not a pool header at all, nope!!").unwrap();
+    assert_eq!(
+        Pool::open(dir.path().join("p")).unwrap_err().kind(),
+        ErrorKind::BadHeader
+    );
+}
+
+#[test]
+fn thousand_snapshots_keep_their_content_and_free_space_on_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("v", 16 * CS).unwrap();
+    for i in 0..1000u64 {
+        // Chunk i % 16 gets the value of snapshot i.
+        v.write_at((i % 16) * CS + 100, &i.to_le_bytes()).unwrap();
+        p.snapshot("v", &format!("s{i}")).unwrap();
+    }
+    for i in [0u64, 1, 15, 16, 500, 998, 999] {
+        let s = p.open_snapshot(&format!("s{i}")).unwrap();
+        let mut b = [0u8; 8];
+        s.read_at((i % 16) * CS + 100, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), i, "snapshot s{i}");
+    }
+    assert!(p.verify().unwrap().is_empty());
+    for i in (0..1000).step_by(2) {
+        p.delete_snapshot(&format!("s{i}")).unwrap();
+    }
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    drop(v);
+    drop(p);
+    let p = Pool::open(dir.path().join("p")).unwrap();
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    let s = p.open_snapshot("s501").unwrap();
+    let mut b = [0u8; 8];
+    s.read_at((501 % 16) * CS + 100, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 501);
+    for i in (1..1000).step_by(2) {
+        p.delete_snapshot(&format!("s{i}")).unwrap();
+    }
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    // Only the live volume's 16 chunks remain.
+    assert_eq!(p.usage().used_bytes, 16 * CS);
+    let v = p.volume("v").unwrap();
+    let mut b = [0u8; 8];
+    v.read_at(7 * CS + 100, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 999);
+}
+
+#[test]
+fn clones_of_clones_share_and_diverge() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("base", 8 * CS).unwrap();
+    v.write_at(0, &vec![1u8; (8 * CS) as usize]).unwrap();
+    p.snapshot("base", "b1").unwrap();
+    let c1 = p.clone_snapshot("b1", "c1").unwrap();
+    assert_eq!(p.usage().used_bytes, 8 * CS, "a clone shares every chunk");
+    c1.write_at(CS + 10, &[2u8; 100]).unwrap();
+    p.snapshot("c1", "c1s").unwrap();
+    let c2 = p.clone_snapshot("c1s", "c2").unwrap();
+    c2.write_at(2 * CS, &[3u8; 10]).unwrap();
+    v.write_at(0, &[9u8; 10]).unwrap();
+    assert_eq!(read(&c2, CS + 10, 100), vec![2u8; 100]);
+    assert_eq!(read(&c2, 2 * CS, 11), [vec![3u8; 10], vec![1u8]].concat());
+    assert_eq!(read(&c2, 0, 10), vec![1u8; 10]);
+    assert_eq!(read(&c1, 2 * CS, 10), vec![1u8; 10]);
+    assert_eq!(read(&v, 0, 11), [vec![9u8; 10], vec![1u8]].concat());
+    let err = p.delete_snapshot("b1").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InUse);
+    assert!(err.to_string().contains("c1"), "{err}");
+    assert_eq!(p.delete_volume("c1").unwrap_err().kind(), ErrorKind::InUse);
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    drop((v, c1, c2));
+    drop(p);
+    let p = Pool::open(dir.path().join("p")).unwrap();
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    assert_eq!(read(&p.volume("c2").unwrap(), CS + 10, 100), vec![2u8; 100]);
+    p.delete_volume("c2").unwrap();
+    p.delete_snapshot("c1s").unwrap();
+    p.delete_volume("c1").unwrap();
+    p.delete_snapshot("b1").unwrap();
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    assert_eq!(p.usage().used_bytes, 8 * CS);
+}
+
+#[test]
+fn changed_ranges_between_snapshots_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("v", 32 * CS).unwrap();
+    v.write_at(0, &vec![1u8; (32 * CS) as usize]).unwrap();
+    p.snapshot("v", "a").unwrap();
+    v.write_at(3 * CS + 5, &[2u8; 10]).unwrap();
+    v.write_at(4 * CS, &[2u8; 10]).unwrap();
+    v.trim(10 * CS, CS).unwrap();
+    p.snapshot("v", "b").unwrap();
+    v.write_at(20 * CS + 1, &[3u8; 1]).unwrap();
+    assert_eq!(
+        p.changed_between("v", "a", Some("b")).unwrap(),
+        vec![3 * CS..5 * CS, 10 * CS..11 * CS]
+    );
+    assert_eq!(v.changed_since(&p, "b").unwrap(), vec![20 * CS..21 * CS]);
+    assert_eq!(
+        v.changed_since(&p, "a").unwrap(),
+        vec![3 * CS..5 * CS, 10 * CS..11 * CS, 20 * CS..21 * CS]
+    );
+    drop(v);
+    drop(p);
+    let p = Pool::open(dir.path().join("p")).unwrap();
+    assert_eq!(
+        p.changed_between("v", "a", Some("b")).unwrap(),
+        vec![3 * CS..5 * CS, 10 * CS..11 * CS]
+    );
+    assert_eq!(
+        p.changed_between("v", "b", None).unwrap(),
+        vec![20 * CS..21 * CS]
+    );
+    assert_eq!(
+        p.changed_between("v", "b", Some("a")).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+}
+
+#[test]
+fn no_space_is_a_clear_error_and_recovers_after_freeing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pool::create(
+        dir.path().join("p"),
+        PoolOptions {
+            chunk_size: CS as u32,
+            limit_bytes: Some(8 * CS),
+        },
+    )
+    .unwrap();
+    let v = p.create_volume("v", 64 * CS).unwrap();
+    let mut written = 0;
+    let err = loop {
+        match v.write_at(written * CS, &vec![written as u8 + 1; CS as usize]) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::NoSpace);
+    assert_eq!(written, 8);
+    assert!(err.to_string().contains("volume v"), "{err}");
+    // Overwrites in place still work, data is intact.
+    v.write_at(0, &[7u8; 10]).unwrap();
+    for i in 1..8u64 {
+        assert_eq!(
+            read(&v, i * CS, CS as usize),
+            vec![i as u8 + 1; CS as usize]
+        );
+    }
+    assert_eq!(read(&v, 8 * CS, 10), vec![0u8; 10]);
+    v.trim(2 * CS, 2 * CS).unwrap();
+    v.flush().unwrap();
+    v.write_at(8 * CS, &[5u8; 100]).unwrap();
+    assert_eq!(read(&v, 8 * CS, 100), vec![5u8; 100]);
+    assert_eq!(read(&v, 2 * CS, 100), vec![0u8; 100]);
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    p.set_limit(None).unwrap();
+    v.write_at(30 * CS, &vec![1u8; (4 * CS) as usize]).unwrap();
+}
+
+#[test]
+fn space_accounting_and_allocation_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("v", 10 * CS).unwrap();
+    v.write_at(0, &vec![1u8; (4 * CS) as usize]).unwrap();
+    let s = p.volume_space("v").unwrap();
+    assert_eq!(
+        (s.exclusive_bytes, s.shared_bytes, s.snapshot_only_bytes),
+        (4 * CS, 0, 0)
+    );
+    p.snapshot("v", "s").unwrap();
+    v.write_at(0, &[2u8; 1]).unwrap(); // copy on write of chunk 0
+    let s = p.volume_space("v").unwrap();
+    assert_eq!(
+        (s.exclusive_bytes, s.shared_bytes, s.snapshot_only_bytes),
+        (CS, 3 * CS, CS)
+    );
+    assert_eq!(p.usage().used_bytes, 5 * CS);
+    v.trim(CS, CS).unwrap();
+    v.write_zeroes(2 * CS, CS, true).unwrap();
+    let ext = v.allocation(0, 10 * CS).unwrap();
+    let kinds: Vec<(u64, u64, ExtentKind)> =
+        ext.iter().map(|e| (e.offset, e.length, e.kind)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (0, CS, ExtentKind::Data),
+            (CS, CS, ExtentKind::Zero),
+            (2 * CS, 2 * CS, ExtentKind::Data),
+            (4 * CS, 6 * CS, ExtentKind::Hole)
+        ]
+    );
+    assert_eq!(read(&v, CS, 10), vec![0u8; 10]);
+    assert_eq!(read(&v, 2 * CS, 10), vec![0u8; 10]);
+    p.delete_snapshot("s").unwrap();
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn read_profile_records_first_reads_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("v", 64 * CS).unwrap();
+    read(&v, 0, 1);
+    v.start_read_profile(ProfileLimit::Reads(6));
+    for c in [5u64, 6, 7, 2, 6, 30, 40, 41] {
+        read(&v, c * CS, 10);
+    }
+    assert!(!v.read_profile_active() || v.read_profile().len() == 4);
+    assert_eq!(v.read_profile(), vec![5..8, 2..3, 30..31]);
+    v.flush().unwrap();
+    drop(v);
+    drop(p);
+    let p = Pool::open(dir.path().join("p")).unwrap();
+    assert_eq!(
+        p.volume("v").unwrap().read_profile(),
+        vec![5..8, 2..3, 30..31]
+    );
+}
+
+#[test]
+fn group_snapshot_is_atomic_under_concurrent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let a = p.create_volume("a", 4 * CS).unwrap();
+    let b = p.create_volume("b", 4 * CS).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                a.write_at(0, &i.to_le_bytes()).unwrap();
+                b.write_at(CS, &i.to_le_bytes()).unwrap();
+                i += 1;
+            }
+        })
+    };
+    for g in 0..40 {
+        p.group_snapshot(
+            &format!("g{g}"),
+            &[("a", &format!("a{g}")), ("b", &format!("b{g}"))],
+        )
+        .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    for g in 0..40 {
+        let mut x = [0u8; 8];
+        let mut y = [0u8; 8];
+        p.open_snapshot(&format!("a{g}"))
+            .unwrap()
+            .read_at(0, &mut x)
+            .unwrap();
+        p.open_snapshot(&format!("b{g}"))
+            .unwrap()
+            .read_at(CS, &mut y)
+            .unwrap();
+        let (x, y) = (u64::from_le_bytes(x), u64::from_le_bytes(y));
+        assert!(x == y || x == y + 1, "group g{g}: a={x} b={y}");
+    }
+    assert_eq!(
+        p.snapshots()
+            .iter()
+            .filter(|s| s.group.as_deref() == Some("g3"))
+            .count(),
+        2
+    );
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn many_threads_read_and_write_while_snapshots_come_and_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("v", 256 * CS).unwrap();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let v = v.clone();
+            std::thread::spawn(move || {
+                // Thread t owns chunks t, t+4, ... and writes unaligned pieces.
+                for round in 0..40u64 {
+                    for c in (t..256).step_by(4).take(16) {
+                        let val = (round * 7 + t) as u8;
+                        v.write_at(c * CS + 123, &[val; 2000]).unwrap();
+                        let mut b = vec![0u8; 2000];
+                        v.read_at(c * CS + 123, &mut b).unwrap();
+                        assert_eq!(b, vec![val; 2000]);
+                    }
+                    if round % 10 == 0 {
+                        v.flush().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for i in 0..20 {
+        p.snapshot("v", &format!("s{i}")).unwrap();
+        if i >= 2 {
+            p.delete_snapshot(&format!("s{}", i - 2)).unwrap();
+        }
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    for t in 0..4u64 {
+        for c in (t..256).step_by(4).take(16) {
+            assert_eq!(read(&v, c * CS + 123, 2000), vec![(39 * 7 + t) as u8; 2000]);
+        }
+    }
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
