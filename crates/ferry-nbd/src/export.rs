@@ -1,0 +1,188 @@
+//! The backend trait the server serves, and what it answers.
+//!
+//! The calls are synchronous and take byte ranges, as a thin-provisioned
+//! pool volume naturally offers them. The server runs them on tokio's
+//! blocking pool, except the `try_*` calls, which a backend answers only
+//! when it can do so without blocking (page cache hit, memory) and which
+//! the server then runs inline, saving two thread hops per request.
+
+use std::io;
+
+/// One run of blocks with the same state in a metadata context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// For `base:allocation`: [`STATE_HOLE`](crate::proto::STATE_HOLE) |
+    /// [`STATE_ZERO`](crate::proto::STATE_ZERO); for `ferry:changed:<snap>`:
+    /// [`STATE_CHANGED`](crate::proto::STATE_CHANGED).
+    pub flags: u32,
+}
+
+/// Block size constraints advertised by `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+impl Default for BlockSize {
+    fn default() -> Self {
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: crate::proto::MAX_PAYLOAD,
+        }
+    }
+}
+
+/// A disk the server exports. Ranges passed in are always within `size()`:
+/// the server checks them first.
+pub trait Export: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// A read-only export answers writes with EPERM.
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    /// True when a flush on any connection makes durable every write
+    /// completed on any connection (one shared file or volume).
+    fn can_multi_conn(&self) -> bool;
+
+    fn block_size(&self) -> BlockSize {
+        BlockSize::default()
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; may block.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// The same read, only if it can be done without blocking; `None` means
+    /// "would block, call `read_at` on a blocking thread".
+    fn try_read_at(&self, _offset: u64, _buf: &mut [u8]) -> Option<io::Result<()>> {
+        None
+    }
+
+    /// Writes all of `data` at `offset`; with `fua`, durable on return.
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+
+    /// The same write, only if it can be done without blocking.
+    fn try_write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> Option<io::Result<()>> {
+        None
+    }
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Discards a range (reads may then return anything; ours return zeroes).
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Writes zeroes. `may_punch`: a hole is allowed. `fast_only`: fail with
+    /// `io::ErrorKind::Unsupported` rather than write zeroes slowly.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast_only: bool,
+    ) -> io::Result<()>;
+
+    /// Whether `write_zeroes(.., fast_only = true)` can ever succeed.
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+
+    /// Names of the metadata contexts beyond `base:allocation`, such as
+    /// `ferry:changed:<snapshot>`.
+    fn meta_contexts(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The same block status, only if it can be answered without blocking
+    /// (an in-memory map); `None` means "call `block_status` on a blocking thread".
+    fn try_block_status(
+        &self,
+        _context: &str,
+        _offset: u64,
+        _len: u64,
+    ) -> Option<io::Result<Vec<Extent>>> {
+        None
+    }
+
+    /// Extents covering `[offset, offset + len)` (the last may end early;
+    /// the server asks again or returns what it has) in `context`.
+    fn block_status(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+}
+
+/// Wraps an export so that it is read-only whatever the backend says.
+pub struct ReadOnly<E>(pub E);
+
+impl<E: Export> Export for ReadOnly<E> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn block_size(&self) -> BlockSize {
+        self.0.block_size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        self.0.try_read_at(offset, buf)
+    }
+    fn write_at(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
+        Err(io::ErrorKind::PermissionDenied.into())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(io::ErrorKind::PermissionDenied.into())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> io::Result<()> {
+        Err(io::ErrorKind::PermissionDenied.into())
+    }
+    fn meta_contexts(&self) -> Vec<String> {
+        self.0.meta_contexts()
+    }
+    fn try_block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Option<io::Result<Vec<Extent>>> {
+        self.0.try_block_status(context, offset, len)
+    }
+    fn block_status(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.0.block_status(context, offset, len)
+    }
+}
+
+/// The NBD error number for a backend error.
+pub fn nbd_errno(e: &io::Error) -> u32 {
+    use crate::proto::*;
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => return EPERM,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => return ENOSPC,
+        Some(libc::EINVAL) => return EINVAL,
+        Some(libc::ENOMEM) => return ENOMEM,
+        Some(libc::EOPNOTSUPP) => return ENOTSUP,
+        Some(_) => return EIO,
+        None => {}
+    }
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => EPERM,
+        io::ErrorKind::InvalidInput => EINVAL,
+        io::ErrorKind::Unsupported => ENOTSUP,
+        io::ErrorKind::OutOfMemory => ENOMEM,
+        io::ErrorKind::StorageFull | io::ErrorKind::FileTooLarge => ENOSPC,
+        _ => EIO,
+    }
+}

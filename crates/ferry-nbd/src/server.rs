@@ -1,0 +1,237 @@
+//! The server: the table of exports, their access rules, and the accept
+//! loops for TCP and unix sockets. Each connection runs on its own task;
+//! a failing or hostile connection ends only itself.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::Export;
+use crate::handshake::{self, Outcome};
+use crate::transmission;
+
+/// How a server treats TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS; STARTTLS is answered ERR_UNSUP.
+    Off,
+    /// Clients may upgrade with STARTTLS.
+    Optional,
+    /// Every option but STARTTLS and ABORT is answered ERR_TLS_REQD.
+    Required,
+}
+
+/// Access rules and description of one export.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    pub description: String,
+    /// When set, the export is reachable only as `<name>/<secret>`, or as
+    /// `<name>` by a TLS client whose certificate the server verified (if
+    /// `allow_tls_clients`). It is then also left out of `NBD_OPT_LIST`.
+    pub secret: Option<String>,
+    /// Let TLS clients with a verified certificate reach a secret export
+    /// by its bare name.
+    pub allow_tls_clients: bool,
+}
+
+pub(crate) struct ExportEntry {
+    pub name: String,
+    pub export: Arc<dyn Export>,
+    pub options: ExportOptions,
+}
+
+pub(crate) struct Shared {
+    exports: RwLock<BTreeMap<String, Arc<ExportEntry>>>,
+    pub tls: Option<TlsAcceptor>,
+    pub tls_mode: TlsMode,
+}
+
+/// What a connection knows of its own security, for access decisions.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Peer {
+    pub tls: bool,
+    pub verified_client: bool,
+}
+
+impl Shared {
+    /// Finds the export a client asked for by `requested`, applying the
+    /// access rules. Unknown and forbidden look the same to the client.
+    pub fn lookup(&self, requested: &str, peer: Peer) -> Option<Arc<ExportEntry>> {
+        let map = self.exports.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get(requested) {
+            match &e.options.secret {
+                None => return Some(e.clone()),
+                Some(_) if e.options.allow_tls_clients && peer.verified_client => {
+                    return Some(e.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        let (name, secret) = requested.rsplit_once('/')?;
+        let e = map.get(name)?;
+        let want = e.options.secret.as_deref()?;
+        constant_time_eq(want.as_bytes(), secret.as_bytes()).then(|| e.clone())
+    }
+
+    /// Exports `NBD_OPT_LIST` shows: those without a secret.
+    pub fn listed(&self) -> Vec<(String, String)> {
+        let map = self.exports.read().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .filter(|e| e.options.secret.is_none())
+            .map(|e| (e.name.clone(), e.options.description.clone()))
+            .collect()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An NBD server. Cheap to clone; clones share the export table.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Server {
+    pub fn new() -> Self {
+        Server {
+            shared: Arc::new(Shared {
+                exports: RwLock::new(BTreeMap::new()),
+                tls: None,
+                tls_mode: TlsMode::Off,
+            }),
+        }
+    }
+
+    /// A server with TLS; `mode` must not be `Off`.
+    pub fn with_tls(config: Arc<rustls::ServerConfig>, mode: TlsMode) -> Self {
+        Server {
+            shared: Arc::new(Shared {
+                exports: RwLock::new(BTreeMap::new()),
+                tls: Some(TlsAcceptor::from(config)),
+                tls_mode: mode,
+            }),
+        }
+    }
+
+    /// Adds (or replaces) an export. Names may not contain `/`, which
+    /// separates the secret.
+    pub fn add_export(
+        &self,
+        name: &str,
+        export: Arc<dyn Export>,
+        options: ExportOptions,
+    ) -> Result<()> {
+        if name.contains('/') || name.len() > 4096 {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("export name {name:?} (no '/', at most 4096 bytes)"),
+            ));
+        }
+        let mut map = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        map.insert(
+            name.to_string(),
+            Arc::new(ExportEntry {
+                name: name.to_string(),
+                export,
+                options,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Removes an export; connections already open keep it until they close.
+    pub fn remove_export(&self, name: &str) -> bool {
+        let mut map = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        map.remove(name).is_some()
+    }
+
+    /// Accepts TCP connections until the listener fails.
+    pub async fn serve_tcp(&self, listener: TcpListener) -> Result<()> {
+        loop {
+            let (stream, addr) = listener
+                .accept()
+                .await
+                .map_err(|e| Error::io("accepting a TCP connection", e))?;
+            let _ = stream.set_nodelay(true);
+            self.spawn(stream, addr.to_string());
+        }
+    }
+
+    /// Accepts unix socket connections until the listener fails.
+    pub async fn serve_unix(&self, listener: UnixListener) -> Result<()> {
+        loop {
+            let (stream, _) = listener
+                .accept()
+                .await
+                .map_err(|e| Error::io("accepting a unix connection", e))?;
+            self.spawn(stream, "unix".into());
+        }
+    }
+
+    fn spawn<S>(&self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let server = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.handle(stream).await {
+                tracing::debug!(peer, error = %e, "nbd connection ended");
+            }
+        });
+    }
+
+    /// Runs one connection to its end: handshake, optional STARTTLS, then
+    /// the transmission phase.
+    pub async fn handle<S>(&self, mut stream: S) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = &self.shared;
+        let no_zeroes = handshake::greet(&mut stream).await?;
+        let mut peer = Peer::default();
+        match handshake::negotiate(&mut stream, shared, peer, no_zeroes).await? {
+            Outcome::Abort => Ok(()),
+            Outcome::Go(session) => transmission::serve(stream, session).await,
+            Outcome::StartTls => {
+                let acceptor = shared
+                    .tls
+                    .clone()
+                    .ok_or_else(|| Error::new(ErrorKind::Tls, "starttls without tls"))?;
+                let mut tls = acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(|e| Error::with_source(ErrorKind::Tls, "tls handshake", e))?;
+                peer.tls = true;
+                peer.verified_client = tls.get_ref().1.peer_certificates().is_some();
+                match handshake::negotiate(&mut tls, shared, peer, no_zeroes).await? {
+                    Outcome::Go(session) => transmission::serve(tls, session).await,
+                    Outcome::Abort => Ok(()),
+                    Outcome::StartTls => Err(Error::new(ErrorKind::Protocol, "second starttls")),
+                }
+            }
+        }
+    }
+}

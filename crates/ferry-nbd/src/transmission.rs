@@ -1,0 +1,543 @@
+//! The transmission phase of one connection.
+//!
+//! One task per connection reads requests in batches into a buffer and
+//! answers them. Reads and writes the backend can serve without blocking
+//! (page cache, memory) run right there and their replies collect in one
+//! output buffer, written with a single call once the batch is parsed.
+//! Everything else runs on tokio's blocking pool and its reply comes back
+//! through a channel, so replies go out of order and a slow backend never
+//! blocks the runtime. At most [`MAX_INFLIGHT`] requests are outstanding
+//! per connection; past that the task stops reading, which bounds memory.
+//!
+//! A client that breaks the protocol is disconnected; replies already
+//! written and writes already acknowledged are unaffected.
+
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::{Export, nbd_errno};
+use crate::handshake::Session;
+use crate::proto::*;
+
+/// Requests on the blocking pool per connection before reading pauses.
+pub const MAX_INFLIGHT: usize = 64;
+/// Reads at least this long, with structured replies, are split into data
+/// and hole chunks from the allocation map.
+const SPARSE_READ_MIN: u32 = 64 << 10;
+/// Reads at least this long always run on a blocking thread.
+const PARALLEL_READ_MIN: u32 = 256 << 10;
+/// Output collected beyond this is written before more requests are handled.
+const FLUSH_AT: usize = 256 << 10;
+const KNOWN_FLAGS: u16 =
+    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+
+struct Ctx {
+    export: Arc<dyn Export>,
+    size: u64,
+    read_only: bool,
+    structured: bool,
+    contexts: Vec<(u32, String)>,
+}
+
+enum Handled {
+    Inline,
+    Spawned,
+    Disconnect,
+}
+
+pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    session: Session,
+) -> Result<()> {
+    let export = session.entry.export.clone();
+    let ctx = Arc::new(Ctx {
+        size: export.size(),
+        read_only: session.flags & TF_READ_ONLY != 0,
+        export,
+        structured: session.structured,
+        contexts: session.contexts,
+    });
+    let name = session.entry.name.clone();
+    let err = |what: &str, e: io::Error| Error::io(format!("export {name}: {what}"), e);
+
+    let mut inbuf: Vec<u8> = Vec::with_capacity(256 << 10);
+    let mut start = 0usize;
+    let mut out: Vec<u8> = Vec::with_capacity(256 << 10);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let mut done: Vec<Vec<u8>> = Vec::new();
+    let mut inflight = 0usize;
+    let mut closing = false;
+    let mut eof = false;
+
+    loop {
+        // Answer every complete request in the buffer.
+        while !closing && inflight < MAX_INFLIGHT {
+            let avail = &inbuf[start..];
+            if avail.len() < REQUEST_LEN {
+                break;
+            }
+            let req = Request::parse(avail).map_err(|e| {
+                Error::new(ErrorKind::Protocol, format!("export {name}: request: {e}"))
+            })?;
+            if req.kind == CMD_WRITE && req.length > MAX_PAYLOAD {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("export {name}: write of {} bytes", req.length),
+                ));
+            }
+            let need = REQUEST_LEN + req.payload_len() as usize;
+            if avail.len() < need {
+                let missing = need - avail.len();
+                inbuf.reserve(missing);
+                break;
+            }
+            let payload = &inbuf[start + REQUEST_LEN..start + need];
+            match handle(&ctx, &req, payload, &mut out, &tx) {
+                Handled::Inline => {}
+                Handled::Spawned => inflight += 1,
+                Handled::Disconnect => closing = true,
+            }
+            start += need;
+            // Large replies go out as soon as they are ready, so the client
+            // works on them while the next requests are read.
+            if out.len() >= FLUSH_AT {
+                s.write_all(&out)
+                    .await
+                    .map_err(|e| err("writing replies", e))?;
+                out.clear();
+            }
+        }
+        if start == inbuf.len() {
+            inbuf.clear();
+            start = 0;
+            // A 32 MiB write grew the buffer; do not keep it per connection.
+            if inbuf.capacity() > 4 << 20 {
+                inbuf = Vec::with_capacity(256 << 10);
+            }
+        } else if start > 0
+            && (start > inbuf.capacity() / 2 || inbuf.capacity() - inbuf.len() < 4096)
+        {
+            inbuf.drain(..start);
+            start = 0;
+        }
+        while let Ok(r) = rx.try_recv() {
+            inflight -= 1;
+            done.push(r);
+        }
+        if !out.is_empty() {
+            s.write_all(&out)
+                .await
+                .map_err(|e| err("writing replies", e))?;
+            out.clear();
+            if out.capacity() > 64 << 20 {
+                out.shrink_to(256 << 10);
+            }
+        }
+        for r in done.drain(..) {
+            s.write_all(&r)
+                .await
+                .map_err(|e| err("writing replies", e))?;
+        }
+        if (closing || eof) && inflight == 0 {
+            let _ = s.flush().await;
+            return Ok(());
+        }
+        let complete = inbuf.len() - start >= REQUEST_LEN && {
+            let r = Request::parse(&inbuf[start..]);
+            r.map(|r| inbuf.len() - start >= REQUEST_LEN + r.payload_len() as usize)
+                .unwrap_or(true)
+        };
+        if complete && !closing && inflight < MAX_INFLIGHT {
+            continue;
+        }
+        s.flush().await.map_err(|e| err("writing replies", e))?;
+        let can_read = !closing && !eof && inflight < MAX_INFLIGHT;
+        if inbuf.capacity() - inbuf.len() < 64 << 10 {
+            inbuf.reserve(256 << 10);
+        }
+        tokio::select! {
+            biased;
+            r = rx.recv(), if inflight > 0 => {
+                if let Some(r) = r {
+                    inflight -= 1;
+                    done.push(r);
+                }
+            }
+            n = s.read_buf(&mut inbuf), if can_read => {
+                let n = n.map_err(|e| err("reading requests", e))?;
+                if n == 0 {
+                    if inbuf.len() > start {
+                        tracing::debug!(export = %name, "client closed mid-request");
+                    }
+                    eof = true;
+                }
+            }
+        }
+    }
+}
+
+fn error_reply(ctx: &Ctx, req: &Request, errno: u32, msg: &str, out: &mut Vec<u8>) {
+    if ctx.structured && (req.kind == CMD_READ || req.kind == CMD_BLOCK_STATUS) {
+        error_chunk(out, req.cookie, errno, msg);
+    } else {
+        simple_reply(out, errno, req.cookie);
+    }
+}
+
+fn spawn(
+    ctx: &Arc<Ctx>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    req: Request,
+    payload: Option<Vec<u8>>,
+) {
+    let ctx = ctx.clone();
+    let tx = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            run_blocking(&ctx, &req, payload.as_deref().unwrap_or(&[]), &mut out)
+        }));
+        if r.is_err() {
+            out.clear();
+            error_reply(&ctx, &req, EIO, "backend panicked", &mut out);
+        }
+        let _ = tx.send(out);
+    });
+}
+
+/// Checks a request and answers it inline when it can.
+fn handle(
+    ctx: &Arc<Ctx>,
+    req: &Request,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+) -> Handled {
+    if req.flags & !KNOWN_FLAGS != 0 {
+        error_reply(ctx, req, EINVAL, "unknown command flags", out);
+        return Handled::Inline;
+    }
+    let end = req.offset.checked_add(req.length.into());
+    let in_range = end.is_some_and(|e| e <= ctx.size);
+    match req.kind {
+        CMD_DISC => Handled::Disconnect,
+        CMD_READ => {
+            if req.length > MAX_PAYLOAD {
+                error_reply(ctx, req, EOVERFLOW, "read too large", out);
+                return Handled::Inline;
+            }
+            if !in_range {
+                error_reply(ctx, req, EINVAL, "read beyond the end", out);
+                return Handled::Inline;
+            }
+            // Large reads copy on a blocking thread, in parallel with the
+            // task writing earlier replies to the socket.
+            if req.length >= PARALLEL_READ_MIN {
+                spawn(ctx, tx, *req, None);
+                return Handled::Spawned;
+            }
+            // With structured replies, holes go out as hole chunks: exactly
+            // from a map the backend answers without blocking; otherwise a
+            // read that comes back all zeroes is sent as one hole chunk, and
+            // the blocking path splits by the allocation map.
+            let sparse =
+                ctx.structured && req.length >= SPARSE_READ_MIN && req.flags & CMD_FLAG_DF == 0;
+            if sparse
+                && let Some(Ok(extents)) =
+                    ctx.export
+                        .try_block_status(CONTEXT_ALLOCATION, req.offset, req.length.into())
+            {
+                let mark = out.len();
+                let pieces = pieces(req, Some(extents));
+                return match encode_read(ctx, req, &pieces, out, true) {
+                    Some(()) => Handled::Inline,
+                    None => {
+                        out.truncate(mark);
+                        spawn(ctx, tx, *req, None);
+                        Handled::Spawned
+                    }
+                };
+            }
+            let mark = out.len();
+            if ctx.structured {
+                if req.length == 0 {
+                    chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+                    return Handled::Inline;
+                }
+                chunk_header(
+                    out,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    req.cookie,
+                    req.length + 8,
+                );
+                out.extend_from_slice(&req.offset.to_be_bytes());
+            } else {
+                simple_reply(out, 0, req.cookie);
+            }
+            let data_at = out.len();
+            out.resize(data_at + req.length as usize, 0);
+            match ctx.export.try_read_at(req.offset, &mut out[data_at..]) {
+                Some(Ok(())) => {
+                    if sparse && out[data_at..].iter().all(|b| *b == 0) {
+                        out.truncate(mark);
+                        chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+                        out.extend_from_slice(&req.offset.to_be_bytes());
+                        out.extend_from_slice(&req.length.to_be_bytes());
+                    }
+                    Handled::Inline
+                }
+                Some(Err(e)) => {
+                    out.truncate(mark);
+                    error_reply(ctx, req, nbd_errno(&e), "read failed", out);
+                    Handled::Inline
+                }
+                None => {
+                    out.truncate(mark);
+                    spawn(ctx, tx, *req, None);
+                    Handled::Spawned
+                }
+            }
+        }
+        CMD_WRITE => {
+            if ctx.read_only {
+                error_reply(ctx, req, EPERM, "read-only export", out);
+                return Handled::Inline;
+            }
+            if !in_range {
+                error_reply(ctx, req, ENOSPC, "write beyond the end", out);
+                return Handled::Inline;
+            }
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            match ctx.export.try_write_at(req.offset, payload, fua) {
+                Some(r) => {
+                    let errno = r.as_ref().map_or_else(nbd_errno, |_| 0);
+                    simple_reply(out, errno, req.cookie);
+                    Handled::Inline
+                }
+                None => {
+                    spawn(ctx, tx, *req, Some(payload.to_vec()));
+                    Handled::Spawned
+                }
+            }
+        }
+        CMD_FLUSH => {
+            spawn(ctx, tx, *req, None);
+            Handled::Spawned
+        }
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            if ctx.read_only {
+                error_reply(ctx, req, EPERM, "read-only export", out);
+                return Handled::Inline;
+            }
+            if !in_range {
+                error_reply(ctx, req, ENOSPC, "beyond the end", out);
+                return Handled::Inline;
+            }
+            if req.kind == CMD_WRITE_ZEROES
+                && req.flags & CMD_FLAG_FAST_ZERO != 0
+                && !ctx.export.can_fast_zero()
+            {
+                error_reply(ctx, req, ENOTSUP, "zeroes cannot be fast", out);
+                return Handled::Inline;
+            }
+            spawn(ctx, tx, *req, None);
+            Handled::Spawned
+        }
+        CMD_BLOCK_STATUS => {
+            if !ctx.structured || ctx.contexts.is_empty() {
+                error_reply(ctx, req, EINVAL, "no metadata context selected", out);
+                return Handled::Inline;
+            }
+            if req.length == 0 || !in_range {
+                error_reply(ctx, req, EINVAL, "block status beyond the end", out);
+                return Handled::Inline;
+            }
+            spawn(ctx, tx, *req, None);
+            Handled::Spawned
+        }
+        _ => {
+            error_reply(ctx, req, EINVAL, "unknown command", out);
+            Handled::Inline
+        }
+    }
+}
+
+/// A request on a blocking thread; appends its whole reply to `out`.
+fn run_blocking(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+    let e = &*ctx.export;
+    let r: io::Result<()> = match req.kind {
+        CMD_READ => return read_blocking(ctx, req, out),
+        CMD_WRITE => e.write_at(req.offset, payload, req.flags & CMD_FLAG_FUA != 0),
+        CMD_FLUSH => e.flush(),
+        CMD_TRIM => e.trim(req.offset, req.length.into()).and_then(|()| {
+            if req.flags & CMD_FLAG_FUA != 0 {
+                e.flush()
+            } else {
+                Ok(())
+            }
+        }),
+        CMD_WRITE_ZEROES => e
+            .write_zeroes(
+                req.offset,
+                req.length.into(),
+                req.flags & CMD_FLAG_NO_HOLE == 0,
+                req.flags & CMD_FLAG_FAST_ZERO != 0,
+            )
+            .and_then(|()| {
+                if req.flags & CMD_FLAG_FUA != 0 {
+                    e.flush()
+                } else {
+                    Ok(())
+                }
+            }),
+        CMD_BLOCK_STATUS => return block_status(ctx, req, out),
+        _ => Err(io::ErrorKind::InvalidInput.into()),
+    };
+    let errno = r.as_ref().map_or_else(nbd_errno, |_| 0);
+    simple_reply(out, errno, req.cookie);
+}
+
+fn read_blocking(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
+    let e = &*ctx.export;
+    let len = u64::from(req.length);
+    if !ctx.structured || len == 0 {
+        if ctx.structured {
+            chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+            return;
+        }
+        simple_reply(out, 0, req.cookie);
+        let at = out.len();
+        out.resize(at + len as usize, 0);
+        if let Err(err) = e.read_at(req.offset, &mut out[at..]) {
+            out.clear();
+            simple_reply(out, nbd_errno(&err), req.cookie);
+        }
+        return;
+    }
+    let extents = if req.flags & CMD_FLAG_DF == 0 {
+        e.block_status(CONTEXT_ALLOCATION, req.offset, len).ok()
+    } else {
+        None
+    };
+    let pieces = pieces(req, extents);
+    let _ = encode_read(ctx, req, &pieces, out, false);
+}
+
+/// Splits a read into (offset, length, hole) pieces by an allocation map
+/// (one data piece without a map).
+fn pieces(req: &Request, extents: Option<Vec<crate::export::Extent>>) -> Vec<(u64, u64, bool)> {
+    let len = u64::from(req.length);
+    let end = req.offset + len;
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = req.offset;
+    for x in extents.unwrap_or_default() {
+        let n = x.length.min(end - pos);
+        if n == 0 {
+            break;
+        }
+        let hole = x.flags & STATE_ZERO != 0;
+        match pieces.last_mut() {
+            Some(last) if last.2 == hole => last.1 += n,
+            _ => pieces.push((pos, n, hole)),
+        }
+        pos += n;
+    }
+    if pos < end {
+        match pieces.last_mut() {
+            Some(last) if !last.2 => last.1 += end - pos,
+            _ => pieces.push((pos, end - pos, false)),
+        }
+    }
+    pieces
+}
+
+/// Appends the chunks of a structured read. With `nonblocking`, uses only
+/// `try_read_at` and returns `None` (the caller truncates `out`) when the
+/// backend would block. A failed read replaces the reply by an error chunk.
+fn encode_read(
+    ctx: &Ctx,
+    req: &Request,
+    pieces: &[(u64, u64, bool)],
+    out: &mut Vec<u8>,
+    nonblocking: bool,
+) -> Option<()> {
+    let e = &*ctx.export;
+    let mark = out.len();
+    let count = pieces.len();
+    for (i, &(off, n, hole)) in pieces.iter().enumerate() {
+        let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
+        if hole {
+            chunk_header(out, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+            out.extend_from_slice(&off.to_be_bytes());
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+            continue;
+        }
+        chunk_header(out, flags, REPLY_TYPE_OFFSET_DATA, req.cookie, n as u32 + 8);
+        out.extend_from_slice(&off.to_be_bytes());
+        let at = out.len();
+        out.resize(at + n as usize, 0);
+        let r = if nonblocking {
+            e.try_read_at(off, &mut out[at..])?
+        } else {
+            e.read_at(off, &mut out[at..])
+        };
+        if let Err(err) = r {
+            out.truncate(mark);
+            error_chunk(out, req.cookie, nbd_errno(&err), "read failed");
+            return Some(());
+        }
+    }
+    Some(())
+}
+
+fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
+    let len = u64::from(req.length);
+    let n = ctx.contexts.len();
+    for (i, (id, name)) in ctx.contexts.iter().enumerate() {
+        let extents = match ctx.export.block_status(name, req.offset, len) {
+            Ok(x) if !x.is_empty() => x,
+            Ok(_) => {
+                out.clear();
+                error_chunk(out, req.cookie, EIO, "backend returned no extents");
+                return;
+            }
+            Err(err) => {
+                out.clear();
+                error_chunk(out, req.cookie, nbd_errno(&err), "block status failed");
+                return;
+            }
+        };
+        let mut descs: Vec<(u32, u32)> = Vec::with_capacity(extents.len());
+        let mut pos = 0u64;
+        for x in extents {
+            let l = x.length.min(len - pos);
+            if l == 0 {
+                break;
+            }
+            descs.push((l as u32, x.flags));
+            pos += l;
+            if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                break;
+            }
+        }
+        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        chunk_header(
+            out,
+            flags,
+            REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            4 + 8 * descs.len() as u32,
+        );
+        out.extend_from_slice(&id.to_be_bytes());
+        for (l, f) in descs {
+            out.extend_from_slice(&l.to_be_bytes());
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+    }
+}
