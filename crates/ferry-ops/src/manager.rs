@@ -1,0 +1,459 @@
+//! The runner: starts operations, drives their steps through the journal,
+//! cancels them, and after a restart rolls each unfinished one forward or
+//! compensates it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{OpsError, Result, StepError};
+use crate::journal::{Journal, OpRecord, OpState, StepRecord, StepState};
+use crate::progress::ProgressView;
+use crate::step::{Plan, ProgressHandle, Recovery, StepContext};
+
+/// Builds an operation's plan from its parameters; registered per kind so
+/// that recovery can rebuild the plan of a journaled operation.
+pub type PlanBuilder<C> = Arc<dyn Fn(&Value) -> std::result::Result<Plan<C>, String> + Send + Sync>;
+
+struct Live {
+    progress: ProgressHandle,
+    cancel: CancellationToken,
+    finished: watch::Receiver<bool>,
+}
+
+/// Runs the operations of one host.
+pub struct Manager<C> {
+    journal: Arc<Journal>,
+    app: Arc<C>,
+    kinds: RwLock<HashMap<String, PlanBuilder<C>>>,
+    live: Mutex<HashMap<String, Live>>,
+}
+
+/// What every step of one execution shares.
+struct Run<'a, C> {
+    id: &'a str,
+    params: &'a Value,
+    plan: &'a Plan<C>,
+    progress: &'a ProgressHandle,
+    cancel: &'a CancellationToken,
+}
+
+/// Where execution starts.
+enum Start {
+    /// Run steps from this index, with the results of the steps before it.
+    At(usize, HashMap<String, Value>),
+    /// Undo every journaled step that acted; end in `end` with `reason`.
+    Compensate { end: OpState, reason: String },
+}
+
+impl<C: Send + Sync + 'static> Manager<C> {
+    pub fn new(journal: Arc<Journal>, app: Arc<C>) -> Arc<Self> {
+        Arc::new(Manager {
+            journal,
+            app,
+            kinds: RwLock::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    pub fn app(&self) -> &Arc<C> {
+        &self.app
+    }
+
+    /// Registers how to build the plan of operations of `kind`.
+    pub fn register(
+        &self,
+        kind: &str,
+        builder: impl Fn(&Value) -> std::result::Result<Plan<C>, String> + Send + Sync + 'static,
+    ) {
+        self.kinds
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(kind.to_string(), Arc::new(builder));
+    }
+
+    fn plan(&self, id: &str, kind: &str, params: &Value) -> Result<Plan<C>> {
+        let builder = self
+            .kinds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .cloned()
+            .ok_or_else(|| OpsError::UnknownKind {
+                id: id.to_string(),
+                kind: kind.to_string(),
+            })?;
+        builder(params).map_err(|message| OpsError::Plan {
+            id: id.to_string(),
+            message,
+        })
+    }
+
+    /// Journals a new operation and starts it in the background; returns
+    /// its id. A plan that cannot be built is refused before anything is
+    /// journaled.
+    pub fn start(self: &Arc<Self>, kind: &str, params: Value) -> Result<String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let plan = self.plan(&id, kind, &params)?;
+        self.journal.create(&id, kind, &params)?;
+        self.journal.log(&id, "info", &format!("{kind} started"))?;
+        self.spawn(id.clone(), params, plan, Start::At(0, HashMap::new()));
+        Ok(id)
+    }
+
+    fn spawn(self: &Arc<Self>, id: String, params: Value, plan: Plan<C>, start: Start) {
+        let progress = ProgressHandle::new(plan.progress.clone());
+        let cancel = CancellationToken::new();
+        let (done_tx, done_rx) = watch::channel(false);
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id.clone(),
+            Live {
+                progress: progress.clone(),
+                cancel: cancel.clone(),
+                finished: done_rx,
+            },
+        );
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let run = Run {
+                id: &id,
+                params: &params,
+                plan: &plan,
+                progress: &progress,
+                cancel: &cancel,
+            };
+            let end = me.execute(&run, start).await;
+            let _ = me.journal.save_progress(&id, &view_json(&progress.view()));
+            tracing::info!(op = %id, state = %end, "operation finished");
+            me.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            let _ = done_tx.send(true);
+        });
+    }
+
+    /// Waits until the operation is finished and returns its record.
+    pub async fn wait(&self, id: &str) -> Result<OpRecord> {
+        let rx = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.finished.clone());
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+        self.journal.get(id)
+    }
+
+    /// Asks a running operation to stop; it compensates and ends `cancelled`.
+    pub fn cancel(&self, id: &str) -> Result<()> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        match live.get(id) {
+            Some(l) => {
+                self.journal.set_state(id, OpState::Cancelling, None)?;
+                self.journal.log(id, "info", "cancel requested")?;
+                l.cancel.cancel();
+                Ok(())
+            }
+            None => {
+                let op = self.journal.get(id)?;
+                Err(OpsError::Finished {
+                    id: id.to_string(),
+                    state: op.state.to_string(),
+                })
+            }
+        }
+    }
+
+    /// The progress of an operation: live if it runs, else as last saved.
+    pub fn progress(&self, id: &str) -> Result<Option<ProgressView>> {
+        if let Some(l) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(Some(l.progress.view()));
+        }
+        Ok(self
+            .journal
+            .get(id)?
+            .progress
+            .and_then(|p| serde_json::from_value(p).ok()))
+    }
+
+    /// A stream of progress views of a running operation.
+    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<ProgressView>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.progress.subscribe())
+    }
+
+    /// Picks up every operation a crash or restart left unfinished: rolls
+    /// it forward or compensates it (the log says which). Returns their ids.
+    pub fn recover(self: &Arc<Self>) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for op in self.journal.unfinished()? {
+            let plan = match self.plan(&op.id, &op.kind, &op.params) {
+                Ok(p) => p,
+                Err(e) => {
+                    let msg = format!(
+                        "cannot recover after restart: {e}; its steps were left as journaled"
+                    );
+                    self.journal.log(&op.id, "error", &msg)?;
+                    self.journal
+                        .set_state(&op.id, OpState::Failed, Some(&msg))?;
+                    continue;
+                }
+            };
+            let steps = self.journal.steps(&op.id)?;
+            let start = decide(&op, &plan, &steps);
+            let msg = match &start {
+                Start::At(i, _) if *i < plan.steps.len() => format!(
+                    "recovered after restart: rolling forward from step {}",
+                    plan.steps[*i].name()
+                ),
+                Start::At(..) => "recovered after restart: rolling forward to completion".into(),
+                Start::Compensate { reason, .. } => {
+                    format!("recovered after restart: compensating ({reason})")
+                }
+            };
+            self.journal.log(&op.id, "info", &msg)?;
+            let mut plan = plan;
+            for s in &steps {
+                if s.state == StepState::Done
+                    && let Some(node) = plan.nodes.get(s.idx)
+                {
+                    plan.progress.finish(*node);
+                }
+            }
+            ids.push(op.id.clone());
+            self.spawn(op.id, op.params, plan, start);
+        }
+        Ok(ids)
+    }
+
+    fn context(
+        &self,
+        run: &Run<'_, C>,
+        idx: usize,
+        results: &HashMap<String, Value>,
+    ) -> StepContext<C> {
+        StepContext {
+            op_id: run.id.to_string(),
+            params: run.params.clone(),
+            app: Arc::clone(&self.app),
+            node: run.plan.nodes.get(idx).copied().unwrap_or(0),
+            progress: run.progress.clone(),
+            journal: Arc::clone(&self.journal),
+            cancel: run.cancel.clone(),
+            results: results.clone(),
+        }
+    }
+
+    async fn execute(&self, run: &Run<'_, C>, start: Start) -> OpState {
+        let (id, plan, progress) = (run.id, run.plan, run.progress);
+        let (from, mut results) = match start {
+            Start::At(i, r) => (i, r),
+            Start::Compensate { end, reason } => {
+                return self.compensate(run, end, &reason).await;
+            }
+        };
+        for idx in from..plan.steps.len() {
+            let step = &plan.steps[idx];
+            let name = step.name().to_string();
+            if run.cancel.is_cancelled() {
+                return self.compensate(run, OpState::Cancelled, "cancelled").await;
+            }
+            let cx = self.context(run, idx, &results);
+            let intent = match step.intent(&cx) {
+                Ok(v) => v,
+                Err(e) => {
+                    let reason = format!("step {name} failed before acting: {e}");
+                    return self.compensate(run, OpState::Failed, &reason).await;
+                }
+            };
+            if let Err(e) = self.journal.step_started(id, idx, &name, &intent) {
+                let reason = format!("step {name} not started: {e}");
+                return self.compensate(run, OpState::Failed, &reason).await;
+            }
+            self.log(id, "info", &format!("step {name} started"));
+            match step.run(&cx).await {
+                Ok(result) => {
+                    if let Err(e) =
+                        self.journal
+                            .step_finished(id, idx, StepState::Done, Some(&result), None)
+                    {
+                        // The step acted but the journal cannot say so: undo it
+                        // rather than go on with an unrecorded change.
+                        let reason = format!("step {name} done but not journaled: {e}");
+                        return self.compensate(run, OpState::Failed, &reason).await;
+                    }
+                    self.log(id, "info", &format!("step {name} done"));
+                    results.insert(name, result);
+                    progress.update(|t| t.finish(cx.node));
+                    let _ = self.journal.save_progress(id, &view_json(&progress.view()));
+                }
+                Err(e) => {
+                    let cancelled = e == StepError::Cancelled;
+                    let _ = self.journal.step_finished(
+                        id,
+                        idx,
+                        StepState::Failed,
+                        None,
+                        Some(&e.to_string()),
+                    );
+                    let (end, reason) = if cancelled {
+                        (OpState::Cancelled, "cancelled".to_string())
+                    } else {
+                        (OpState::Failed, format!("step {name} failed: {e}"))
+                    };
+                    return self.compensate(run, end, &reason).await;
+                }
+            }
+        }
+        progress.update(|t| t.complete());
+        self.log(id, "info", "succeeded");
+        let _ = self.journal.set_state(id, OpState::Succeeded, None);
+        OpState::Succeeded
+    }
+
+    /// Undoes, newest first, every step the journal says may have acted,
+    /// and ends the operation in `end` with a message naming what was
+    /// undone and what could not be.
+    async fn compensate(&self, run: &Run<'_, C>, end: OpState, reason: &str) -> OpState {
+        let (id, plan) = (run.id, run.plan);
+        let during = if end == OpState::Cancelled {
+            OpState::Cancelling
+        } else {
+            OpState::Compensating
+        };
+        let _ = self.journal.set_state(id, during, Some(reason));
+        self.log(id, "warn", &format!("{reason}: compensating"));
+        let steps = match self.journal.steps(id) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("{reason}; cannot read the journal to compensate: {e}");
+                self.log(id, "error", &msg);
+                let _ = self.journal.set_state(id, OpState::Failed, Some(&msg));
+                return OpState::Failed;
+            }
+        };
+        let results: HashMap<String, Value> = steps
+            .iter()
+            .filter(|s| s.state == StepState::Done)
+            .filter_map(|s| Some((s.name.clone(), s.result.clone()?)))
+            .collect();
+        let mut undone = Vec::new();
+        let mut stuck = Vec::new();
+        for rec in steps.iter().rev() {
+            if matches!(rec.state, StepState::Undone) {
+                continue;
+            }
+            let Some(step) = plan.steps.get(rec.idx) else {
+                stuck.push(format!("{} (no longer in the plan)", rec.name));
+                continue;
+            };
+            let cx = self.context(run, rec.idx, &results);
+            match step.undo(&cx, &rec.intent, rec.result.as_ref()).await {
+                Ok(()) => {
+                    let _ = self
+                        .journal
+                        .step_finished(id, rec.idx, StepState::Undone, None, None);
+                    self.log(id, "info", &format!("step {} undone", rec.name));
+                    undone.push(rec.name.clone());
+                }
+                Err(e) => {
+                    let _ = self.journal.step_finished(
+                        id,
+                        rec.idx,
+                        StepState::UndoFailed,
+                        None,
+                        Some(&e.to_string()),
+                    );
+                    self.log(id, "error", &format!("step {} not undone: {e}", rec.name));
+                    stuck.push(format!("{} ({e})", rec.name));
+                }
+            }
+        }
+        let mut msg = reason.to_string();
+        if undone.is_empty() {
+            msg.push_str("; nothing had to be undone");
+        } else {
+            msg.push_str(&format!("; undone: {}", undone.join(", ")));
+        }
+        let end = if stuck.is_empty() {
+            end
+        } else {
+            msg.push_str(&format!("; NOT undone, left as is: {}", stuck.join(", ")));
+            OpState::Failed
+        };
+        self.log(id, "info", &format!("ended {end}: {msg}"));
+        let _ = self.journal.set_state(id, end, Some(&msg));
+        end
+    }
+
+    fn log(&self, id: &str, level: &str, msg: &str) {
+        tracing::info!(op = %id, "{msg}");
+        if let Err(e) = self.journal.log(id, level, msg) {
+            tracing::warn!(op = %id, "cannot write the journal log: {e}");
+        }
+    }
+}
+
+/// Decides how to continue an operation found unfinished at start-up.
+fn decide<C>(op: &OpRecord, plan: &Plan<C>, steps: &[StepRecord]) -> Start {
+    let prior = op.error.clone().unwrap_or_else(|| "interrupted".into());
+    match op.state {
+        OpState::Cancelling => {
+            return Start::Compensate {
+                end: OpState::Cancelled,
+                reason: "cancelled".into(),
+            };
+        }
+        OpState::Compensating => {
+            return Start::Compensate {
+                end: OpState::Failed,
+                reason: prior,
+            };
+        }
+        _ => {}
+    }
+    let done: HashMap<String, Value> = steps
+        .iter()
+        .filter(|s| s.state == StepState::Done)
+        .filter_map(|s| Some((s.name.clone(), s.result.clone()?)))
+        .collect();
+    match steps.last() {
+        None => Start::At(0, done),
+        Some(last) if last.state == StepState::Done => Start::At(last.idx + 1, done),
+        Some(last) if last.state == StepState::Started => {
+            let retry = plan
+                .steps
+                .get(last.idx)
+                .is_some_and(|s| s.recovery() == Recovery::Retry);
+            if retry {
+                Start::At(last.idx, done)
+            } else {
+                Start::Compensate {
+                    end: OpState::Failed,
+                    reason: format!("interrupted by a restart during step {}", last.name),
+                }
+            }
+        }
+        Some(last) => Start::Compensate {
+            end: OpState::Failed,
+            reason: format!("interrupted by a restart after step {} failed", last.name),
+        },
+    }
+}
+
+fn view_json(v: &ProgressView) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
