@@ -1,0 +1,128 @@
+//! The HTTP API under `/v1`: routes, error mapping, and the blocking bridge
+//! to the pool.
+
+mod exports;
+mod host;
+mod ops;
+mod volumes;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ferry_api::ApiError;
+
+use crate::auth::require_token;
+use crate::daemon::Daemon;
+
+/// Every route. `/v1/health` alone answers without a token (liveness
+/// probes); it reveals nothing but "ok".
+pub fn router(d: Arc<Daemon>) -> Router {
+    let authed = Router::new()
+        .route("/v1/host", get(host::info))
+        .route("/v1/pool", get(host::pool))
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::show).delete(volumes::delete),
+        )
+        .route("/v1/volumes/{name}/grow", post(volumes::grow))
+        .route("/v1/volumes/{name}/import", post(volumes::import))
+        .route(
+            "/v1/snapshots",
+            get(volumes::snapshots).post(volumes::snapshot),
+        )
+        .route(
+            "/v1/snapshots/{name}",
+            axum::routing::delete(volumes::delete_snapshot),
+        )
+        .route("/v1/clones", post(volumes::clone))
+        .route("/v1/exports", get(exports::list).post(exports::create))
+        .route(
+            "/v1/exports/{name}",
+            get(exports::show).delete(exports::delete),
+        )
+        .route("/v1/operations", get(ops::list))
+        .route("/v1/operations/{id}", get(ops::show))
+        .route("/v1/operations/{id}/events", get(ops::events))
+        .route("/v1/operations/{id}/cancel", post(ops::cancel))
+        .route("/metrics", get(host::metrics))
+        .layer(middleware::from_fn_with_state(d.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(|| async { "ok\n" }))
+        .merge(authed)
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such API path", None) })
+        .with_state(d)
+}
+
+/// An error answer: a status and an [`ApiError`] body.
+#[derive(Debug)]
+pub struct Failure(pub StatusCode, pub ApiError);
+
+pub fn error_response(status: StatusCode, msg: &str, field: Option<&str>) -> Failure {
+    Failure(
+        status,
+        ApiError {
+            error: msg.to_string(),
+            field: field.map(str::to_string),
+        },
+    )
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<ferry_pool::Error> for Failure {
+    fn from(e: ferry_pool::Error) -> Self {
+        use ferry_pool::ErrorKind as K;
+        let status = match e.kind() {
+            K::NotFound => StatusCode::NOT_FOUND,
+            K::AlreadyExists | K::InUse | K::Lazy => StatusCode::CONFLICT,
+            K::InvalidArgument => StatusCode::BAD_REQUEST,
+            K::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error_response(status, &e.to_string(), None)
+    }
+}
+
+impl From<ferry_ops::OpsError> for Failure {
+    fn from(e: ferry_ops::OpsError) -> Self {
+        use ferry_ops::OpsError as E;
+        let status = match &e {
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            E::Finished { .. } => StatusCode::CONFLICT,
+            E::Plan { .. } | E::UnknownKind { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error_response(status, &e.to_string(), None)
+    }
+}
+
+pub type ApiResult<T> = Result<Json<T>, Failure>;
+
+/// Runs a pool call off the async runtime (pool calls may fsync).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ferry_pool::Error> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Failure::from),
+        Err(e) => Err(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("pool call panicked: {e}"),
+            None,
+        )),
+    }
+}
+
+/// A 400 naming the field at fault.
+pub fn bad_field(field: &str, msg: &str) -> Failure {
+    error_response(StatusCode::BAD_REQUEST, msg, Some(field))
+}

@@ -1,0 +1,238 @@
+//! Volumes, snapshots, clones.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use ferry_api::{
+    CreateClone, CreateSnapshot, CreateVolume, GrowVolume, SnapshotInfo, Started, VolumeInfo,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiResult, Failure, bad_field, blocking, error_response};
+use crate::body::Body;
+use crate::daemon::Daemon;
+
+fn volume_info(pool: &ferry_pool::Pool, v: ferry_pool::VolumeInfo) -> VolumeInfo {
+    let space = pool.volume_space(&v.name).unwrap_or_default();
+    VolumeInfo {
+        exclusive_bytes: space.exclusive_bytes,
+        shared_bytes: space.shared_bytes,
+        name: v.name,
+        size: v.size,
+        parent_snapshot: v.parent_snapshot,
+        lazy: v.lazy,
+    }
+}
+
+pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<VolumeInfo>> {
+    let pool = d.pool().clone();
+    let vols = blocking(move || {
+        Ok(pool
+            .volumes()
+            .into_iter()
+            .map(|v| volume_info(&pool, v))
+            .collect())
+    })
+    .await?;
+    Ok(Json(vols))
+}
+
+/// One volume as the API shows it (404 if there is none of that name).
+fn find_volume(pool: &ferry_pool::Pool, name: &str) -> Result<VolumeInfo, ferry_pool::Error> {
+    let v = pool
+        .volumes()
+        .into_iter()
+        .find(|v| v.name == name)
+        .ok_or_else(|| {
+            ferry_pool::Error::new(ferry_pool::ErrorKind::NotFound, format!("volume {name}"))
+        })?;
+    Ok(volume_info(pool, v))
+}
+
+pub async fn show(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult<VolumeInfo> {
+    let pool = d.pool().clone();
+    blocking(move || find_volume(&pool, &name)).await.map(Json)
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), Failure> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad_field(
+            field,
+            &format!("{field} {name:?}: use 1-128 of A-Z a-z 0-9 - _ . @, not starting with ."),
+        ))
+    }
+}
+
+pub async fn create(
+    State(d): State<Arc<Daemon>>,
+    Body(req): Body<CreateVolume>,
+) -> Result<(StatusCode, Json<VolumeInfo>), Failure> {
+    check_name("name", &req.name)?;
+    if req.size == 0 {
+        return Err(bad_field("size", "size must be greater than 0"));
+    }
+    let pool = d.pool().clone();
+    let info = blocking(move || {
+        pool.create_volume(&req.name, req.size)?;
+        find_volume(&pool, &req.name)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+pub async fn grow(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Body(req): Body<GrowVolume>,
+) -> ApiResult<VolumeInfo> {
+    let pool = d.pool().clone();
+    blocking(move || {
+        pool.grow_volume(&name, req.size)?;
+        find_volume(&pool, &name)
+    })
+    .await
+    .map(Json)
+}
+
+pub async fn delete(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    refuse_if_exported(&d, &name, "volume")?;
+    let pool = d.pool().clone();
+    blocking(move || pool.delete_volume(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImportRequest {
+    /// Path of a raw image on this host.
+    pub path: String,
+}
+
+/// Starts a `volume.import` operation; the volume must not exist yet.
+pub async fn import(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Body(req): Body<ImportRequest>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    check_name("name", &name)?;
+    if !std::path::Path::new(&req.path).is_file() {
+        return Err(bad_field(
+            "path",
+            &format!("{} is not a readable file", req.path),
+        ));
+    }
+    if d.pool().volume(&name).is_ok() {
+        return Err(error_response(
+            StatusCode::CONFLICT,
+            &format!("volume {name} already exists; nothing was imported"),
+            None,
+        ));
+    }
+    let id = d
+        .ops
+        .start("volume.import", json!({ "volume": name, "path": req.path }))?;
+    Ok((StatusCode::ACCEPTED, Json(Started { operation: id })))
+}
+
+/// A volume or snapshot served over NBD cannot be deleted.
+fn refuse_if_exported(d: &Daemon, name: &str, what: &str) -> Result<(), Failure> {
+    match d.exports.user_of(name) {
+        Some(e) => Err(error_response(
+            StatusCode::CONFLICT,
+            &format!(
+                "{what} {name} is in use by NBD export {e}; remove the export first; nothing was deleted"
+            ),
+            None,
+        )),
+        None => Ok(()),
+    }
+}
+
+fn snapshot_info(s: ferry_pool::SnapshotInfo) -> SnapshotInfo {
+    SnapshotInfo {
+        name: s.name,
+        volume: s.volume,
+        size: s.size,
+        group: s.group,
+        created: s.created,
+    }
+}
+
+pub async fn snapshots(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<SnapshotInfo>> {
+    let pool = d.pool().clone();
+    let snaps = blocking(move || Ok(pool.snapshots())).await?;
+    Ok(Json(snaps.into_iter().map(snapshot_info).collect()))
+}
+
+/// One volume: a snapshot named `name`. Several: one atomic group snapshot
+/// `name` whose members are named `name@<volume>`.
+pub async fn snapshot(
+    State(d): State<Arc<Daemon>>,
+    Body(req): Body<CreateSnapshot>,
+) -> Result<(StatusCode, Json<Vec<SnapshotInfo>>), Failure> {
+    check_name("name", &req.name)?;
+    if req.volumes.is_empty() {
+        return Err(bad_field("volumes", "name at least one volume"));
+    }
+    let pool = d.pool().clone();
+    let made = blocking(move || {
+        if let [one] = req.volumes.as_slice() {
+            Ok(vec![pool.snapshot(one, &req.name)?])
+        } else {
+            let names: Vec<String> = req
+                .volumes
+                .iter()
+                .map(|v| format!("{}@{v}", req.name))
+                .collect();
+            let pairs: Vec<(&str, &str)> = req
+                .volumes
+                .iter()
+                .zip(&names)
+                .map(|(v, n)| (v.as_str(), n.as_str()))
+                .collect();
+            pool.group_snapshot(&req.name, &pairs)
+        }
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(made.into_iter().map(snapshot_info).collect()),
+    ))
+}
+
+pub async fn delete_snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    refuse_if_exported(&d, &name, "snapshot")?;
+    let pool = d.pool().clone();
+    blocking(move || pool.delete_snapshot(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn clone(
+    State(d): State<Arc<Daemon>>,
+    Body(req): Body<CreateClone>,
+) -> Result<(StatusCode, Json<VolumeInfo>), Failure> {
+    check_name("name", &req.name)?;
+    let pool = d.pool().clone();
+    let info = blocking(move || {
+        pool.clone_snapshot(&req.snapshot, &req.name)?;
+        find_volume(&pool, &req.name)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}

@@ -1,0 +1,98 @@
+//! The daemon's state and life cycle: open the data directory, recover
+//! unfinished operations, serve the API, shut down cleanly.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use ferry_ops::{Journal, Manager};
+use ferry_pool::{Pool, PoolOptions};
+
+use crate::auth::new_token;
+use crate::config::{Config, DataDir, write_atomic};
+use crate::exports::Exports;
+
+/// What operations' steps act on.
+pub struct App {
+    pub pool: Pool,
+    pub dir: DataDir,
+}
+
+/// One running ferryd.
+pub struct Daemon {
+    pub cfg: Config,
+    pub dir: DataDir,
+    pub ops: Arc<Manager<App>>,
+    pub exports: Arc<Exports>,
+    pub admin_token: String,
+    pub started: Instant,
+}
+
+impl Daemon {
+    pub fn pool(&self) -> &Pool {
+        &self.ops.app().pool
+    }
+
+    /// Opens the data directory made by [`init`] and recovers unfinished
+    /// operations.
+    pub fn open(dir: DataDir, cfg: Config) -> anyhow::Result<Arc<Daemon>> {
+        let pool = Pool::open(dir.pool())
+            .with_context(|| format!("cannot open the pool in {}", dir.pool().display()))?;
+        let journal = Arc::new(Journal::open(dir.journal())?);
+        let admin_token = std::fs::read_to_string(dir.token())
+            .with_context(|| format!("cannot read {}", dir.token().display()))?
+            .trim()
+            .to_string();
+        std::fs::create_dir_all(dir.run())?;
+        let exports = Arc::new(Exports::load(&pool, dir.exports(), dir.nbd_socket())?);
+        let ops = Manager::new(
+            journal,
+            Arc::new(App {
+                pool,
+                dir: dir.clone(),
+            }),
+        );
+        crate::operations::register(&ops);
+        Ok(Arc::new(Daemon {
+            cfg,
+            dir,
+            ops,
+            exports,
+            admin_token,
+            started: Instant::now(),
+        }))
+    }
+
+    /// Makes every acknowledged write durable (at shutdown).
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.pool().flush().context("flushing the pool")
+    }
+}
+
+/// Creates a data directory: pool, journal, admin token, configuration.
+/// Refuses to touch a directory that already holds a ferryd.
+pub fn init(dir: &DataDir, cfg: &Config, chunk_size: u32) -> anyhow::Result<String> {
+    if dir.root.join(crate::config::CONFIG_FILE).exists() {
+        anyhow::bail!(
+            "{} already holds a ferryd (ferryd.toml exists); nothing was changed",
+            dir.root.display()
+        );
+    }
+    std::fs::create_dir_all(&dir.root)
+        .with_context(|| format!("cannot create {}", dir.root.display()))?;
+    std::fs::create_dir_all(dir.run())?;
+    Pool::create(
+        dir.pool(),
+        PoolOptions {
+            chunk_size,
+            ..PoolOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot create the pool in {}", dir.pool().display()))?;
+    Journal::open(dir.journal())?;
+    let token = new_token();
+    write_atomic(&dir.token(), format!("{token}\n").as_bytes(), 0o600)?;
+    // The configuration last: its presence marks a complete data directory.
+    cfg.save(&dir.root)?;
+    Ok(token)
+}

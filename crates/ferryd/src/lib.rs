@@ -1,0 +1,27 @@
+//! ferryd: one per host. Owns the host's pool and its operations journal,
+//! serves the HTTP API (`/v1`, bearer-token auth) that the `ferry` CLI and
+//! peers use.
+//!
+//! # Data directory
+//! `ferryd init --data-dir D` creates:
+//! - `D/pool/` — the thin block pool (format documented in `ferry-pool`);
+//! - `D/journal.db` — the SQLite operations journal (`ferry-ops`);
+//! - `D/admin.token` — the admin API token (mode 0600);
+//! - `D/run/` — sockets and run files (`run/nbd.sock`: the local NBD listener);
+//! - `D/exports.json` — the NBD exports and their secrets (mode 0600);
+//! - `D/ferryd.toml` — the configuration, written last: its presence marks
+//!   a complete data directory.
+//!
+//! # Crash behaviour
+//! After `kill -9` and a restart, the pool recovers to its last flush
+//! (every write acknowledged after a flush survives) and every unfinished
+//! operation is rolled forward or compensated (its log says which).
+
+pub mod api;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod daemon;
+pub mod exports;
+pub mod nbd_export;
+pub mod operations;

@@ -1,0 +1,148 @@
+//! A real `ferryd` process for tests: its own data directory, a free
+//! port, killed on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A `ferryd` with its own data directory, killed on drop.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub url: String,
+    pub token: String,
+}
+
+fn ferryd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let out = ferryd()
+            .args([
+                "init",
+                "--no-cli-config",
+                "--name",
+                "test-host",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let mut h = Host {
+            dir,
+            child: None,
+            url: String::new(),
+            token,
+        };
+        h.start();
+        h
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn start(&mut self) {
+        let mut child = ferryd()
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(self.data())
+            .env("FERRYD_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("ferryd exited before listening")
+                .unwrap();
+            if let Some((_, url)) = line.split_once(" listening on ") {
+                break url.to_string();
+            }
+        };
+        // Keep draining stderr so ferryd never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.url = url;
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        send(self.req(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        send(self.req(reqwest::Method::POST, path).json(&body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        send(self.req(reqwest::Method::DELETE, path)).await
+    }
+
+    /// Waits for an operation to finish (polling `show`).
+    pub async fn wait_op(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, op) = self.get(&format!("/v1/operations/{id}")).await;
+            assert_eq!(s, 200, "{op}");
+            let state = op["state"].as_str().unwrap();
+            if ["succeeded", "failed", "cancelled"].contains(&state) {
+                return op;
+            }
+            assert!(Instant::now() < deadline, "operation {id} still {state}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}

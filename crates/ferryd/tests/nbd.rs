@@ -1,0 +1,149 @@
+//! ferryd's NBD exports of pool volumes and snapshots, used by real NBD
+//! clients (qemu-io, qemu-img, nbdinfo), including across a `kill -9` of
+//! ferryd.
+
+mod common;
+
+use std::process::Command;
+
+use common::Host;
+use serde_json::{Value, json};
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    qemu_io_opts(uri, &[], cmds)
+}
+
+fn qemu_io_opts(uri: &str, opts: &[&str], cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]).args(opts);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(uri).output().expect("qemu-io is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-io {cmds:?} on {uri}: {text}");
+    text
+}
+
+fn tool(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn export(h: &Host, body: Value) -> Value {
+    let (s, e) = h.post("/v1/exports", body).await;
+    assert_eq!(s, 201, "{e}");
+    e
+}
+
+#[tokio::test]
+async fn volume_export_serves_qemu_io_and_survives_kill_9() {
+    let mut h = Host::new();
+    h.post("/v1/volumes", json!({"name": "disk0", "size": 16 << 20}))
+        .await;
+    let e = export(&h, json!({"volume": "disk0"})).await;
+    let unix = e["unix_uri"].as_str().unwrap().to_string();
+    let tcp = e["tcp_uri"].as_str().unwrap().to_string();
+    assert!(!e["read_only"].as_bool().unwrap());
+
+    // qemu-io flushes before it exits: these writes are acknowledged.
+    qemu_io(&unix, &["write -P 0xab 1M 64k", "write -P 0xcd 5000 3000"]);
+    qemu_io(&unix, &["read -P 0xab 1M 64k", "read -P 0xcd 5000 3000"]);
+
+    // Over TCP the export needs its secret.
+    let (ok, text) = tool("qemu-img", &["info", "--output=json", &tcp]);
+    assert!(ok, "{text}");
+    assert!(text.contains("\"virtual-size\": 16777216"), "{text}");
+    let bare = tcp.rsplit_once('/').unwrap().0;
+    let (ok, _) = tool("qemu-img", &["info", bare]);
+    assert!(!ok, "export reachable over TCP without its secret");
+
+    // The allocation map shows the written chunks only.
+    let (ok, map) = tool("nbdinfo", &["--map", &unix]);
+    assert!(ok, "{map}");
+    assert!(map.contains("data") && map.contains("hole"), "{map}");
+
+    // An exported volume cannot be deleted.
+    let (s, err) = h.delete("/v1/volumes/disk0").await;
+    assert_eq!(s, 409, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("export disk0"),
+        "{err}"
+    );
+
+    // kill -9: acknowledged writes and the export itself survive.
+    h.kill9();
+    h.start();
+    let (s, list) = h.get("/v1/exports").await;
+    assert_eq!(s, 200);
+    assert_eq!(list[0]["name"], "disk0");
+    qemu_io(&unix, &["read -P 0xab 1M 64k", "read -P 0xcd 5000 3000"]);
+
+    let (s, _) = h.delete("/v1/exports/disk0").await;
+    assert_eq!(s, 204);
+    let (s, _) = h.delete("/v1/volumes/disk0").await;
+    assert_eq!(s, 204);
+}
+
+#[tokio::test]
+async fn snapshot_exports_are_read_only_and_changes_are_tracked() {
+    let h = Host::new();
+    h.post("/v1/volumes", json!({"name": "vol", "size": 8 << 20}))
+        .await;
+    let v = export(&h, json!({"volume": "vol"})).await;
+    let vol_uri = v["unix_uri"].as_str().unwrap().to_string();
+    qemu_io(&vol_uri, &["write -P 0x11 0 1M"]);
+    let (s, snaps) = h
+        .post(
+            "/v1/snapshots",
+            json!({"name": "before", "volumes": ["vol"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{snaps}");
+    qemu_io(&vol_uri, &["write -P 0x22 4M 64k"]);
+
+    let snap = export(&h, json!({"snapshot": "before", "name": "before-ro"})).await;
+    assert!(snap["read_only"].as_bool().unwrap());
+    let snap_uri = snap["unix_uri"].as_str().unwrap().to_string();
+    // The snapshot still holds the old content; the volume the new one.
+    qemu_io_opts(
+        &snap_uri,
+        &["-r"],
+        &["read -P 0x11 0 1M", "read -P 0 4M 64k"],
+    );
+    qemu_io(&vol_uri, &["read -P 0x22 4M 64k"]);
+    let (ok, text) = tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x33 0 4k", &snap_uri],
+    );
+    assert!(
+        !ok || text.contains("Operation not permitted") || text.contains("read-only"),
+        "write to a snapshot export succeeded: {text}"
+    );
+    qemu_io_opts(&snap_uri, &["-r"], &["read -P 0x11 0 4k"]);
+
+    // Change tracking over NBD: exactly the chunk written after the snapshot.
+    let (ok, map) = tool("nbdinfo", &["--map=ferry:changed:before", &vol_uri]);
+    assert!(ok, "{map}");
+    let changed: Vec<&str> = map
+        .lines()
+        .filter(|l| !l.trim_end().ends_with(" 0"))
+        .collect();
+    assert!(
+        map.lines()
+            .any(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == ["4194304", "65536"]),
+        "{map}"
+    );
+    assert!(!changed.is_empty(), "{map}");
+}
