@@ -1,0 +1,239 @@
+//! The CLI against a real `ferryd`: `--json` output, tables, exit codes,
+//! progress of an import.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+struct Daemon {
+    _dir: tempfile::TempDir,
+    child: Child,
+    url: String,
+    token: String,
+    img_dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ferryd_bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferryd");
+    assert!(
+        p.exists(),
+        "{} is not built: run the workspace's tests (cargo test --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn daemon() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let st = Command::new(ferryd_bin())
+        .args(["init", "--no-cli-config", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut child = Command::new(ferryd_bin())
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("FERRYD_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("ferryd exited").unwrap();
+        if let Some((_, u)) = line.split_once(" listening on ") {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Daemon {
+        img_dir: dir.path().to_path_buf(),
+        _dir: dir,
+        child,
+        url,
+        token,
+    }
+}
+
+impl Daemon {
+    fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env("FERRY_URL", &self.url)
+            .env("FERRY_TOKEN", &self.token)
+            .env("FERRY_CONFIG", "/nonexistent")
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ferry(&a);
+        assert!(
+            out.status.success(),
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+#[test]
+fn volumes_and_snapshots_in_json_and_tables() {
+    let d = daemon();
+    let v = d.json(&["volume", "create", "web-1", "64M"]);
+    assert_eq!(v["size"], 64 << 20);
+    d.json(&["volume", "create", "db-1", "1G"]);
+    let snaps = d.json(&[
+        "snapshot", "create", "g", "--volume", "web-1", "--volume", "db-1",
+    ]);
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+    let c = d.json(&["volume", "clone", "g@web-1", "web-2"]);
+    assert_eq!(c["parent_snapshot"], "g@web-1");
+    let list = d.json(&["volume", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+
+    let table = d.ferry(&["volume", "list"]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.contains("db-1") && text.contains("1.0 GiB"), "{text}");
+
+    let e = d.json(&["export", "create", "--volume", "web-1"]);
+    assert_eq!(e["name"], "web-1");
+    assert!(
+        e["unix_uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("nbd+unix:///web-1?socket=")
+    );
+    let ro = d.json(&[
+        "export",
+        "create",
+        "--snapshot",
+        "g@db-1",
+        "--name",
+        "db-ro",
+    ]);
+    assert_eq!(ro["read_only"], true);
+    assert_eq!(d.json(&["export", "list"]).as_array().unwrap().len(), 2);
+    let busy = d.ferry(&["volume", "delete", "web-1"]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("in use by NBD export web-1"));
+    d.json(&["export", "delete", "db-ro"]);
+
+    let pool = d.json(&["pool", "info"]);
+    assert_eq!(pool["volumes"], 3);
+    assert_eq!(pool["snapshots"], 2);
+    let host = d.json(&["host", "info"]);
+    assert!(host["version"].is_string());
+}
+
+#[test]
+fn exit_codes_scripts_can_trust() {
+    let d = daemon();
+    let missing = d.ferry(&["volume", "show", "ghost"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let err = String::from_utf8(missing.stderr).unwrap();
+    assert!(err.contains("volume ghost") && err.contains("404"), "{err}");
+    let usage = d.ferry(&["volume", "frobnicate"]);
+    assert_eq!(usage.status.code(), Some(2));
+    let bad_size = d.ferry(&["volume", "create", "x", "12Q"]);
+    assert_eq!(bad_size.status.code(), Some(1));
+    let no_server = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["volume", "list"])
+        .env("FERRY_URL", "http://127.0.0.1:1")
+        .env("FERRY_TOKEN", "x")
+        .env("FERRY_CONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(no_server.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_server.stderr).contains("cannot reach ferryd"));
+    let wrong_token = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["volume", "list"])
+        .env("FERRY_URL", &d.url)
+        .env("FERRY_TOKEN", "wrong")
+        .env("FERRY_CONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(wrong_token.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong_token.stderr).contains("401"));
+}
+
+#[test]
+fn import_shows_progress_and_operation_details() {
+    use std::os::unix::fs::FileExt;
+    let d = daemon();
+    let img = d.img_dir.join("disk.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(32 << 20).unwrap();
+    f.write_all_at(&[7u8; 1 << 20], 5 << 20).unwrap();
+    drop(f);
+    let out = d.ferry(&["volume", "import", "disk0", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("succeeded"));
+    let ops = d.json(&["op", "list"]);
+    let id = ops[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(ops[0]["state"], "succeeded");
+    let op = d.json(&["op", "show", &id]);
+    assert_eq!(op["progress"]["overall"], 1.0);
+    let human = String::from_utf8(d.ferry(&["op", "show", &id]).stdout).unwrap();
+    assert!(
+        human.contains("copy data") && human.contains("100.0%"),
+        "{human}"
+    );
+    // Watching a finished operation prints its end and exits 0.
+    let lines = d.ferry(&["op", "watch", &id, "--json"]);
+    assert!(lines.status.success());
+    let last: Value = serde_json::from_str(
+        String::from_utf8(lines.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["state"], "succeeded");
+    // A second import onto the same name is refused and changes nothing.
+    let again = d.ferry(&["volume", "import", "disk0", img.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+}
+
+#[test]
+fn completions_are_printed() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ferry"));
+}
