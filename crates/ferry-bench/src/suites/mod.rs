@@ -1,0 +1,50 @@
+//! One module per suite. Each issue with a performance goal adds its suite
+//! here: a module and one line in [`SUITES`].
+
+use crate::report::Report;
+
+mod backup;
+mod crash;
+mod disk;
+mod nbd;
+mod pool;
+
+/// Options every suite understands (each uses the ones that apply).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Seconds each timed job runs.
+    pub runtime_s: u32,
+    /// Size of the data set, in fio's notation (`1G`).
+    pub size: String,
+    /// Trials, for suites that repeat a fault.
+    pub trials: u32,
+    /// Arguments the common parser did not know, for the suite to read.
+    pub rest: Vec<String>,
+}
+
+type SuiteFn = fn(&Options) -> anyhow::Result<Report>;
+
+/// Every suite: its name, what it measures, and the function that runs it.
+pub const SUITES: &[(&str, &str, SuiteFn)] = &[
+    ("disk", "fio on a plain file: the physical limit", disk::run),
+    (
+        "nbd",
+        "fio over NBD: Ferry vs nbdkit and qemu-nbd",
+        nbd::run,
+    ),
+    (
+        "pool",
+        "pool volumes, snapshots, clones vs pread/pwrite on a raw file",
+        pool::run,
+    ),
+    (
+        "crash",
+        "kill -9 a pool workload, reopen, check flushed data and verify",
+        crash::run,
+    ),
+    (
+        "backup",
+        "full, 1% incremental and restore: Ferry's repository vs restic",
+        backup::run,
+    ),
+];

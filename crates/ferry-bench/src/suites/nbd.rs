@@ -1,0 +1,227 @@
+//! `nbd`: the same 1 GiB of random data served by Ferry's NBD server (the
+//! raw-file backend, in this process), by `nbdkit file` and by
+//! `qemu-nbd -f raw -t -e 4`, over a unix socket and over TCP; fio's nbd
+//! engine, numjobs=1, iodepth=16.
+
+use std::io::Write;
+use std::net::TcpListener as StdTcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_nbd::{ExportOptions, FileExport, Server};
+
+use crate::fio::{self, FioJob};
+use crate::report::{Measurement, Report, scratch_dir};
+use crate::suites::Options;
+
+const JOBS: [(&str, &str, &str, &str); 4] = [
+    ("rand-read-4k", "randread", "4k", "IOPS"),
+    ("rand-write-4k", "randwrite", "4k", "IOPS"),
+    ("seq-read-1M", "read", "1M", "MB/s"),
+    ("seq-write-1M", "write", "1M", "MB/s"),
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Unix,
+    Tcp,
+}
+
+/// A running server and how to reach it.
+struct Served {
+    uri: String,
+    child: Option<Child>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn uri(t: Transport, sock: &Path, port: u16) -> String {
+    match t {
+        Transport::Unix => format!("nbd+unix:///?socket={}", sock.display()),
+        Transport::Tcp => format!("nbd://127.0.0.1:{port}/"),
+    }
+}
+
+/// Waits until `nbdinfo` can open the export.
+fn wait_ready(uri: &str, child: &mut Option<Child>) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let ok = Command::new("nbdinfo")
+            .args(["--size", uri])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if let Some(c) = child
+            && let Some(st) = c.try_wait()?
+        {
+            bail!("server for {uri} exited: {st}");
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("server for {uri} did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn serve(peer: &str, t: Transport, file: &Path, dir: &Path) -> anyhow::Result<Served> {
+    let sock = dir.join(format!("{peer}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let port = free_port()?;
+    let u = uri(t, &sock, port);
+    let mut served = Served {
+        uri: u.clone(),
+        child: None,
+        runtime: None,
+    };
+    match peer {
+        "ferry" => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let server = Server::new();
+            server.add_export(
+                "",
+                Arc::new(FileExport::open(file, false)?),
+                ExportOptions::default(),
+            )?;
+            match t {
+                Transport::Unix => {
+                    let l = {
+                        let _g = rt.enter();
+                        tokio::net::UnixListener::bind(&sock)?
+                    };
+                    rt.spawn(async move { server.serve_unix(l).await });
+                }
+                Transport::Tcp => {
+                    let l = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))?;
+                    rt.spawn(async move { server.serve_tcp(l).await });
+                }
+            }
+            served.runtime = Some(rt);
+        }
+        "nbdkit" => {
+            let mut c = Command::new("nbdkit");
+            c.args(["-f", "--exit-with-parent"]);
+            match t {
+                Transport::Unix => c.arg("-U").arg(&sock),
+                Transport::Tcp => c.args(["-i", "127.0.0.1", "-p", &port.to_string()]),
+            };
+            c.arg("file").arg(format!("file={}", file.display()));
+            served.child = Some(c.stderr(Stdio::null()).spawn().context("starting nbdkit")?);
+        }
+        "qemu-nbd" => {
+            let mut c = Command::new("qemu-nbd");
+            c.args(["-f", "raw", "-t", "-e", "4"]);
+            match t {
+                Transport::Unix => c.arg("-k").arg(&sock),
+                Transport::Tcp => c.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
+            };
+            c.arg(file);
+            served.child = Some(
+                c.stderr(Stdio::null())
+                    .spawn()
+                    .context("starting qemu-nbd")?,
+            );
+        }
+        _ => bail!("unknown peer {peer}"),
+    }
+    wait_ready(&u, &mut served.child)?;
+    Ok(served)
+}
+
+/// 1 GiB (or `--size`) of random data, written once.
+fn make_data(path: &Path, size: &str) -> anyhow::Result<u64> {
+    let bytes = parse_size(size)?;
+    let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..bytes / block.len() as u64 {
+        for w in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block)?;
+    }
+    f.flush()?;
+    f.get_ref().sync_all()?;
+    Ok(bytes)
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let (n, mul) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1u64 << 30),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    Ok(n.parse::<u64>().with_context(|| format!("size {s}"))? * mul)
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let dir = scratch_dir("nbd")?;
+    let file: PathBuf = dir.path().join("data.img");
+    eprintln!("nbd: writing {} of random data", opts.size);
+    make_data(&file, &opts.size)?;
+    let mut report = Report::new("nbd");
+    for (t, tname) in [(Transport::Unix, "unix"), (Transport::Tcp, "tcp")] {
+        let mut rows: Vec<Measurement> = JOBS
+            .iter()
+            .map(|(m, _, _, unit)| Measurement::new(format!("{tname} {m}"), *unit, 0.0))
+            .collect();
+        for peer in ["ferry", "nbdkit", "qemu-nbd"] {
+            let served = serve(peer, t, &file, dir.path())?;
+            for (i, (metric, rw, bs, unit)) in JOBS.iter().enumerate() {
+                let job = FioJob {
+                    runtime_s: opts.runtime_s,
+                    size: opts.size.clone(),
+                    ioengine: "nbd".into(),
+                    direct: false,
+                    ..FioJob::new(metric, rw, bs)
+                }
+                .arg(format!("--uri={}", served.uri));
+                eprintln!("nbd: {peer} {tname} {metric} ({}s)", job.runtime_s);
+                let r = fio::run(&job).with_context(|| format!("{peer} over {tname}"))?;
+                let v = if *unit == "IOPS" {
+                    r.iops
+                } else {
+                    r.mb_per_s()
+                };
+                if peer == "ferry" {
+                    rows[i].ferry = v;
+                } else {
+                    rows[i] = rows[i].clone().peer(peer, v);
+                }
+            }
+            drop(served);
+        }
+        for m in rows {
+            report.push(m);
+        }
+    }
+    Ok(report)
+}
