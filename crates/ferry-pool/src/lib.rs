@@ -113,6 +113,84 @@ mod verify;
 mod volume;
 pub mod workload;
 
+/// The decoders of what the pool reads from disk (header, volume and
+/// snapshot records, read profiles, the catalog as a whole), exposed for
+/// the fuzz targets in `fuzz/` and the robustness tests: on any input they
+/// return `Ok` or a clean [`Error`], never panic.
+#[doc(hidden)]
+pub mod decode {
+    use std::collections::{BTreeMap, HashMap};
+
+    use crate::Result;
+    use crate::meta;
+
+    /// Decode a pool header (`pool.hdr`).
+    pub fn header(bytes: &[u8]) -> Result<()> {
+        crate::format::Header::decode(bytes, "under test").map(|_| ())
+    }
+
+    /// Decode the record of volume `key`.
+    pub fn volume_record(key: u64, bytes: &[u8]) -> Result<()> {
+        meta::decode_volume(key, bytes).map(|_| ())
+    }
+
+    /// Decode the record of snapshot `key`.
+    pub fn snapshot_record(key: &str, bytes: &[u8]) -> Result<()> {
+        meta::decode_snapshot(key, bytes).map(|_| ())
+    }
+
+    /// Decode the read profile of volume `key`.
+    pub fn profile(key: u64, bytes: &[u8]) -> Result<()> {
+        meta::decode_profile(key, bytes).map(|_| ())
+    }
+
+    /// Decode volume records (keys 1, 2, ...) and snapshot records (keys
+    /// their own names), then check them together as a catalog.
+    pub fn catalog(volumes: &[&[u8]], snapshots: &[&[u8]], next_id: u64) -> Result<()> {
+        let mut recs = HashMap::new();
+        for (i, b) in volumes.iter().enumerate() {
+            let key = i as u64 + 1;
+            recs.insert(key, meta::decode_volume(key, b)?);
+        }
+        let mut snaps = BTreeMap::new();
+        for b in snapshots {
+            // The key is the record's own name when it has one.
+            let name = serde_json::from_slice::<serde_json::Value>(b)
+                .ok()
+                .and_then(|v| v.get("name").and_then(|n| n.as_str().map(str::to_string)))
+                .unwrap_or_default();
+            let rec = meta::decode_snapshot(&name, b)?;
+            snaps.insert(rec.name.clone(), rec);
+        }
+        meta::check_catalog(&recs, &snaps, next_id)
+    }
+
+    /// Feed `data` to one decoder chosen by its first byte (the fuzz
+    /// targets' entry point); the result is discarded.
+    pub fn any(data: &[u8]) {
+        let Some((&which, rest)) = data.split_first() else {
+            return;
+        };
+        let key = rest
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .unwrap_or(0);
+        let body = rest.get(8..).unwrap_or(&[]);
+        let _ = match which % 5 {
+            0 => header(rest),
+            1 => volume_record(key, body),
+            2 => snapshot_record(&String::from_utf8_lossy(&rest[..rest.len().min(16)]), rest),
+            3 => profile(key, body),
+            _ => {
+                // Records separated by 0xff (never inside valid JSON text).
+                let parts: Vec<&[u8]> = body.split(|b| *b == 0xff).collect();
+                let (vols, snaps) = parts.split_at(parts.len() / 2);
+                catalog(vols, snaps, key)
+            }
+        };
+    }
+}
+
 pub use control::{Pool, SnapshotInfo, VolumeInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use hydrator::{HydrationProgress, Hydrator, HydratorOptions};

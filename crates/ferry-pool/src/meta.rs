@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Ctx, Result};
+use crate::error::{Ctx, Error, ErrorKind, Result};
 
 pub(crate) const VOLUMES: TableDefinition<u64, &[u8]> = TableDefinition::new("volumes");
 pub(crate) const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -165,6 +165,121 @@ pub(crate) fn resolve<T: ReadableTable<(u64, u64, u64), u64>>(
             None => return Ok(None),
         }
     }
+}
+
+fn bad(what: String) -> Error {
+    Error::new(ErrorKind::Metadata, what)
+}
+
+/// Decode and check the stored record of volume `key`: well-formed JSON,
+/// its own id, a valid name, an epoch ≥ 1, and a clone's parent an older
+/// lineage (ids only grow, so parent chains end).
+pub(crate) fn decode_volume(key: u64, bytes: &[u8]) -> Result<VolumeRec> {
+    let rec: VolumeRec =
+        serde_json::from_slice(bytes).ctx(|| format!("decode record of volume {key}"))?;
+    if rec.id != key {
+        return Err(bad(format!(
+            "record of volume {key} names volume id {}",
+            rec.id
+        )));
+    }
+    if rec.name.is_empty() || rec.name.len() > 255 || rec.name.contains('\0') {
+        return Err(bad(format!(
+            "record of volume {key}: invalid name {:?}",
+            rec.name
+        )));
+    }
+    if rec.epoch == 0 || rec.epoch == u64::MAX {
+        return Err(bad(format!(
+            "record of volume {key} ({}): invalid epoch {}",
+            rec.name, rec.epoch
+        )));
+    }
+    if let Some((p, pe)) = rec.parent
+        && (p >= key || pe == 0)
+    {
+        return Err(bad(format!(
+            "record of volume {key} ({}): invalid parent snapshot ({p}, {pe})",
+            rec.name
+        )));
+    }
+    Ok(rec)
+}
+
+/// Decode and check the stored record of snapshot `key`.
+pub(crate) fn decode_snapshot(key: &str, bytes: &[u8]) -> Result<SnapRec> {
+    let rec: SnapRec =
+        serde_json::from_slice(bytes).ctx(|| format!("decode record of snapshot {key:?}"))?;
+    if rec.name != key {
+        return Err(bad(format!(
+            "record of snapshot {key:?} names snapshot {:?}",
+            rec.name
+        )));
+    }
+    if rec.epoch == 0 {
+        return Err(bad(format!("record of snapshot {key:?}: epoch 0")));
+    }
+    Ok(rec)
+}
+
+/// Decode a stored read profile: a list of distinct chunk numbers.
+pub(crate) fn decode_profile(key: u64, bytes: &[u8]) -> Result<Vec<u64>> {
+    let chunks: Vec<u64> =
+        serde_json::from_slice(bytes).ctx(|| format!("decode read profile of volume {key}"))?;
+    let mut seen = std::collections::HashSet::with_capacity(chunks.len());
+    if let Some(c) = chunks.iter().find(|c| !seen.insert(**c)) {
+        return Err(bad(format!(
+            "read profile of volume {key} lists chunk {c} twice"
+        )));
+    }
+    Ok(chunks)
+}
+
+/// Check the decoded catalog as a whole: snapshots of existing volumes and
+/// older epochs, clones of existing snapshots, ids below the next id.
+pub(crate) fn check_catalog(
+    recs: &HashMap<u64, VolumeRec>,
+    snaps: &std::collections::BTreeMap<String, SnapRec>,
+    next_id: u64,
+) -> Result<()> {
+    for s in snaps.values() {
+        match recs.get(&s.volume) {
+            None => {
+                return Err(bad(format!(
+                    "snapshot {:?} of volume id {} that does not exist",
+                    s.name, s.volume
+                )));
+            }
+            Some(v) if s.epoch >= v.epoch => {
+                return Err(bad(format!(
+                    "snapshot {:?} at epoch {} not older than volume {} at epoch {}",
+                    s.name, s.epoch, v.name, v.epoch
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for r in recs.values() {
+        if r.id >= next_id {
+            return Err(bad(format!(
+                "volume {} has id {} not below the next id {next_id}",
+                r.name, r.id
+            )));
+        }
+        if !names.insert(r.name.as_str()) {
+            return Err(bad(format!("two volumes named {}", r.name)));
+        }
+        if let Some((p, pe)) = r.parent
+            && !snaps.values().any(|s| s.volume == p && s.epoch == pe)
+        {
+            return Err(bad(format!(
+                "clone {} of snapshot ({p}, {pe}) that does not exist",
+                r.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {

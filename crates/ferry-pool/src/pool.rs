@@ -139,6 +139,44 @@ impl Shared {
         Ok(p)
     }
 
+    /// Take up to `want` free chunks that follow each other in the data
+    /// file, for one pwrite of several new chunks: returns the first and
+    /// how many (at least 1), or fails with `NoSpace` (nothing changed).
+    ///
+    /// The first free chunk is used when the run starting there is long
+    /// enough; otherwise the run is taken at the end of the file, aligned
+    /// to its length (up to 32 chunks) so the kernel can cache it in large
+    /// page-cache folios, and the chunks skipped by the alignment are free.
+    pub fn allocate_run(&self, want: u64, what: &dyn Fn() -> String) -> Result<(u64, u64)> {
+        if want <= 1 {
+            return self.allocate(what).map(|p| (p, 1));
+        }
+        let mut a = lock(&self.alloc);
+        let room = a.limit.map_or(u64::MAX, |l| l.saturating_sub(a.used));
+        if room <= 1 {
+            drop(a);
+            return self.allocate(what).map(|p| (p, 1));
+        }
+        let want = want.min(room);
+        if let Some(&first) = a.free.first()
+            && (1..want).all(|k| a.free.contains(&(first + k)))
+        {
+            for k in 0..want {
+                a.free.remove(&(first + k));
+            }
+            a.used += want;
+            return Ok((first, want));
+        }
+        let align = want.next_power_of_two().min(32);
+        let start = a.hw.next_multiple_of(align);
+        for p in a.hw..start {
+            a.free.insert(p);
+        }
+        a.hw = start + want;
+        a.used += want;
+        Ok((start, want))
+    }
+
     /// Return a chunk that no metadata (durable or pending) ever referenced.
     pub fn unallocate(&self, phys: u64) {
         let mut a = lock(&self.alloc);
@@ -362,30 +400,47 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
         let vols = txn.open_table(VOLUMES).ctx(|| "open volumes".into())?;
         for item in vols.iter().ctx(|| "scan volumes".into())? {
             let (k, v) = item.ctx(|| "scan volumes".into())?;
-            let rec: VolumeRec =
-                serde_json::from_slice(v.value()).ctx(|| format!("decode volume {}", k.value()))?;
+            let rec = meta::decode_volume(k.value(), v.value())?;
             cat.recs.insert(rec.id, rec);
         }
         let snaps = txn.open_table(SNAPSHOTS).ctx(|| "open snapshots".into())?;
         for item in snaps.iter().ctx(|| "scan snapshots".into())? {
             let (k, v) = item.ctx(|| "scan snapshots".into())?;
-            let rec: SnapRec = serde_json::from_slice(v.value())
-                .ctx(|| format!("decode snapshot {}", k.value()))?;
+            let rec = meta::decode_snapshot(k.value(), v.value())?;
             cat.snaps.insert(rec.name.clone(), rec);
         }
         let pt = txn.open_table(PROFILES).ctx(|| "open profiles".into())?;
         for item in pt.iter().ctx(|| "scan profiles".into())? {
             let (k, v) = item.ctx(|| "scan profiles".into())?;
-            let chunks: Vec<u64> = serde_json::from_slice(v.value())
-                .ctx(|| format!("decode profile {}", k.value()))?;
+            let chunks = meta::decode_profile(k.value(), v.value())?;
             profiles.insert(k.value(), chunks);
         }
+        meta::check_catalog(&cat.recs, &cat.snaps, cat.next_id)?;
+        // Durable entries point only at chunks whose data was fdatasync'd
+        // first, so inside the data file: anything else is damage (and
+        // would make the free list below absurdly large).
+        let data_len = data
+            .metadata()
+            .ctx(|| format!("stat data file of pool {}", dir.display()))?
+            .len();
+        let data_chunks = data_len.div_ceil(chunk);
         let map = txn.open_table(MAP).ctx(|| "open map".into())?;
         let mut used = BTreeSet::new();
         for item in map.iter().ctx(|| "scan map".into())? {
-            let (_, v) = item.ctx(|| "scan map".into())?;
-            if v.value() != ZERO {
-                used.insert(v.value());
+            let (k, v) = item.ctx(|| "scan map".into())?;
+            let phys = v.value();
+            if phys != ZERO {
+                if phys >= data_chunks {
+                    return Err(Error::new(
+                        ErrorKind::Metadata,
+                        format!(
+                            "open pool {}: map entry {:?} points at chunk {phys}, past the end of the data file ({data_chunks} chunks); the metadata is damaged, nothing was changed",
+                            dir.display(),
+                            k.value()
+                        ),
+                    ));
+                }
+                used.insert(phys);
             }
         }
         alloc.hw = used.last().map(|m| m + 1).unwrap_or(0);

@@ -19,6 +19,30 @@ use crate::meta::{VolumeRec, ZERO};
 use crate::pool::{Shared, lock};
 use crate::profile::Profile;
 
+/// Hasher of the chunk maps: chunk numbers are plain integers chosen by
+/// the volume's user, not an attack surface worth SipHash on every read;
+/// one multiply, folded so the low bits (bucket index) depend on all bits.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct ChunkHasher(u64);
+
+impl std::hash::Hasher for ChunkHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+type ChunkMap = HashMap<u64, Slot, std::hash::BuildHasherDefault<ChunkHasher>>;
+
 const SHARDS: u64 = 64;
 const LOCKS: u64 = 256;
 /// Most chunks one pread/pwrite covers (well below SHARDS and LOCKS).
@@ -57,7 +81,7 @@ pub(crate) struct VolInner {
     pub name: String,
     pub size: AtomicU64,
     pub state: RwLock<VolState>,
-    shards: Box<[RwLock<HashMap<u64, Slot>>]>,
+    shards: Box<[RwLock<ChunkMap>]>,
     locks: Box<[Mutex<()>]>,
     pub deleted: AtomicBool,
     pub lazy: LazyState,
@@ -76,7 +100,9 @@ impl VolInner {
                 parent: rec.parent,
                 deleted: false,
             }),
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(ChunkMap::default()))
+                .collect(),
             locks: (0..LOCKS).map(|_| Mutex::new(())).collect(),
             deleted: AtomicBool::new(false),
             lazy: LazyState::new(rec.lazy),
@@ -84,7 +110,7 @@ impl VolInner {
         }
     }
 
-    pub fn shard(&self, c: u64) -> &RwLock<HashMap<u64, Slot>> {
+    pub fn shard(&self, c: u64) -> &RwLock<ChunkMap> {
         &self.shards[(c % SHARDS) as usize]
     }
 
@@ -340,6 +366,14 @@ impl Volume {
                         }
                         self.sh.pwrite(s.phys, within, &data[at..at + len])?;
                     }
+                    _ if within == 0
+                        && n as u64 == self.sh.chunk
+                        && pieces.peek().is_some_and(|&(_, w2, n2, _)| {
+                            w2 == 0 && n2 as u64 == self.sh.chunk
+                        }) =>
+                    {
+                        self.write_new_run(&st, c, slot, at, &mut pieces, data)?
+                    }
                     _ => self.write_chunk_locked(&st, c, within, &data[at..at + n])?,
                 }
             }
@@ -347,6 +381,75 @@ impl Volume {
         })();
         self.sh.write_gen.fetch_add(1, Ordering::SeqCst);
         result
+    }
+
+    /// Write whole chunk `c` (not writable in place; its lock held by the
+    /// caller) and the following whole chunks of the request that need new
+    /// space too, into a run of chunks that follow each other in the data
+    /// file: one pwrite, and the page cache keeps the run in large folios,
+    /// which later reads walk faster. Further chunk locks are only tried.
+    fn write_new_run(
+        &self,
+        st: &VolState,
+        c: u64,
+        slot: Option<Slot>,
+        at: usize,
+        pieces: &mut std::iter::Peekable<impl Iterator<Item = (u64, u64, usize, usize)>>,
+        data: &[u8],
+    ) -> Result<()> {
+        let cs = self.sh.chunk;
+        let mut olds = vec![slot];
+        let mut locks = Vec::new();
+        while (olds.len() as u64) < MAX_RUN {
+            let Some(&(c2, 0, n2, _)) = pieces.peek() else {
+                break;
+            };
+            if n2 as u64 != cs {
+                break;
+            }
+            let Ok(g) = self.v.chunk_lock(c2).try_lock() else {
+                break;
+            };
+            let s2 = self.v.get(c2);
+            if s2.is_some_and(|s2| s2.own && s2.phys != ZERO && st.exclusive(s2.epoch)) {
+                // Writable in place: left to the caller's loop.
+                break;
+            }
+            locks.push(g);
+            olds.push(s2);
+            pieces.next();
+        }
+        let k = olds.len() as u64;
+        let name = &self.v.name;
+        let (p, got) = self.sh.allocate_run(k, &|| {
+            format!("write chunks {c}..{} of volume {name}", c + k)
+        })?;
+        let bytes = (got * cs) as usize;
+        if let Err(e) = self.sh.pwrite(p, 0, &data[at..at + bytes]) {
+            for i in 0..got {
+                self.sh.unallocate(p + i);
+            }
+            return Err(e);
+        }
+        for (i, old) in (0..got).zip(&olds) {
+            self.install(
+                st,
+                c + i,
+                *old,
+                Slot {
+                    phys: p + i,
+                    epoch: st.epoch,
+                    own: true,
+                },
+            );
+        }
+        // Chunks the allocator could not fit in the run (pool limit): one
+        // at a time, which fails cleanly with NoSpace when nothing is left.
+        for i in got..k {
+            let off = at + (i * cs) as usize;
+            self.write_chunk_locked(st, c + i, 0, &data[off..off + cs as usize])?;
+        }
+        Ok(())
     }
 
     fn write_chunk_locked(&self, st: &VolState, c: u64, within: u64, data: &[u8]) -> Result<()> {
