@@ -50,7 +50,11 @@
 //!
 //! # Writes, flush and group commit
 //!
-//! Data is written with `pwrite` to the data file. Changes of the mapping
+//! Data is written with `pwrite` to the data file. A write covering several
+//! whole chunks that need new space takes a run of chunks that follow each
+//! other in the data file (aligned at its end when no free run fits) and
+//! writes it with one pwrite: fewer syscalls, and the page cache keeps the
+//! run in large folios, which makes later reads of it cheaper. Changes of the mapping
 //! (new chunk, copy-on-write, trim) are staged in memory; [`Pool::flush`]
 //! (or [`Volume::flush`]) commits them: the first flusher fdatasyncs the
 //! data file, then commits every staged change in one redb transaction;
@@ -83,6 +87,18 @@
 //! unreferenced (they are free again on open), a lazy volume's fetched but
 //! uncommitted chunks missing (fetched again). Nothing acknowledged by a
 //! flush is lost; [`Pool::verify`] checks every invariant.
+//!
+//! # Damaged metadata
+//!
+//! Opening decodes and checks everything it reads: the header (magic,
+//! checksum, version, chunk size), each volume, snapshot and profile record
+//! (well-formed, its own key, valid names and epochs, a clone's parent an
+//! older lineage so parent chains end), the catalog as a whole (snapshots
+//! of existing volumes, clones of existing snapshots), and every mapping
+//! entry points inside the data file. Anything else is refused with
+//! [`ErrorKind::Metadata`] (or `BadHeader`) naming the record, nothing
+//! changed. The decoders are fuzzed (`fuzz/`, targets `metadata_decode` and
+//! `pool_open`) and fed corrupted bytes in the normal tests.
 //!
 //! # Lazy volumes
 //!
