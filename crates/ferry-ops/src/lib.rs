@@ -26,12 +26,14 @@
 //! weighted from measured properties, never backwards, 100 % only when done.
 
 pub mod error;
+pub mod fault;
 pub mod journal;
 pub mod manager;
 pub mod progress;
 pub mod step;
 
 pub use error::{OpsError, Result, StepError};
+pub use fault::test_pause;
 pub use journal::{Journal, LogLine, OpRecord, OpState, StepRecord, StepState};
 pub use manager::Manager;
 pub use progress::{Node, NodeId, ProgressTree, ProgressView};

@@ -35,6 +35,7 @@ pub struct Manager<C> {
 /// What every step of one execution shares.
 struct Run<'a, C> {
     id: &'a str,
+    kind: &'a str,
     params: &'a Value,
     plan: &'a Plan<C>,
     progress: &'a ProgressHandle,
@@ -104,11 +105,24 @@ impl<C: Send + Sync + 'static> Manager<C> {
         let plan = self.plan(&id, kind, &params)?;
         self.journal.create(&id, kind, &params)?;
         self.journal.log(&id, "info", &format!("{kind} started"))?;
-        self.spawn(id.clone(), params, plan, Start::At(0, HashMap::new()));
+        self.spawn(
+            id.clone(),
+            kind.to_string(),
+            params,
+            plan,
+            Start::At(0, HashMap::new()),
+        );
         Ok(id)
     }
 
-    fn spawn(self: &Arc<Self>, id: String, params: Value, plan: Plan<C>, start: Start) {
+    fn spawn(
+        self: &Arc<Self>,
+        id: String,
+        kind: String,
+        params: Value,
+        plan: Plan<C>,
+        start: Start,
+    ) {
         let progress = ProgressHandle::new(plan.progress.clone());
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
@@ -124,6 +138,7 @@ impl<C: Send + Sync + 'static> Manager<C> {
         tokio::spawn(async move {
             let run = Run {
                 id: &id,
+                kind: &kind,
                 params: &params,
                 plan: &plan,
                 progress: &progress,
@@ -234,7 +249,7 @@ impl<C: Send + Sync + 'static> Manager<C> {
                 }
             }
             ids.push(op.id.clone());
-            self.spawn(op.id, op.params, plan, start);
+            self.spawn(op.id, op.kind, op.params, plan, start);
         }
         Ok(ids)
     }
@@ -284,6 +299,7 @@ impl<C: Send + Sync + 'static> Manager<C> {
                 return self.compensate(run, OpState::Failed, &reason).await;
             }
             self.log(id, "info", &format!("step {name} started"));
+            crate::fault::test_pause(&format!("{}:started:{idx}", run.kind)).await;
             match step.run(&cx).await {
                 Ok(result) => {
                     if let Err(e) =
@@ -299,6 +315,7 @@ impl<C: Send + Sync + 'static> Manager<C> {
                     results.insert(name, result);
                     progress.update(|t| t.finish(cx.node));
                     let _ = self.journal.save_progress(id, &view_json(&progress.view()));
+                    crate::fault::test_pause(&format!("{}:done:{idx}", run.kind)).await;
                 }
                 Err(e) => {
                     let cancelled = e == StepError::Cancelled;

@@ -101,10 +101,25 @@ enum VolumeVerb {
     Delete {
         name: String,
     },
-    /// Import a raw disk image (a path on the ferryd host) into a new volume.
+    /// Import a disk image (a path on the ferryd host; raw, qcow2 or another
+    /// format qemu-img reads) into a new volume.
     Import {
         name: String,
         path: String,
+        /// The image's format (detected when absent).
+        #[arg(long)]
+        format: Option<String>,
+        /// Return the operation id at once instead of showing its progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Export a volume (one consistent point in time) to a new image file on
+    /// the ferryd host.
+    Export {
+        name: String,
+        path: String,
+        #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+        format: String,
         /// Return the operation id at once instead of showing its progress.
         #[arg(long)]
         no_wait: bool,
@@ -400,11 +415,23 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             VolumeVerb::Import {
                 name,
                 path,
+                format,
                 no_wait,
             } => {
                 let path = std::path::absolute(&path)?;
-                let body = json!({ "path": path });
+                let body = json!({ "path": path, "format": format });
                 let s: Started = c.post(&format!("/v1/volumes/{name}/import"), &body).await?;
+                return follow(&c, j, s, no_wait).await;
+            }
+            VolumeVerb::Export {
+                name,
+                path,
+                format,
+                no_wait,
+            } => {
+                let path = std::path::absolute(&path)?;
+                let body = json!({ "path": path, "format": format });
+                let s: Started = c.post(&format!("/v1/volumes/{name}/export"), &body).await?;
                 return follow(&c, j, s, no_wait).await;
             }
             VolumeVerb::Clone { snapshot, name } => {

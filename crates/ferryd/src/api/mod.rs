@@ -32,6 +32,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .route("/v1/volumes/{name}/grow", post(volumes::grow))
         .route("/v1/volumes/{name}/import", post(volumes::import))
+        .route("/v1/volumes/{name}/export", post(volumes::export))
         .route(
             "/v1/snapshots",
             get(volumes::snapshots).post(volumes::snapshot),

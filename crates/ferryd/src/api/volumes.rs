@@ -117,18 +117,32 @@ pub async fn delete(
 
 #[derive(Debug, Deserialize)]
 pub struct ImportRequest {
-    /// Path of a raw image on this host.
+    /// Absolute path of a disk image on this host (raw, qcow2, or another
+    /// format qemu-img reads).
     pub path: String,
+    /// The image's format; detected by `qemu-img info` when absent.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
-/// Starts a `volume.import` operation; the volume must not exist yet.
+/// Starts a `volume.import` operation; the volume must not exist yet. The
+/// image is inspected first (`qemu-img info`), so a file that is not a
+/// readable image is a 400 naming `path`, a wrong or unsupported format a
+/// 400 naming `format`.
 pub async fn import(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
     Body(req): Body<ImportRequest>,
 ) -> Result<(StatusCode, Json<Started>), Failure> {
     check_name("name", &name)?;
-    if !std::path::Path::new(&req.path).is_file() {
+    let path = std::path::PathBuf::from(&req.path);
+    if !path.is_absolute() {
+        return Err(bad_field(
+            "path",
+            &format!("{} is not an absolute path", req.path),
+        ));
+    }
+    if !path.is_file() {
         return Err(bad_field(
             "path",
             &format!("{} is not a readable file", req.path),
@@ -141,9 +155,95 @@ pub async fn import(
             None,
         ));
     }
-    let id = d
-        .ops
-        .start("volume.import", json!({ "volume": name, "path": req.path }))?;
+    let format = req.format.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        crate::operations::inspect(&path, format.as_deref())
+    })
+    .await
+    .map_err(|e| {
+        error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("inspecting the image panicked: {e}"),
+            None,
+        )
+    })?
+    .map_err(|e| bad_field(e.field, &format!("{}; nothing was imported", e.message)))?;
+    let id = d.ops.start(
+        "volume.import",
+        json!({
+            "volume": name,
+            "path": req.path,
+            "format": info.format,
+            "size": info.virtual_size,
+            "allocated": info.actual_size,
+        }),
+    )?;
+    Ok((StatusCode::ACCEPTED, Json(Started { operation: id })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ExportRequest {
+    /// Absolute path of the image file to create on this host; it must not
+    /// exist, its directory must.
+    pub path: String,
+    /// `qcow2` (the default) or `raw`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// Starts a `volume.export` operation: the volume is snapshotted and the
+/// snapshot written to a new image file.
+pub async fn export(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Body(req): Body<ExportRequest>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    let format = req.format.clone().unwrap_or_else(|| "qcow2".into());
+    if !crate::operations::EXPORT_FORMATS.contains(&format.as_str()) {
+        return Err(bad_field(
+            "format",
+            &format!(
+                "format {format:?} is not supported; use one of {}",
+                crate::operations::EXPORT_FORMATS.join(", ")
+            ),
+        ));
+    }
+    let path = std::path::PathBuf::from(&req.path);
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(bad_field(
+            "path",
+            &format!("{} is not an absolute file path", req.path),
+        ));
+    }
+    if !path.parent().is_some_and(|p| p.is_dir()) {
+        return Err(bad_field(
+            "path",
+            &format!("the directory of {} does not exist", req.path),
+        ));
+    }
+    if path.symlink_metadata().is_ok() {
+        return Err(error_response(
+            StatusCode::CONFLICT,
+            &format!("{} already exists; nothing was exported", req.path),
+            None,
+        ));
+    }
+    let pool = d.pool().clone();
+    let vol = name.clone();
+    let space = blocking(move || {
+        pool.volume(&vol)?;
+        pool.volume_space(&vol)
+    })
+    .await?;
+    let id = d.ops.start(
+        "volume.export",
+        json!({
+            "volume": name,
+            "path": req.path,
+            "format": format,
+            "bytes": space.exclusive_bytes + space.shared_bytes,
+        }),
+    )?;
     Ok((StatusCode::ACCEPTED, Json(Started { operation: id })))
 }
 

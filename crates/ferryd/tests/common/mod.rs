@@ -146,3 +146,85 @@ pub async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
 }
+
+impl Host {
+    /// Starts ferryd like [`Host::start`] with extra environment variables
+    /// (e.g. the test-only `FERRY_OPS_TEST_PAUSE`); every stderr line is
+    /// sent to the returned channel.
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> std::sync::mpsc::Receiver<String> {
+        let mut cmd = ferryd();
+        cmd.args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(self.data())
+        .env("FERRYD_LOG", "warn")
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("ferryd exited before listening")
+                .unwrap();
+            if let Some((_, url)) = line.split_once(" listening on ") {
+                break url.to_string();
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        self.url = url;
+        self.child = Some(child);
+        rx
+    }
+}
+
+/// Waits for a stderr line containing `needle`; panics after `secs`.
+pub fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?} from ferryd within {secs} s: {e}"),
+        }
+    }
+}
+
+/// Pids of live processes named `name` whose command line mentions
+/// `needle` (e.g. a data directory).
+pub fn processes(name: &str, needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_name = args
+            .first()
+            .is_some_and(|a| a.rsplit('/').next() == Some(name));
+        // A zombie has an empty command line: it is not running.
+        if is_name && args.iter().any(|a| a.contains(needle)) {
+            out.push(pid);
+        }
+    }
+    out
+}
