@@ -4,9 +4,11 @@
 
 pub mod progress;
 pub mod resources;
+pub mod vms;
 
 pub use progress::{Node, NodeId, ProgressView};
 pub use resources::*;
+pub use vms::*;
 
 /// The version prefix of every API path.
 pub const API_PREFIX: &str = "/v1";

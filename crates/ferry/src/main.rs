@@ -4,6 +4,7 @@
 
 mod client;
 mod output;
+mod vm;
 mod watch;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -66,6 +67,11 @@ enum Noun {
     Op {
         #[command(subcommand)]
         verb: OpVerb,
+    },
+    /// Virtual machines of this host.
+    Vm {
+        #[command(subcommand)]
+        verb: vm::VmVerb,
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
@@ -488,6 +494,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 });
             }
         },
+        Noun::Vm { verb } => return vm::run(&c, j, verb).await,
         Noun::Op { verb } => match verb {
             OpVerb::List => {
                 let ops: Vec<Operation> = c.get("/v1/operations").await?;

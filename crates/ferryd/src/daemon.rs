@@ -11,6 +11,7 @@ use ferry_pool::{Pool, PoolOptions};
 use crate::auth::new_token;
 use crate::config::{Config, DataDir, write_atomic};
 use crate::exports::Exports;
+use crate::vms::Vms;
 
 /// What operations' steps act on.
 pub struct App {
@@ -24,6 +25,8 @@ pub struct Daemon {
     pub dir: DataDir,
     pub ops: Arc<Manager<App>>,
     pub exports: Arc<Exports>,
+    /// The VMs of this host; processes are re-attached by `Vms::reattach_all`.
+    pub vms: Arc<Vms>,
     pub admin_token: String,
     pub started: Instant,
 }
@@ -45,6 +48,7 @@ impl Daemon {
             .to_string();
         std::fs::create_dir_all(dir.run())?;
         let exports = Arc::new(Exports::load(&pool, dir.exports(), dir.nbd_socket())?);
+        let vms = Arc::new(Vms::load(&dir, &cfg.accel, pool.clone(), exports.clone())?);
         let ops = Manager::new(
             journal,
             Arc::new(App {
@@ -58,6 +62,7 @@ impl Daemon {
             dir,
             ops,
             exports,
+            vms,
             admin_token,
             started: Instant::now(),
         }))

@@ -8,6 +8,8 @@
 //! - `D/journal.db` — the SQLite operations journal (`ferry-ops`);
 //! - `D/admin.token` — the admin API token (mode 0600);
 //! - `D/run/` — sockets and run files (`run/nbd.sock`: the local NBD listener);
+//! - `D/vms/<uuid>.json` — VM definitions; `D/run/vms/<uuid>/` their QEMU run
+//!   directories (see [`vms`]);
 //! - `D/exports.json` — the NBD exports and their secrets (mode 0600);
 //! - `D/ferryd.toml` — the configuration, written last: its presence marks
 //!   a complete data directory.
@@ -25,3 +27,4 @@ pub mod daemon;
 pub mod exports;
 pub mod nbd_export;
 pub mod operations;
+pub mod vms;

@@ -142,6 +142,8 @@ async fn serve(dir: DataDir, cfg: Config) -> anyhow::Result<()> {
         tracing::info!("recovering {} unfinished operation(s)", recovered.len());
     }
     serve_nbd(&daemon).await?;
+    // After NBD is up: re-attached VMs reconnect their disks to it.
+    daemon.vms.reattach_all().await;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -152,6 +154,10 @@ async fn serve(dir: DataDir, cfg: Config) -> anyhow::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    let left = daemon.vms.detach_all();
+    if left > 0 {
+        tracing::info!("leaving {left} VM(s) running; they are re-attached at the next start");
+    }
     daemon.flush()?;
     tracing::info!("ferryd stopped; pool flushed");
     Ok(())

@@ -4,6 +4,7 @@
 mod exports;
 mod host;
 mod ops;
+mod vms;
 mod volumes;
 
 use std::sync::Arc;
@@ -51,6 +52,13 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/operations/{id}", get(ops::show))
         .route("/v1/operations/{id}/events", get(ops::events))
         .route("/v1/operations/{id}/cancel", post(ops::cancel))
+        .route("/v1/vms", get(vms::list).post(vms::define))
+        .route("/v1/vms/{id}", get(vms::show).delete(vms::delete))
+        .route("/v1/vms/{id}/start", post(vms::start))
+        .route("/v1/vms/{id}/stop", post(vms::stop))
+        .route("/v1/vms/{id}/pause", post(vms::pause))
+        .route("/v1/vms/{id}/resume", post(vms::resume))
+        .route("/v1/vms/{id}/kill", post(vms::kill))
         .route("/metrics", get(host::metrics))
         .layer(middleware::from_fn_with_state(d.clone(), require_token));
     Router::new()

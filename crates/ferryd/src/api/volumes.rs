@@ -109,6 +109,13 @@ pub async fn delete(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, Failure> {
+    if let Some(vm) = d.vms.user_of_volume(&name) {
+        return Err(error_response(
+            StatusCode::CONFLICT,
+            &format!("volume {name} is a disk of VM {vm}; delete the VM first; nothing was deleted"),
+            None,
+        ));
+    }
     refuse_if_exported(&d, &name, "volume")?;
     let pool = d.pool().clone();
     blocking(move || pool.delete_volume(&name)).await?;

@@ -97,6 +97,19 @@ impl Host {
         }
     }
 
+    /// SIGTERM: a clean shutdown; waits until ferryd exited.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let st = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let status = c.wait().unwrap();
+            assert!(status.success(), "ferryd exited with {status} on SIGTERM");
+        }
+    }
+
     pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         reqwest::Client::new()
             .request(method, format!("{}{path}", self.url))

@@ -1,0 +1,301 @@
+//! `ferry vm define|list|show|start|stop|pause|resume|kill|delete`.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use ferry_api::{VmBoot, VmDefinition, VmDisk, VmInfo, VmStopped};
+use serde_json::json;
+
+use crate::client::{Client, parse_size};
+use crate::output::{emit, size, table};
+
+#[derive(Args)]
+pub struct DefineArgs {
+    /// VM name (omit with --from-json).
+    #[arg(required_unless_present = "from_json")]
+    name: Option<String>,
+    /// A full definition (JSON, as `POST /v1/vms` takes it); other flags are ignored.
+    #[arg(long, conflicts_with = "name")]
+    from_json: Option<String>,
+    /// A pool volume to attach (vda, vdb, ... in order).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Memory: MiB, or with a K/M/G suffix.
+    #[arg(long, default_value = "256")]
+    memory: String,
+    /// Kernel to boot directly (a path on the ferryd host).
+    #[arg(long)]
+    kernel: Option<String>,
+    #[arg(long, requires = "kernel")]
+    initrd: Option<String>,
+    #[arg(long, requires = "kernel", default_value = "")]
+    cmdline: String,
+    /// Firmware image for disk boot (SeaBIOS when absent and no --kernel).
+    #[arg(long, conflicts_with = "kernel")]
+    firmware: Option<String>,
+    /// Attach a guest-agent channel (graceful stop through the agent).
+    #[arg(long)]
+    agent: bool,
+    /// QEMU accelerators (`kvm:tcg`, `tcg`); ferryd's default when absent.
+    #[arg(long)]
+    accel: Option<String>,
+    /// Fixed UUID (generated otherwise).
+    #[arg(long)]
+    uuid: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum VmVerb {
+    /// Define a VM whose disks are pool volumes of this host.
+    Define(Box<DefineArgs>),
+    List,
+    /// Definition, state, pid, QEMU status.
+    Show {
+        vm: String,
+    },
+    Start {
+        vm: String,
+    },
+    /// Graceful shutdown (guest agent, ACPI); killed after the timeout.
+    Stop {
+        vm: String,
+        /// Seconds before QEMU is killed.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    Pause {
+        vm: String,
+    },
+    Resume {
+        vm: String,
+    },
+    /// Kill QEMU at once (SIGKILL).
+    Kill {
+        vm: String,
+    },
+    /// Remove the definition (never the volumes); refused while running.
+    Delete {
+        vm: String,
+    },
+}
+
+fn absolute(p: &str) -> anyhow::Result<String> {
+    Ok(std::path::absolute(p)?.display().to_string())
+}
+
+fn memory_mib(s: &str) -> anyhow::Result<u64> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Ok(n);
+    }
+    Ok(parse_size(s)? >> 20)
+}
+
+fn vm_rows(v: &[VmInfo]) -> String {
+    table(
+        &["name", "state", "pid", "vcpus", "memory", "disks", "uuid"],
+        v.iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    v.state.to_string(),
+                    v.pid.map_or("-".into(), |p| p.to_string()),
+                    v.definition.vcpus.to_string(),
+                    size(v.definition.memory_mib << 20),
+                    if v.disks.is_empty() {
+                        "-".into()
+                    } else {
+                        v.disks
+                            .iter()
+                            .map(|d| {
+                                d.volume
+                                    .clone()
+                                    .or_else(|| d.file.clone())
+                                    .unwrap_or_default()
+                            })
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                    v.uuid.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn vm_detail(v: &VmInfo) -> String {
+    let mut out = format!(
+        "name        {}\nuuid        {}\nstate       {}\n",
+        v.name, v.uuid, v.state
+    );
+    if let Some(p) = v.pid {
+        out.push_str(&format!("pid         {p}\n"));
+    }
+    if let Some(s) = &v.qmp_status {
+        out.push_str(&format!("qemu status {s}\n"));
+    }
+    if let Some(n) = &v.note {
+        out.push_str(&format!("note        {n}\n"));
+    }
+    out.push_str(&format!(
+        "vcpus       {}\nmemory      {}\naccel       {}\nagent       {}\n",
+        v.definition.vcpus,
+        size(v.definition.memory_mib << 20),
+        v.definition.accel.as_deref().unwrap_or("-"),
+        if v.definition.guest_agent {
+            "yes"
+        } else {
+            "no"
+        }
+    ));
+    match &v.definition.boot {
+        VmBoot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => out.push_str(&format!(
+            "boot        kernel {kernel}{}\ncmdline     {cmdline}\n",
+            initrd
+                .as_ref()
+                .map(|i| format!(" initrd {i}"))
+                .unwrap_or_default()
+        )),
+        VmBoot::Firmware { firmware } => out.push_str(&format!(
+            "boot        firmware {}\n",
+            firmware.as_deref().unwrap_or("(default)")
+        )),
+    }
+    for d in &v.disks {
+        out.push_str(&format!(
+            "disk {:<6} {}{}{}\n",
+            d.id,
+            d.volume
+                .as_ref()
+                .map(|v| format!("volume {v}"))
+                .or_else(|| d.file.as_ref().map(|f| format!("file {f}")))
+                .unwrap_or_default(),
+            d.export
+                .as_ref()
+                .map(|e| format!(" (export {e})"))
+                .unwrap_or_default(),
+            if d.read_only { " ro" } else { "" }
+        ));
+    }
+    out.push_str(&format!(
+        "run dir     {}\nserial log  {}\n",
+        v.run_dir, v.serial_log
+    ));
+    out
+}
+
+pub async fn run(c: &Client, j: bool, verb: VmVerb) -> anyhow::Result<i32> {
+    match verb {
+        VmVerb::Define(args) => {
+            let DefineArgs {
+                name,
+                from_json,
+                disks,
+                vcpus,
+                memory,
+                kernel,
+                initrd,
+                cmdline,
+                firmware,
+                agent,
+                accel,
+                uuid,
+            } = *args;
+            let def: VmDefinition = match from_json {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {path}"))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{path} is not a VM definition"))?
+                }
+                None => VmDefinition {
+                    name: name.context("a VM name is required")?,
+                    uuid,
+                    vcpus,
+                    memory_mib: memory_mib(&memory)?,
+                    disks: disks.into_iter().map(VmDisk::Volume).collect(),
+                    boot: match kernel {
+                        Some(k) => VmBoot::Kernel {
+                            kernel: absolute(&k)?,
+                            initrd: initrd.as_deref().map(absolute).transpose()?,
+                            cmdline,
+                        },
+                        None => VmBoot::Firmware {
+                            firmware: firmware.as_deref().map(absolute).transpose()?,
+                        },
+                    },
+                    guest_agent: agent,
+                    accel,
+                },
+            };
+            let v: VmInfo = c.post("/v1/vms", &serde_json::to_value(&def)?).await?;
+            emit(j, &v, vm_detail);
+        }
+        VmVerb::List => {
+            let v: Vec<VmInfo> = c.get("/v1/vms").await?;
+            emit(j, &v, |v| vm_rows(v));
+        }
+        VmVerb::Show { vm } => {
+            let v: VmInfo = c.get(&format!("/v1/vms/{vm}")).await?;
+            emit(j, &v, vm_detail);
+        }
+        VmVerb::Start { vm } => {
+            let v: VmInfo = c.post(&format!("/v1/vms/{vm}/start"), &json!({})).await?;
+            emit(j, &v, |v| {
+                format!("started VM {} (pid {})\n", v.name, v.pid.unwrap_or(0))
+            });
+        }
+        VmVerb::Stop { vm, timeout } => {
+            let s: VmStopped = c
+                .post(
+                    &format!("/v1/vms/{vm}/stop?timeout_s={timeout}"),
+                    &json!({}),
+                )
+                .await?;
+            emit(j, &s, |s| {
+                format!(
+                    "stopped VM {} ({}): {}\n",
+                    s.vm.name,
+                    s.outcome,
+                    s.vm.note.as_deref().unwrap_or("")
+                )
+            });
+        }
+        VmVerb::Pause { vm } => {
+            let v: VmInfo = c.post(&format!("/v1/vms/{vm}/pause"), &json!({})).await?;
+            emit(j, &v, |v| format!("VM {} is {}\n", v.name, v.state));
+        }
+        VmVerb::Resume { vm } => {
+            let v: VmInfo = c.post(&format!("/v1/vms/{vm}/resume"), &json!({})).await?;
+            emit(j, &v, |v| format!("VM {} is {}\n", v.name, v.state));
+        }
+        VmVerb::Kill { vm } => {
+            let v: VmInfo = c.post(&format!("/v1/vms/{vm}/kill"), &json!({})).await?;
+            emit(j, &v, |v| format!("killed VM {}\n", v.name));
+        }
+        VmVerb::Delete { vm } => {
+            c.delete(&format!("/v1/vms/{vm}")).await?;
+            emit(j, &json!({ "deleted": vm }), |_| {
+                format!("deleted VM {vm}\n")
+            });
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory_mib;
+
+    #[test]
+    fn memory_is_mib_or_a_size() {
+        assert_eq!(memory_mib("512").unwrap(), 512);
+        assert_eq!(memory_mib("1G").unwrap(), 1024);
+        assert_eq!(memory_mib("256M").unwrap(), 256);
+        assert!(memory_mib("x").is_err());
+    }
+}
