@@ -526,9 +526,13 @@ impl Step<App> for CopyOut {
                 Ok((snap, ranges))
             })
             .await?;
-            let nbd =
-                start_qemu_nbd(&self.p.path, &self.p.format, false, socket_for(cx, "export"))
-                    .await?;
+            let nbd = start_qemu_nbd(
+                &self.p.path,
+                &self.p.format,
+                false,
+                socket_for(cx, "export"),
+            )
+            .await?;
             let client = connect(&nbd, &[]).await?;
             if client.size() < size {
                 return Err(StepError::failed(format!(
@@ -554,9 +558,9 @@ impl Step<App> for CopyOut {
                     if buf.iter().all(|b| *b == 0) {
                         return Ok((n, false));
                     }
-                    c.write_at(off, &buf, false).await.map_err(|e| {
-                        StepError::failed(format!("writing {tg} at {off}: {e}"))
-                    })?;
+                    c.write_at(off, &buf, false)
+                        .await
+                        .map_err(|e| StepError::failed(format!("writing {tg} at {off}: {e}")))?;
                     Ok::<_, StepError>((n, true))
                 })
                 .buffered(IN_FLIGHT);

@@ -94,7 +94,7 @@ async fn start_op(h: &Host, path: &str, body: Value) -> String {
 /// Runs until `point`, kills ferryd there, restarts it and returns the
 /// finished operation. `before_kill` runs while ferryd waits at the point.
 async fn kill_at(h: &mut Host, point: &str, path: &str, body: Value) -> (String, Value) {
-    let rx = h.start_with_env(&[("FERRY_OPS_TEST_PAUSE", point)]);
+    let rx = h.start_watched(&[("FERRY_OPS_TEST_PAUSE", point)]);
     let id = start_op(h, path, body).await;
     wait_line(&rx, &format!("FERRY_OPS_TEST_PAUSED {point}"), 60);
     if point.ends_with(":copying") {
@@ -129,7 +129,13 @@ async fn import_killed_at_every_step_boundary() {
     for (point, expected) in cases {
         let mut h = stopped_host();
         let src = source_image(h.dir.path());
-        let (_, op) = kill_at(&mut h, point, "/v1/volumes/vol/import", json!({ "path": src })).await;
+        let (_, op) = kill_at(
+            &mut h,
+            point,
+            "/v1/volumes/vol/import",
+            json!({ "path": src }),
+        )
+        .await;
         let log = log_of(&op);
         println!("--- {point}: {}\n{log}", op["state"]);
         assert_eq!(op["state"], expected, "{point}: {log}");
@@ -169,7 +175,7 @@ async fn export_killed_at_every_step_boundary() {
     for point in &points {
         let mut h = stopped_host();
         let src = source_image(h.dir.path());
-        let rx = h.start_with_env(&[("FERRY_OPS_TEST_PAUSE", point)]);
+        let rx = h.start_watched(&[("FERRY_OPS_TEST_PAUSE", point)]);
         drop(rx);
         let id = start_op(&h, "/v1/volumes/vol/import", json!({ "path": src })).await;
         assert_eq!(h.wait_op(&id).await["state"], "succeeded");
@@ -208,7 +214,7 @@ async fn export_compensates_when_the_snapshot_vanished_during_a_restart() {
     assert_eq!(h.wait_op(&id).await["state"], "succeeded");
     h.kill9();
     let point = "volume.export:done:1";
-    let rx = h.start_with_env(&[("FERRY_OPS_TEST_PAUSE", point)]);
+    let rx = h.start_watched(&[("FERRY_OPS_TEST_PAUSE", point)]);
     let out = h.dir.path().join("out.qcow2");
     let id = start_op(&h, "/v1/volumes/vol/export", json!({ "path": out })).await;
     wait_line(&rx, &format!("FERRY_OPS_TEST_PAUSED {point}"), 60);

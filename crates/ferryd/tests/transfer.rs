@@ -112,7 +112,10 @@ async fn qcow2_of_the_test_kit_disk_imports_and_exports_identical() {
         ]
     );
     assert_eq!(qemu_img_info(&out_q)["format"], "qcow2");
-    assert!(images_equal(&qcow, &out_q), "export differs from the source");
+    assert!(
+        images_equal(&qcow, &out_q),
+        "export differs from the source"
+    );
     assert!(images_equal(&raw, &out_q));
 
     let out_r = dir.join("out.raw");
@@ -187,11 +190,17 @@ async fn bad_input_names_path_or_format_and_existing_target_is_409() {
     let field = |e: &Value| e["field"].as_str().unwrap_or_default().to_string();
 
     let (s, e) = h
-        .post("/v1/volumes/v/import", json!({ "path": raw, "format": "vhdz" }))
+        .post(
+            "/v1/volumes/v/import",
+            json!({ "path": raw, "format": "vhdz" }),
+        )
         .await;
     assert_eq!((s, field(&e)), (400, "format".into()), "{e}");
     let (s, e) = h
-        .post("/v1/volumes/v/import", json!({ "path": raw, "format": "qcow2" }))
+        .post(
+            "/v1/volumes/v/import",
+            json!({ "path": raw, "format": "qcow2" }),
+        )
         .await;
     assert_eq!((s, field(&e)), (400, "format".into()), "{e}");
     assert!(e["error"].as_str().unwrap().contains("not a qcow2"), "{e}");
@@ -214,26 +223,23 @@ async fn bad_input_names_path_or_format_and_existing_target_is_409() {
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
         .arg(&base)
         .arg(&top));
-    let (s, e) = h
-        .post("/v1/volumes/v/import", json!({ "path": top }))
-        .await;
+    let (s, e) = h.post("/v1/volumes/v/import", json!({ "path": top })).await;
     assert_eq!((s, field(&e)), (400, "path".into()), "{e}");
     assert!(e["error"].as_str().unwrap().contains("backing"), "{e}");
     let (_, vols) = h.get("/v1/volumes").await;
     assert_eq!(vols, json!([]));
 
     run_op(&h, "/v1/volumes/v/import", json!({ "path": raw })).await;
-    let (s, e) = h
-        .post("/v1/volumes/v/import", json!({ "path": raw }))
-        .await;
+    let (s, e) = h.post("/v1/volumes/v/import", json!({ "path": raw })).await;
     assert_eq!(s, 409, "{e}");
 
     // Export: the target must not exist, its directory must.
-    let (s, e) = h
-        .post("/v1/volumes/v/export", json!({ "path": raw }))
-        .await;
+    let (s, e) = h.post("/v1/volumes/v/export", json!({ "path": raw })).await;
     assert_eq!(s, 409, "{e}");
-    assert!(e["error"].as_str().unwrap().contains("already exists"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("already exists"),
+        "{e}"
+    );
     let (s, e) = h
         .post(
             "/v1/volumes/v/export",
@@ -249,7 +255,10 @@ async fn bad_input_names_path_or_format_and_existing_target_is_409() {
         .await;
     assert_eq!((s, field(&e)), (400, "format".into()), "{e}");
     let (s, e) = h
-        .post("/v1/volumes/ghost/export", json!({ "path": dir.join("g.qcow2") }))
+        .post(
+            "/v1/volumes/ghost/export",
+            json!({ "path": dir.join("g.qcow2") }),
+        )
         .await;
     assert_eq!(s, 404, "{e}");
     assert!(!dir.join("g.qcow2").exists());

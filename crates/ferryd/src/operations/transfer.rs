@@ -183,7 +183,12 @@ pub struct QemuNbd {
 impl QemuNbd {
     /// Starts `qemu-nbd` on `image` and waits until it listens on `socket`
     /// (a stale socket file is removed first). Blocking.
-    pub fn start(image: &Path, format: &str, read_only: bool, socket: &Path) -> Result<Self, String> {
+    pub fn start(
+        image: &Path,
+        format: &str,
+        read_only: bool,
+        socket: &Path,
+    ) -> Result<Self, String> {
         let _ = std::fs::remove_file(socket);
         let log = socket.with_extension("log");
         let log_file = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;

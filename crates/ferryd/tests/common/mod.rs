@@ -164,7 +164,7 @@ impl Host {
     /// Starts ferryd like [`Host::start`] with extra environment variables
     /// (e.g. the test-only `FERRY_OPS_TEST_PAUSE`); every stderr line is
     /// sent to the returned channel.
-    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> std::sync::mpsc::Receiver<String> {
+    pub fn start_watched(&mut self, env: &[(&str, &str)]) -> std::sync::mpsc::Receiver<String> {
         let mut cmd = ferryd();
         cmd.args([
             "run",
