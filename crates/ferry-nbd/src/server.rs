@@ -94,6 +94,34 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Send buffer asked for on unix connections.
+const UNIX_SNDBUF: libc::c_int = 4 << 20;
+
+/// Raises a unix socket's send buffer towards [`UNIX_SNDBUF`] (the kernel
+/// caps it at `net.core.wmem_max`). Unix sockets start with
+/// `net.core.wmem_default` (208 KiB) and, unlike TCP, never grow: a 1 MiB
+/// read reply then takes five `sendto` calls, each after the client drained
+/// the last and the runtime polled the socket writable again. Failure is
+/// harmless (the default buffer stays), so it is only logged.
+fn enlarge_send_buffer(stream: &tokio::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let v = UNIX_SNDBUF;
+    // SAFETY: setsockopt on a socket fd we own, with a pointer to a c_int
+    // that lives across the call and its exact size.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "SO_SNDBUF on a unix connection");
+    }
+}
+
 /// An NBD server. Cheap to clone; clones share the export table.
 #[derive(Clone)]
 pub struct Server {
@@ -187,6 +215,7 @@ impl Server {
                 .accept()
                 .await
                 .map_err(|e| Error::io("accepting a unix connection", e))?;
+            enlarge_send_buffer(&stream);
             self.spawn(stream, "unix".into());
         }
     }

@@ -3,7 +3,9 @@
 //! One task per connection reads requests in batches into a buffer and
 //! answers them. Reads and writes the backend can serve without blocking
 //! (page cache, memory) run right there and their replies collect in one
-//! output buffer, written with a single call once the batch is parsed.
+//! output buffer, written every `REPLY_BATCH` (4) replies (or 256 KiB) and
+//! once the batch is parsed: the client starts on the first answers while
+//! the rest of the batch is served, instead of both sides taking turns.
 //! Everything else runs on tokio's blocking pool and its reply comes back
 //! through a channel, so replies go out of order and a slow backend never
 //! blocks the runtime. At most [`MAX_INFLIGHT`] requests are outstanding
@@ -33,6 +35,9 @@ const SPARSE_READ_MIN: u32 = 64 << 10;
 const PARALLEL_READ_MIN: u32 = 256 << 10;
 /// Output collected beyond this is written before more requests are handled.
 const FLUSH_AT: usize = 256 << 10;
+/// Inline replies collected before they are written, so that the client
+/// works on the first answers of a batch while the rest are served.
+const REPLY_BATCH: usize = 4;
 const KNOWN_FLAGS: u16 =
     CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
 
@@ -75,6 +80,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut eof = false;
 
     loop {
+        let mut since_flush = 0usize;
         // Answer every complete request in the buffer.
         while !closing && inflight < MAX_INFLIGHT {
             let avail = &inbuf[start..];
@@ -98,18 +104,19 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let payload = &inbuf[start + REQUEST_LEN..start + need];
             match handle(&ctx, &req, payload, &mut out, &tx) {
-                Handled::Inline => {}
+                Handled::Inline => since_flush += 1,
                 Handled::Spawned => inflight += 1,
                 Handled::Disconnect => closing = true,
             }
             start += need;
             // Large replies go out as soon as they are ready, so the client
             // works on them while the next requests are read.
-            if out.len() >= FLUSH_AT {
+            if out.len() >= FLUSH_AT || since_flush >= REPLY_BATCH {
                 s.write_all(&out)
                     .await
                     .map_err(|e| err("writing replies", e))?;
                 out.clear();
+                since_flush = 0;
             }
         }
         if start == inbuf.len() {

@@ -10,7 +10,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::push_extent;
 use crate::export::{Export, Extent};
@@ -18,6 +19,12 @@ use crate::proto::{CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO};
 
 /// Largest buffered write done inline when `RWF_NOWAIT` is unavailable.
 const INLINE_WRITE_MAX: usize = 64 << 10;
+/// An inline write slower than this means the kernel is throttling dirty
+/// pages (or waiting on writeback): inline writes then stop for
+/// [`INLINE_PAUSE`], so that writes sleep in parallel on blocking threads
+/// instead of one after the other on the connection's task.
+const SLOW_INLINE_WRITE: Duration = Duration::from_micros(500);
+const INLINE_PAUSE: Duration = Duration::from_secs(1);
 
 pub struct FileExport {
     file: File,
@@ -25,6 +32,10 @@ pub struct FileExport {
     read_only: bool,
     /// Cleared the first time the file system refuses `RWF_NOWAIT` writes.
     nowait_writes: AtomicBool,
+    /// Time base of `inline_writes_from`.
+    opened: Instant,
+    /// Nanoseconds after `opened` before which writes are not done inline.
+    inline_writes_from: AtomicU64,
 }
 
 impl FileExport {
@@ -37,6 +48,8 @@ impl FileExport {
             size,
             read_only,
             nowait_writes: AtomicBool::new(true),
+            opened: Instant::now(),
+            inline_writes_from: AtomicU64::new(0),
         })
     }
 
@@ -199,7 +212,18 @@ impl Export for FileExport {
             if data.len() > INLINE_WRITE_MAX {
                 return None;
             }
-            return Some(self.file.write_all_at(data, offset));
+            let t0 = Instant::now();
+            let now = t0.duration_since(self.opened).as_nanos() as u64;
+            if now < self.inline_writes_from.load(Ordering::Relaxed) {
+                return None;
+            }
+            let r = self.file.write_all_at(data, offset);
+            let took = t0.elapsed();
+            if took > SLOW_INLINE_WRITE {
+                let until = now + (took + INLINE_PAUSE).as_nanos() as u64;
+                self.inline_writes_from.store(until, Ordering::Relaxed);
+            }
+            return Some(r);
         }
         let mut done = 0;
         while done < data.len() {
