@@ -5,10 +5,12 @@
 pub mod progress;
 pub mod resources;
 pub mod vms;
+pub mod vmsnaps;
 
 pub use progress::{Node, NodeId, ProgressView};
 pub use resources::*;
 pub use vms::*;
+pub use vmsnaps::*;
 
 /// The version prefix of every API path.
 pub const API_PREFIX: &str = "/v1";

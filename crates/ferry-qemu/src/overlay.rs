@@ -248,6 +248,13 @@ pub async fn snapshot_frozen(
 }
 
 impl OverlaySet {
+    /// The overlays a VM runs on, found again (for example from the block
+    /// graph after a restart of the process that made them), so that they
+    /// can be committed.
+    pub fn adopt(qmp: QmpClient, overlays: Vec<Overlay>) -> OverlaySet {
+        OverlaySet { qmp, overlays }
+    }
+
     /// Commits every overlay back into the layer below (active commit,
     /// jobs in parallel), pivots, and removes the overlays. `timeout` bounds
     /// each phase (ready, complete).

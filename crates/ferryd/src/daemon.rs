@@ -57,6 +57,7 @@ impl Daemon {
             }),
         );
         crate::operations::register(&ops);
+        crate::groupsnap::register(&ops, &vms, &exports, &cfg.name, &dir.root);
         Ok(Arc::new(Daemon {
             cfg,
             dir,

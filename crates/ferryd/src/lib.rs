@@ -25,6 +25,7 @@ pub mod body;
 pub mod config;
 pub mod daemon;
 pub mod exports;
+pub mod groupsnap;
 pub mod nbd_export;
 pub mod operations;
 pub mod vms;

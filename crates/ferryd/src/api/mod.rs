@@ -5,6 +5,7 @@ mod exports;
 mod host;
 mod ops;
 mod vms;
+mod vmsnaps;
 mod volumes;
 
 use std::sync::Arc;
@@ -59,6 +60,16 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/kill", post(vms::kill))
+        .route(
+            "/v1/vm-snapshots",
+            get(vmsnaps::list).post(vmsnaps::create),
+        )
+        .route(
+            "/v1/vm-snapshots/{name}",
+            get(vmsnaps::show).delete(vmsnaps::delete),
+        )
+        .route("/v1/vm-snapshots/{name}/revert", post(vmsnaps::revert))
+        .route("/v1/vm-snapshots/{name}/clone", post(vmsnaps::clone))
         .route("/metrics", get(host::metrics))
         .layer(middleware::from_fn_with_state(d.clone(), require_token));
     Router::new()

@@ -1,0 +1,1272 @@
+//! Targeted, application-consistent group snapshots of running VMs (flow 1
+//! of DESIGN.md): the `vm-snapshot` operation.
+//!
+//! # Steps (each journaled: intent before it acts, result after)
+//! Overlay mode:
+//! 1. `resolve` — for each VM, read QEMU's block graph; each disk's base
+//!    layer must be an export of this host's NBD socket, whose volume is
+//!    the disk's (host, pool, volume). Read-only; retried after a crash.
+//! 2. `vm <name>: quiesce, overlay, thaw` (one per VM) — create the
+//!    overlays (qcow2 files in `<data>/overlays/<group>/<vm>/`, added to
+//!    QEMU, not yet used), freeze the guest through its agent, switch every
+//!    disk to its overlay in one QMP `transaction`, thaw. The intent names
+//!    the overlay directory, which is all the undo needs: it thaws the
+//!    guest, commits every overlay of that directory that is active (the
+//!    guest's newer writes are in it: they are never discarded), deletes
+//!    the ones that are not, and removes the files. A crash inside the step
+//!    (even while the guest is frozen) is compensated.
+//! 3. `storage snapshot` — one pool group snapshot of exactly the resolved
+//!    volumes (the base volumes no longer change: writes go to overlays).
+//!    Retried after a crash (it checks whether the snapshots exist); undo
+//!    deletes them.
+//! 4. `vm <name>: merge` (one per VM) — commit every overlay back into its
+//!    base (active commit), drop it and remove its file. Retried after a
+//!    crash (the sweep finds what is left).
+//! 5. `record` — write `<data>/vmsnaps/<group>.json` (the snapshot group).
+//!
+//! Direct mode replaces 2–4 by one step `quiesce, snapshot, thaw`: freeze
+//! every guest (in parallel), take the pool group snapshot, thaw them all;
+//! its undo thaws every guest and deletes the snapshots.
+//!
+//! Nothing is written to the journal while a guest is frozen: the step's
+//! intent is journaled before the freeze and its log lines after the thaw,
+//! so the guests' pause holds no fsync.
+//!
+//! # Consistency
+//! A VM is *quiesced* when its agent froze its file systems for the
+//! switch (overlay) or the pool snapshot (direct). A VM with no agent
+//! channel, whose agent does not answer a sync within [`AGENT_PROBE`], whose
+//! freeze fails, or a request with `quiesce: false`, is snapshotted
+//! *crash-consistent*; the group record and the operation's log say why.
+//!
+//! Disks in pools of other hosts are not supported yet: `resolve` refuses
+//! them with an error naming the disk.
+
+mod store;
+
+pub use store::{
+    GroupError, clone_vm, delete_group, group_exists, list_groups, read_group, revert,
+};
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_api::{Consistency, VmSnapshotDisk, VmSnapshotGroup, VmSnapshotMode, VmSnapshotVm};
+use ferry_ops::{
+    BoxFuture, Manager, Plan, ProgressTree, Recovery, Step, StepContext, StepError, test_pause,
+};
+use ferry_qemu::{
+    BlockTarget, NbdServer, Overlay, OverlaySet, QgaClient, QmpClient, block_graph, overlay,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::daemon::App;
+use crate::exports::Exports;
+use crate::vms::{Vm, Vms};
+
+/// The operation kind.
+pub const KIND: &str = "vm-snapshot";
+
+/// How long an agent has to answer the sync that precedes a freeze.
+pub const AGENT_PROBE: Duration = Duration::from_secs(3);
+
+/// How long a freeze or a thaw may take.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long each phase of an overlay's commit may take.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long an undo after a restart waits for ferryd to re-attach a VM.
+const REATTACH_WAIT: Duration = Duration::from_secs(30);
+
+/// Test-only fault injection: `FERRY_VMSNAP_TEST_FAULT=qmp:<vm>` makes the
+/// overlay transaction of VM `<vm>` name a node that does not exist, so
+/// QEMU answers it with an error. Never set outside tests.
+pub const FAULT_VAR: &str = "FERRY_VMSNAP_TEST_FAULT";
+
+/// What the steps act on besides the pool.
+pub struct Env {
+    pub vms: Arc<Vms>,
+    pub exports: Arc<Exports>,
+    /// This host's name.
+    pub host: String,
+    /// `<data>`.
+    pub root: PathBuf,
+}
+
+impl Env {
+    pub fn groups_dir(&self) -> PathBuf {
+        self.root.join("vmsnaps")
+    }
+
+    fn overlay_dir(&self, group: &str, vm: &str) -> PathBuf {
+        self.root.join("overlays").join(group).join(vm)
+    }
+}
+
+impl Env {
+    /// What the API handlers of a running daemon need.
+    pub fn of(d: &crate::daemon::Daemon) -> Arc<Env> {
+        Arc::new(Env {
+            vms: d.vms.clone(),
+            exports: d.exports.clone(),
+            host: d.cfg.name.clone(),
+            root: d.dir.root.clone(),
+        })
+    }
+}
+
+/// Registers `vm-snapshot` with the manager.
+pub fn register(m: &Manager<App>, vms: &Arc<Vms>, exports: &Arc<Exports>, host: &str, root: &Path) {
+    let env = Arc::new(Env {
+        vms: vms.clone(),
+        exports: exports.clone(),
+        host: host.to_string(),
+        root: root.to_path_buf(),
+    });
+    m.register(KIND, move |params| plan(env.clone(), params));
+}
+
+/// The journaled parameters of `vm-snapshot`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Params {
+    /// Group name (validated by [`check_group_name`]).
+    pub name: String,
+    /// VM names, in the order given.
+    pub vms: Vec<String>,
+    pub mode: VmSnapshotMode,
+    pub quiesce: bool,
+}
+
+/// 1-64 of `A-Z a-z 0-9 - _`: group names appear in pool snapshot names
+/// (`<group>.<vm>.<device>`) and in a directory name.
+pub fn check_group_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "snapshot group name {name:?}: use 1-64 of A-Z a-z 0-9 - _"
+        ))
+    }
+}
+
+/// The pool snapshot of one disk of a group.
+pub fn snapshot_name(group: &str, vm: &str, device: &str) -> String {
+    format!("{group}.{vm}.{device}")
+}
+
+fn plan(env: Arc<Env>, params: &Value) -> Result<Plan<App>, String> {
+    let p: Params = serde_json::from_value(params.clone()).map_err(|e| e.to_string())?;
+    check_group_name(&p.name)?;
+    if p.vms.is_empty() {
+        return Err("no VMs named".into());
+    }
+    let mut progress = ProgressTree::new(format!(
+        "{} snapshot {} of {}",
+        p.mode,
+        p.name,
+        p.vms.join(", ")
+    ));
+    let mut steps: Vec<Box<dyn Step<App>>> = Vec::new();
+    let mut nodes = Vec::new();
+    let mut push = |steps: &mut Vec<Box<dyn Step<App>>>, s: Box<dyn Step<App>>, node| {
+        steps.push(s);
+        nodes.push(node);
+    };
+    let n = progress.add(ProgressTree::ROOT, "resolve disks", 0.2);
+    push(
+        &mut steps,
+        Box::new(Resolve {
+            env: env.clone(),
+            p: p.clone(),
+        }),
+        n,
+    );
+    match p.mode {
+        VmSnapshotMode::Overlay => {
+            for vm in &p.vms {
+                let n = progress.add(ProgressTree::ROOT, format!("vm {vm}"), 1.0);
+                let phases = ["quiesce", "overlay", "thaw"].map(|ph| progress.add(n, ph, 1.0));
+                push(
+                    &mut steps,
+                    Box::new(VmOverlay {
+                        env: env.clone(),
+                        p: p.clone(),
+                        vm: vm.clone(),
+                        name: format!("vm {vm}: quiesce, overlay, thaw"),
+                        phases,
+                    }),
+                    n,
+                );
+            }
+            let n = progress.add(ProgressTree::ROOT, "storage snapshot", 0.5);
+            push(
+                &mut steps,
+                Box::new(StorageSnapshot {
+                    env: env.clone(),
+                    p: p.clone(),
+                }),
+                n,
+            );
+            let merge = progress.add(ProgressTree::ROOT, "merge", 2.0 * p.vms.len() as f64);
+            for vm in &p.vms {
+                let n = progress.add(merge, format!("vm {vm}"), 1.0);
+                push(
+                    &mut steps,
+                    Box::new(Merge {
+                        env: env.clone(),
+                        p: p.clone(),
+                        vm: vm.clone(),
+                        name: format!("vm {vm}: merge"),
+                    }),
+                    n,
+                );
+            }
+        }
+        VmSnapshotMode::Direct => {
+            let n = progress.add(ProgressTree::ROOT, "quiesce, snapshot, thaw", 1.0);
+            let per_vm = p
+                .vms
+                .iter()
+                .map(|vm| {
+                    let v = progress.add(n, format!("vm {vm}"), 1.0);
+                    ["quiesce", "thaw"].map(|ph| progress.add(v, ph, 1.0))
+                })
+                .collect();
+            let storage = progress.add(n, "storage snapshot", 1.0);
+            push(
+                &mut steps,
+                Box::new(Direct {
+                    env: env.clone(),
+                    p: p.clone(),
+                    per_vm,
+                    storage,
+                }),
+                n,
+            );
+        }
+    }
+    let n = progress.add(ProgressTree::ROOT, "record", 0.1);
+    push(&mut steps, Box::new(Record { env, p }), n);
+    Ok(Plan {
+        steps,
+        progress,
+        nodes,
+    })
+}
+
+/// One VM as `resolve` found it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ResolvedVm {
+    name: String,
+    uuid: String,
+    agent_channel: bool,
+    disks: Vec<ResolvedDisk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ResolvedDisk {
+    device: String,
+    export: String,
+    volume: String,
+    size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Resolved {
+    vms: Vec<ResolvedVm>,
+    /// When the operation's first step ran (ms since the epoch).
+    started_ms: u64,
+}
+
+/// What a freeze→thaw did for one VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Quiesce {
+    quiesced: bool,
+    note: String,
+    frozen_ms: Option<f64>,
+    freeze_ms: Option<f64>,
+    pause_ms: Option<f64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn resolved(cx: &StepContext<App>) -> Result<Resolved, StepError> {
+    let v = cx
+        .result_of("resolve")
+        .ok_or_else(|| StepError::failed("the resolve step has no result"))?;
+    serde_json::from_value(v.clone()).map_err(StepError::failed)
+}
+
+fn resolved_vm<'a>(r: &'a Resolved, vm: &str) -> Result<&'a ResolvedVm, StepError> {
+    r.vms
+        .iter()
+        .find(|v| v.name == vm)
+        .ok_or_else(|| StepError::failed(format!("VM {vm} is not in the resolve step's result")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ferry_pool::Error> + Send + 'static,
+) -> Result<T, StepError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(StepError::failed)?
+        .map_err(StepError::failed)
+}
+
+/// The QMP and agent clients of a running VM.
+async fn control(env: &Env, vm: &str) -> Result<(Arc<Vm>, QmpClient, Option<QgaClient>), String> {
+    let v = env.vms.find(vm).map_err(|e| e.to_string())?;
+    match env.vms.control(&v).await {
+        Some((qmp, qga)) => Ok((v, qmp, qga)),
+        None => Err(format!("VM {vm} is not running")),
+    }
+}
+
+/// Like [`control`], but waits for ferryd to re-attach the VM (an undo
+/// or a retry right after a restart runs before the re-attach).
+async fn control_wait(env: &Env, vm: &str) -> Result<(QmpClient, Option<QgaClient>), String> {
+    let deadline = Instant::now() + REATTACH_WAIT;
+    loop {
+        match control(env, vm).await {
+            Ok((_, q, a)) => return Ok((q, a)),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- resolve
+
+struct Resolve {
+    env: Arc<Env>,
+    p: Params,
+}
+
+impl Resolve {
+    async fn vm(&self, name: &str, pool: &ferry_pool::Pool) -> Result<ResolvedVm, String> {
+        let (vm, qmp, qga) = control(&self.env, name).await?;
+        let graph = block_graph(&qmp)
+            .await
+            .map_err(|e| format!("VM {name}: cannot read its block graph: {e}"))?;
+        let mut disks = Vec::new();
+        for chain in &graph.disks {
+            let dev = &chain.device;
+            if chain.layers.len() > 1 {
+                return Err(format!(
+                    "VM {name}: disk {dev} already runs on an overlay ({}); commit it first",
+                    chain.top().protocol.filename
+                ));
+            }
+            let export = match &chain.base().target {
+                BlockTarget::Nbd {
+                    server: NbdServer::Unix(sock),
+                    export,
+                } if *sock == self.env.exports.unix_path => export.clone(),
+                BlockTarget::Nbd { server, .. } => {
+                    return Err(format!(
+                        "VM {name}: disk {dev} is served by {server:?}, not this host's pool \
+                         (disks in pools of other hosts are not supported yet)"
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "VM {name}: disk {dev} is not a pool volume ({other:?})"
+                    ));
+                }
+            };
+            let volume = self
+                .env
+                .exports
+                .get(&export)
+                .and_then(|e| e.volume)
+                .ok_or_else(|| {
+                    format!("VM {name}: disk {dev}: export {export} serves no volume")
+                })?;
+            let size = pool
+                .volume(&volume)
+                .map_err(|e| format!("VM {name}: disk {dev}: {e}"))?
+                .size();
+            disks.push(ResolvedDisk {
+                device: dev.clone(),
+                export,
+                volume,
+                size,
+            });
+        }
+        if disks.is_empty() {
+            return Err(format!("VM {name} has no disks"));
+        }
+        Ok(ResolvedVm {
+            name: vm.name.clone(),
+            uuid: vm.uuid.to_string(),
+            agent_channel: qga.is_some(),
+            disks,
+        })
+    }
+}
+
+impl Step<App> for Resolve {
+    fn name(&self) -> &str {
+        "resolve"
+    }
+
+    fn recovery(&self) -> Recovery {
+        Recovery::Retry
+    }
+
+    fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let started_ms = now_ms();
+            let mut vms = Vec::new();
+            let mut seen = HashSet::new();
+            for name in &self.p.vms {
+                let vm = self
+                    .vm(name, &cx.app.pool)
+                    .await
+                    .map_err(StepError::Failed)?;
+                for d in &vm.disks {
+                    if !seen.insert(d.volume.clone()) {
+                        return Err(StepError::failed(format!(
+                            "volume {} is a disk of two of the VMs",
+                            d.volume
+                        )));
+                    }
+                }
+                cx.log(format!(
+                    "VM {}: {}; agent channel: {}",
+                    vm.name,
+                    vm.disks
+                        .iter()
+                        .map(|d| format!("{} → ({}, local, {})", d.device, self.env.host, d.volume))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if vm.agent_channel { "yes" } else { "no" }
+                ));
+                vms.push(vm);
+            }
+            serde_json::to_value(Resolved { vms, started_ms }).map_err(StepError::failed)
+        })
+    }
+}
+
+// --------------------------------------------------------------- quiesce
+
+/// Checks that an agent answers, so that a freeze is only sent to an agent
+/// that will read it (a freeze queued for a stuck agent could freeze the
+/// guest later, with no one left to thaw it).
+async fn probe_agent(quiesce: bool, qga: Option<&QgaClient>) -> Result<QgaClient, String> {
+    if !quiesce {
+        return Err("quiesce not requested".into());
+    }
+    let Some(qga) = qga else {
+        return Err("the VM has no guest-agent channel".into());
+    };
+    qga.sync(AGENT_PROBE)
+        .await
+        .map_err(|e| format!("the guest agent did not answer: {e}"))?;
+    Ok(qga.clone())
+}
+
+/// Thaws a guest after a freeze failed or as an undo; true when an agent
+/// answered.
+async fn thaw(qga: &QgaClient) -> Result<u64, String> {
+    qga.execute_with_timeout("guest-fsfreeze-thaw", Value::Null, AGENT_TIMEOUT)
+        .await
+        .map(|v| v.as_u64().unwrap_or(0))
+        .map_err(|e| e.to_string())
+}
+
+// ------------------------------------------------------- overlay per VM
+
+struct VmOverlay {
+    env: Arc<Env>,
+    p: Params,
+    vm: String,
+    name: String,
+    phases: [usize; 3],
+}
+
+fn fault_for(vm: &str) -> bool {
+    std::env::var(FAULT_VAR).is_ok_and(|v| v == format!("qmp:{vm}"))
+}
+
+impl Step<App> for VmOverlay {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn intent(&self, _cx: &StepContext<App>) -> Result<Value, StepError> {
+        Ok(json!({
+            "vm": self.vm,
+            "overlay_dir": self.env.overlay_dir(&self.p.name, &self.vm),
+        }))
+    }
+
+    fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let r = resolved(cx)?;
+            let rv = resolved_vm(&r, &self.vm)?;
+            let (_, qmp, qga) = control(&self.env, &self.vm)
+                .await
+                .map_err(StepError::Failed)?;
+            let dir = self.env.overlay_dir(&self.p.name, &self.vm);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StepError::failed(format!("cannot create {}: {e}", dir.display())))?;
+            let devices: Vec<&str> = rv.disks.iter().map(|d| d.device.as_str()).collect();
+            let mut prepared = overlay::prepare(&qmp, &devices, &dir).await.map_err(|e| {
+                StepError::failed(format!(
+                    "VM {}: cannot create its overlays: {e}; the guest was not frozen",
+                    self.vm
+                ))
+            })?;
+            let agent = probe_agent(self.p.quiesce, qga.as_ref()).await;
+            if fault_for(&self.vm) {
+                prepared = sabotage(prepared, &qmp).await;
+            }
+            let [n_quiesce, n_overlay, n_thaw] = self.phases;
+
+            // ---- the guest's pause starts here: no journal writes until thaw.
+            let t0 = Instant::now();
+            let (guard, mut q) = match &agent {
+                Ok(a) => match a.freeze().await {
+                    Ok(g) => (Some(g), Quiesce::default()),
+                    Err(e) => (
+                        None,
+                        Quiesce {
+                            note: format!(
+                                "the guest agent's freeze failed ({e}); a thaw was sent; crash-consistent"
+                            ),
+                            ..Quiesce::default()
+                        },
+                    ),
+                },
+                Err(why) => (
+                    None,
+                    Quiesce {
+                        note: format!("{why}; crash-consistent"),
+                        ..Quiesce::default()
+                    },
+                ),
+            };
+            let t_frozen = Instant::now();
+            if guard.is_some() {
+                test_pause(&format!("{KIND}:frozen:{}", self.vm)).await;
+            }
+            let snap = prepared.snapshot().await;
+            let t_switched = Instant::now();
+            let thawed = match guard {
+                Some(g) => Some(g.thaw().await),
+                None => None,
+            };
+            let t_thawed = Instant::now();
+            // ---- pause over.
+
+            cx.progress.update(|t| t.finish(n_quiesce));
+            let set = match snap {
+                Ok(set) => set,
+                Err(e) => {
+                    let th = match &thawed {
+                        Some(Ok(_)) => "the guest was thawed",
+                        Some(Err(_)) => "the guest's thaw FAILED (the undo retries it)",
+                        None => "the guest was not frozen",
+                    };
+                    return Err(StepError::failed(format!(
+                        "VM {}: the overlay snapshot failed: {e}; {th}; no overlay was switched to",
+                        self.vm
+                    )));
+                }
+            };
+            cx.progress.update(|t| t.finish(n_overlay));
+            if let Some(th) = thawed {
+                th.map_err(|e| {
+                    StepError::failed(format!(
+                        "VM {}: thaw failed: {e}; the undo retries it",
+                        self.vm
+                    ))
+                })?;
+                q.quiesced = true;
+                q.note = "frozen by the guest agent for the overlay switch".into();
+                q.freeze_ms = Some(ms(t_frozen - t0));
+                q.frozen_ms = Some(ms(t_thawed - t0));
+            }
+            q.pause_ms = Some(ms(t_switched - t_frozen));
+            cx.progress.update(|t| t.finish(n_thaw));
+            cx.log(format!(
+                "VM {}: {} disk(s) switched to overlays in {}; {}{}",
+                self.vm,
+                devices.len(),
+                dir.display(),
+                q.note,
+                q.frozen_ms
+                    .map(|f| format!(
+                        " (frozen {f:.1} ms, switch {:.1} ms)",
+                        q.pause_ms.unwrap_or(0.0)
+                    ))
+                    .unwrap_or_default()
+            ));
+            let overlays: Vec<Value> = snap_overlays(&set.overlays);
+            let mut v = serde_json::to_value(&q).map_err(StepError::failed)?;
+            v["overlays"] = Value::Array(overlays);
+            Ok(v)
+        })
+    }
+
+    fn undo<'a>(
+        &'a self,
+        cx: &'a StepContext<App>,
+        intent: &'a Value,
+        _result: Option<&'a Value>,
+    ) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let dir = PathBuf::from(intent["overlay_dir"].as_str().unwrap_or_default());
+            let (qmp, qga) = match control_wait(&self.env, &self.vm).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return leftover_without_qemu(&dir, &self.vm, &e);
+                }
+            };
+            let mut problems = Vec::new();
+            if let Some(a) = &qga {
+                match thaw(a).await {
+                    Ok(n) => cx.log(format!(
+                        "VM {}: thaw sent ({n} file system(s) thawed)",
+                        self.vm
+                    )),
+                    Err(e) => {
+                        // An agent that never answered never froze anything
+                        // it was asked to; say so, do not fail on it.
+                        cx.log(format!("VM {}: thaw not answered: {e}", self.vm));
+                        if a.sync(AGENT_PROBE).await.is_ok() {
+                            problems.push(format!("thaw failed: {e}"));
+                        }
+                    }
+                }
+            }
+            match sweep(&qmp, &dir).await {
+                Ok(what) => cx.log(format!("VM {}: {what}", self.vm)),
+                Err(e) => problems.push(e),
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(StepError::failed(format!(
+                    "VM {}: {}",
+                    self.vm,
+                    problems.join("; ")
+                )))
+            }
+        })
+    }
+}
+
+fn snap_overlays(o: &[Overlay]) -> Vec<Value> {
+    o.iter()
+        .map(|o| json!({"device": o.device, "node": o.node, "below": o.below, "path": o.path}))
+        .collect()
+}
+
+/// Makes the transaction of `prepared` fail in QEMU (test-only fault).
+async fn sabotage(prepared: overlay::Prepared, qmp: &QmpClient) -> overlay::Prepared {
+    // Deleting the first overlay's node makes the transaction name a node
+    // that does not exist: QEMU refuses the whole transaction.
+    if let Some(o) = prepared.overlays().first() {
+        let _ = qmp
+            .execute("blockdev-del", json!({"node-name": o.node}))
+            .await;
+    }
+    prepared
+}
+
+/// After QEMU is gone: overlay files left in `dir` hold guest writes that
+/// are not in the volume. Keep them and say so.
+fn leftover_without_qemu(dir: &Path, vm: &str, why: &str) -> Result<(), StepError> {
+    let files: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path().display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if files.is_empty() {
+        let _ = std::fs::remove_dir(dir);
+        return Ok(());
+    }
+    Err(StepError::failed(format!(
+        "VM {vm}: {why}; its overlay files were kept ({}): commit them into the volume \
+         with qemu-img commit before starting the VM",
+        files.join(", ")
+    )))
+}
+
+fn in_dir(filename: &str, dir: &Path) -> bool {
+    Path::new(filename).parent() == Some(dir)
+}
+
+/// Folds every overlay of `dir` that a disk of the VM runs on back into
+/// the layer below it (active commit), deletes the overlay nodes no disk
+/// uses, and removes the files and the directory. Idempotent: after a
+/// crash at any point, running it again finishes the job.
+async fn sweep(qmp: &QmpClient, dir: &Path) -> Result<String, String> {
+    let graph = block_graph(qmp)
+        .await
+        .map_err(|e| format!("cannot read the block graph: {e}"))?;
+    let mut active = Vec::new();
+    let mut used = BTreeSet::new();
+    for chain in &graph.disks {
+        for (i, layer) in chain.layers.iter().enumerate() {
+            used.insert(layer.node.name.clone());
+            if in_dir(&layer.protocol.filename, dir) {
+                if i != 0 || chain.layers.len() < 2 {
+                    return Err(format!(
+                        "disk {}: overlay {} is not the active layer; left as is",
+                        chain.device, layer.protocol.filename
+                    ));
+                }
+                active.push(Overlay {
+                    device: chain.device.clone(),
+                    below: chain.layers[1].node.name.clone(),
+                    node: layer.node.name.clone(),
+                    path: PathBuf::from(&layer.protocol.filename),
+                });
+            }
+        }
+    }
+    let n_active = active.len();
+    if !active.is_empty() {
+        OverlaySet::adopt(qmp.clone(), active)
+            .commit(COMMIT_TIMEOUT)
+            .await
+            .map_err(|e| format!("committing its overlays failed: {e}; they are still active"))?;
+    }
+    let mut dropped = 0;
+    for node in graph.nodes.values() {
+        if node.driver == "qcow2" && !used.contains(&node.name) {
+            let file_in_dir = graph.edges.iter().any(|(p, role, c)| {
+                p == &node.name
+                    && role == "file"
+                    && graph.nodes.get(c).is_some_and(|f| in_dir(&f.filename, dir))
+            }) || in_dir(&node.filename, dir);
+            if file_in_dir {
+                qmp.execute("blockdev-del", json!({"node-name": node.name}))
+                    .await
+                    .map_err(|e| format!("cannot delete overlay node {}: {e}", node.name))?;
+                dropped += 1;
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path())
+                .map_err(|err| format!("cannot remove {}: {err}", e.path().display()))?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", dir.display())),
+    }
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(format!(
+        "{n_active} overlay(s) committed back, {dropped} unused overlay node(s) deleted, no overlay left"
+    ))
+}
+
+// ---------------------------------------------------- storage snapshot
+
+fn pairs(p: &Params, r: &Resolved) -> Vec<(String, String)> {
+    r.vms
+        .iter()
+        .flat_map(|vm| {
+            vm.disks.iter().map(|d| {
+                (
+                    d.volume.clone(),
+                    snapshot_name(&p.name, &vm.name, &d.device),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Takes the group snapshot unless a run before a crash already did.
+fn take_group(
+    pool: &ferry_pool::Pool,
+    group: &str,
+    pairs: &[(String, String)],
+) -> Result<(), ferry_pool::Error> {
+    let existing = pool.snapshots();
+    let done = pairs.iter().all(|(v, s)| {
+        existing
+            .iter()
+            .any(|e| &e.name == s && &e.volume == v && e.group.as_deref() == Some(group))
+    });
+    if done {
+        return Ok(());
+    }
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(v, s)| (v.as_str(), s.as_str()))
+        .collect();
+    pool.group_snapshot(group, &refs).map(drop)
+}
+
+/// Deletes the snapshots of `pairs` that exist.
+fn delete_pairs(pool: &ferry_pool::Pool, pairs: &[(String, String)]) -> Result<(), StepError> {
+    for (_, s) in pairs {
+        match pool.delete_snapshot(s) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ferry_pool::ErrorKind::NotFound => {}
+            Err(e) => return Err(StepError::failed(e)),
+        }
+    }
+    Ok(())
+}
+
+fn intent_pairs(intent: &Value) -> Vec<(String, String)> {
+    serde_json::from_value(intent["pairs"].clone()).unwrap_or_default()
+}
+
+struct StorageSnapshot {
+    env: Arc<Env>,
+    p: Params,
+}
+
+impl Step<App> for StorageSnapshot {
+    fn name(&self) -> &str {
+        "storage snapshot"
+    }
+
+    /// The base volumes do not change while the overlays are active, so
+    /// the snapshot taken again after a crash holds the same data.
+    fn recovery(&self) -> Recovery {
+        Recovery::Retry
+    }
+
+    fn intent(&self, cx: &StepContext<App>) -> Result<Value, StepError> {
+        let r = resolved(cx)?;
+        Ok(json!({ "group": self.p.name, "pairs": pairs(&self.p, &r) }))
+    }
+
+    fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let _ = &self.env;
+            let r = resolved(cx)?;
+            let pairs = pairs(&self.p, &r);
+            let (pool, group, pp) = (cx.app.pool.clone(), self.p.name.clone(), pairs.clone());
+            let t0 = Instant::now();
+            blocking(move || take_group(&pool, &group, &pp)).await?;
+            let storage_ms = ms(t0.elapsed());
+            cx.log(format!(
+                "pool group snapshot {} of exactly {} volume(s): {} ({storage_ms:.1} ms)",
+                self.p.name,
+                pairs.len(),
+                pairs
+                    .iter()
+                    .map(|(v, s)| format!("{v} → {s}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            Ok(json!({ "storage_ms": storage_ms }))
+        })
+    }
+
+    fn undo<'a>(
+        &'a self,
+        cx: &'a StepContext<App>,
+        intent: &'a Value,
+        _result: Option<&'a Value>,
+    ) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let pool = cx.app.pool.clone();
+            let pairs = intent_pairs(intent);
+            let n = pairs.len();
+            tokio::task::spawn_blocking(move || delete_pairs(&pool, &pairs))
+                .await
+                .map_err(StepError::failed)??;
+            cx.log(format!("deleted the group's snapshots ({n} volume(s))"));
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------- merge
+
+struct Merge {
+    env: Arc<Env>,
+    p: Params,
+    vm: String,
+    name: String,
+}
+
+impl Step<App> for Merge {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn recovery(&self) -> Recovery {
+        Recovery::Retry
+    }
+
+    fn intent(&self, _cx: &StepContext<App>) -> Result<Value, StepError> {
+        Ok(json!({ "vm": self.vm, "overlay_dir": self.env.overlay_dir(&self.p.name, &self.vm) }))
+    }
+
+    fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let dir = self.env.overlay_dir(&self.p.name, &self.vm);
+            let (qmp, _) = control_wait(&self.env, &self.vm).await.map_err(|e| {
+                StepError::failed(format!("VM {}: cannot merge its overlays: {e}", self.vm))
+            })?;
+            let t0 = Instant::now();
+            let what = sweep(&qmp, &dir)
+                .await
+                .map_err(|e| StepError::failed(format!("VM {}: {e}", self.vm)))?;
+            let merge_ms = ms(t0.elapsed());
+            cx.log(format!("VM {}: {what} ({merge_ms:.0} ms)", self.vm));
+            Ok(json!({ "merge_ms": merge_ms }))
+        })
+    }
+
+    fn undo<'a>(
+        &'a self,
+        cx: &'a StepContext<App>,
+        intent: &'a Value,
+        _result: Option<&'a Value>,
+    ) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let dir = PathBuf::from(intent["overlay_dir"].as_str().unwrap_or_default());
+            let (qmp, _) = match control_wait(&self.env, &self.vm).await {
+                Ok(c) => c,
+                Err(e) => return leftover_without_qemu(&dir, &self.vm, &e),
+            };
+            let what = sweep(&qmp, &dir)
+                .await
+                .map_err(|e| StepError::failed(format!("VM {}: {e}", self.vm)))?;
+            cx.log(format!("VM {}: {what}", self.vm));
+            Ok(())
+        })
+    }
+}
+
+// --------------------------------------------------------------- direct
+
+struct Direct {
+    env: Arc<Env>,
+    p: Params,
+    per_vm: Vec<[usize; 2]>,
+    storage: usize,
+}
+
+impl Step<App> for Direct {
+    fn name(&self) -> &str {
+        "quiesce, snapshot, thaw"
+    }
+
+    fn intent(&self, cx: &StepContext<App>) -> Result<Value, StepError> {
+        let r = resolved(cx)?;
+        Ok(json!({ "group": self.p.name, "vms": self.p.vms, "pairs": pairs(&self.p, &r) }))
+    }
+
+    fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let r = resolved(cx)?;
+            let pairs = pairs(&self.p, &r);
+            let mut agents = Vec::new();
+            for vm in &self.p.vms {
+                let (_, _, qga) = control(&self.env, vm).await.map_err(StepError::Failed)?;
+                agents.push(qga);
+            }
+            let probes = futures::future::join_all(
+                agents
+                    .iter()
+                    .map(|a| probe_agent(self.p.quiesce, a.as_ref())),
+            )
+            .await;
+
+            // ---- the guests' pause starts here: no journal writes until thaw.
+            let t0 = Instant::now();
+            let freezes = futures::future::join_all(probes.iter().map(|p| async move {
+                let r = match p {
+                    Ok(a) => Some(a.freeze().await),
+                    Err(_) => None,
+                };
+                (r, Instant::now())
+            }))
+            .await;
+            let mut guards = Vec::new();
+            let mut qs = Vec::new();
+            for ((probe, (fr, at)), vm) in probes.iter().zip(freezes).zip(&self.p.vms) {
+                let mut q = Quiesce::default();
+                match (probe, fr) {
+                    (Err(why), _) => q.note = format!("{why}; crash-consistent"),
+                    (Ok(_), Some(Err(e))) => {
+                        q.note = format!(
+                            "the guest agent's freeze failed ({e}); a thaw was sent; crash-consistent"
+                        )
+                    }
+                    (Ok(_), Some(Ok(g))) => {
+                        q.freeze_ms = Some(ms(at - t0));
+                        guards.push((vm.clone(), g, at));
+                    }
+                    (Ok(_), None) => {}
+                }
+                qs.push(q);
+            }
+            if !guards.is_empty() {
+                test_pause(&format!("{KIND}:frozen")).await;
+            }
+            let (pool, group, pp) = (cx.app.pool.clone(), self.p.name.clone(), pairs.clone());
+            let t_snap = Instant::now();
+            let snap = blocking(move || take_group(&pool, &group, &pp)).await;
+            let t_snapped = Instant::now();
+            let thaws =
+                futures::future::join_all(guards.into_iter().map(|(vm, g, at)| async move {
+                    let r = g.thaw().await;
+                    (vm, at, r, Instant::now())
+                }))
+                .await;
+            // ---- pause over.
+
+            let storage_ms = ms(t_snapped - t_snap);
+            let mut failed_thaws = Vec::new();
+            for (vm, at, r, done) in thaws {
+                let i = self.p.vms.iter().position(|v| *v == vm).unwrap_or(0);
+                let q = &mut qs[i];
+                match r {
+                    Ok(_) => {
+                        q.quiesced = true;
+                        q.note = "frozen by the guest agent for the pool snapshot".into();
+                        q.frozen_ms = Some(ms(done - t0));
+                        q.pause_ms = Some(ms(t_snapped - at));
+                    }
+                    Err(e) => failed_thaws.push(format!("VM {vm}: thaw failed: {e}")),
+                }
+            }
+            for (i, [a, b]) in self.per_vm.iter().enumerate() {
+                let _ = i;
+                cx.progress.update(|t| {
+                    t.finish(*a);
+                    t.finish(*b);
+                });
+            }
+            cx.progress.update(|t| t.finish(self.storage));
+            snap.map_err(|e| {
+                StepError::failed(format!(
+                    "the pool group snapshot failed: {e}; every frozen guest was sent a thaw"
+                ))
+            })?;
+            if !failed_thaws.is_empty() {
+                return Err(StepError::failed(format!(
+                    "{}; the undo retries the thaw",
+                    failed_thaws.join("; ")
+                )));
+            }
+            for (vm, q) in self.p.vms.iter().zip(&qs) {
+                cx.log(format!(
+                    "VM {vm}: {}{}",
+                    q.note,
+                    q.frozen_ms
+                        .map(|f| format!(" (frozen {f:.1} ms)"))
+                        .unwrap_or_default()
+                ));
+            }
+            cx.log(format!(
+                "pool group snapshot {} of exactly {} volume(s) ({storage_ms:.1} ms)",
+                self.p.name,
+                pairs.len()
+            ));
+            let per_vm: Vec<Value> = qs
+                .iter()
+                .map(|q| serde_json::to_value(q).unwrap_or(Value::Null))
+                .collect();
+            Ok(json!({ "vms": per_vm, "storage_ms": storage_ms }))
+        })
+    }
+
+    fn undo<'a>(
+        &'a self,
+        cx: &'a StepContext<App>,
+        intent: &'a Value,
+        _result: Option<&'a Value>,
+    ) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let mut problems = Vec::new();
+            for vm in &self.p.vms {
+                match control_wait(&self.env, vm).await {
+                    Ok((_, Some(a))) => match thaw(&a).await {
+                        Ok(n) => cx.log(format!("VM {vm}: thaw sent ({n} file system(s) thawed)")),
+                        Err(e) => {
+                            cx.log(format!("VM {vm}: thaw not answered: {e}"));
+                            if a.sync(AGENT_PROBE).await.is_ok() {
+                                problems.push(format!("VM {vm}: thaw failed: {e}"));
+                            }
+                        }
+                    },
+                    Ok((_, None)) => {}
+                    Err(e) => cx.log(format!("VM {vm}: not thawed: {e}")),
+                }
+            }
+            let pool = cx.app.pool.clone();
+            let pairs = intent_pairs(intent);
+            if let Err(e) = tokio::task::spawn_blocking(move || delete_pairs(&pool, &pairs))
+                .await
+                .map_err(StepError::failed)
+                .and_then(|r| r)
+            {
+                problems.push(format!("cannot delete the group's snapshots: {e}"));
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(StepError::failed(problems.join("; ")))
+            }
+        })
+    }
+}
+
+// --------------------------------------------------------------- record
+
+struct Record {
+    env: Arc<Env>,
+    p: Params,
+}
+
+impl Record {
+    fn build(&self, cx: &StepContext<App>) -> Result<VmSnapshotGroup, StepError> {
+        let r = resolved(cx)?;
+        let direct = cx.result_of("quiesce, snapshot, thaw");
+        let storage_ms = match direct {
+            Some(d) => d["storage_ms"].as_f64(),
+            None => cx
+                .result_of("storage snapshot")
+                .and_then(|s| s["storage_ms"].as_f64()),
+        }
+        .unwrap_or(0.0);
+        let mut vms = Vec::new();
+        for (i, rv) in r.vms.iter().enumerate() {
+            let qv = match direct {
+                Some(d) => d["vms"][i].clone(),
+                None => cx
+                    .result_of(&format!("vm {}: quiesce, overlay, thaw", rv.name))
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            };
+            let q: Quiesce = serde_json::from_value(qv).unwrap_or_default();
+            let definition = self
+                .env
+                .vms
+                .find(&rv.uuid)
+                .map(|vm| vm.definition())
+                .map_err(|e| StepError::failed(format!("VM {}: {e}", rv.name)))?;
+            vms.push(VmSnapshotVm {
+                name: rv.name.clone(),
+                uuid: rv.uuid.clone(),
+                consistency: if q.quiesced {
+                    Consistency::Quiesced
+                } else {
+                    Consistency::CrashConsistent
+                },
+                note: q.note,
+                frozen_ms: q.frozen_ms,
+                freeze_ms: q.freeze_ms,
+                pause_ms: q.pause_ms,
+                disks: rv
+                    .disks
+                    .iter()
+                    .map(|d| VmSnapshotDisk {
+                        device: d.device.clone(),
+                        host: self.env.host.clone(),
+                        pool: "local".into(),
+                        volume: d.volume.clone(),
+                        snapshot: snapshot_name(&self.p.name, &rv.name, &d.device),
+                        size: d.size,
+                    })
+                    .collect(),
+                definition,
+            });
+        }
+        Ok(VmSnapshotGroup {
+            name: self.p.name.clone(),
+            mode: self.p.mode,
+            created: r.started_ms / 1000,
+            operation: cx.op_id.clone(),
+            total_ms: now_ms().saturating_sub(r.started_ms) as f64,
+            storage_ms,
+            vms,
+        })
+    }
+}
+
+impl Step<App> for Record {
+    fn name(&self) -> &str {
+        "record"
+    }
+
+    fn recovery(&self) -> Recovery {
+        Recovery::Retry
+    }
+
+    fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let g = self.build(cx)?;
+            store::write_group(&self.env.groups_dir(), &g).map_err(StepError::failed)?;
+            for vm in &g.vms {
+                cx.log(format!("VM {}: {}", vm.name, vm.consistency));
+            }
+            serde_json::to_value(&g).map_err(StepError::failed)
+        })
+    }
+
+    fn undo<'a>(
+        &'a self,
+        _cx: &'a StepContext<App>,
+        _intent: &'a Value,
+        _result: Option<&'a Value>,
+    ) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            store::remove_group_file(&self.env.groups_dir(), &self.p.name)
+                .map_err(StepError::failed)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_names() {
+        assert!(check_group_name("nightly-1_a").is_ok());
+        for bad in ["", "a.b", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_group_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(snapshot_name("g", "web.1", "vda"), "g.web.1.vda");
+    }
+
+    #[test]
+    fn overlay_dir_membership() {
+        let d = Path::new("/data/overlays/g/vm");
+        assert!(in_dir("/data/overlays/g/vm/vda-1-vda-ov.qcow2", d));
+        assert!(!in_dir("/data/overlays/g/vm2/vda.qcow2", d));
+        assert!(!in_dir("nbd+unix:///vm.x.vda?socket=/data/run/nbd.sock", d));
+    }
+}
