@@ -2,11 +2,13 @@
 //! so the two cannot drift apart. Plain serde structs; no behaviour beyond
 //! small helpers.
 
+pub mod peers;
 pub mod progress;
 pub mod resources;
 pub mod vms;
 pub mod vmsnaps;
 
+pub use peers::*;
 pub use progress::{Node, NodeId, ProgressView};
 pub use resources::*;
 pub use vms::*;
@@ -16,7 +18,7 @@ pub use vmsnaps::*;
 pub const API_PREFIX: &str = "/v1";
 
 /// The error body of every non-2xx answer.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ApiError {
     /// What failed, on which object, and what state was left.
     pub error: String,

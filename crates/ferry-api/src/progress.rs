@@ -1,13 +1,14 @@
 //! The progress of an operation as the API shows it. Computed by
 //! `ferry-ops`' progress tree; only the view lives here.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Index of a node in its tree.
 pub type NodeId = usize;
 
 /// One node of a progress tree.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct Node {
     pub id: NodeId,
     pub parent: Option<NodeId>,
@@ -21,7 +22,7 @@ pub struct Node {
 }
 
 /// The whole tree with the overall figure and an estimate of the time left.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct ProgressView {
     /// Overall completion in `[0, 1]`: never decreases, 1 only when done.
     pub overall: f64,

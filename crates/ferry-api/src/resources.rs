@@ -1,12 +1,13 @@
 //! Hosts, pools, volumes, snapshots, operations: what the API lists and
 //! what it accepts.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::progress::ProgressView;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct HostInfo {
     pub name: String,
     pub version: String,
@@ -18,7 +19,7 @@ pub struct HostInfo {
     pub uptime_s: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct PoolInfo {
     pub chunk_size: u64,
     pub used_bytes: u64,
@@ -27,7 +28,7 @@ pub struct PoolInfo {
     pub snapshots: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct VolumeInfo {
     pub name: String,
     pub size: u64,
@@ -41,7 +42,7 @@ pub struct VolumeInfo {
     pub shared_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct SnapshotInfo {
     pub name: String,
     pub volume: String,
@@ -51,33 +52,33 @@ pub struct SnapshotInfo {
     pub created: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CreateVolume {
     pub name: String,
     /// Bytes; the CLI accepts suffixes (`10G`) and sends bytes.
     pub size: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct GrowVolume {
     pub size: u64,
 }
 
 /// One snapshot of one volume, or (with several volumes) one atomic group
 /// snapshot named `name`, whose members are `name@volume`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CreateSnapshot {
     pub name: String,
     pub volumes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CreateClone {
     pub snapshot: String,
     pub name: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OpState {
     Running,
@@ -126,7 +127,7 @@ impl std::fmt::Display for OpState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct StepInfo {
     pub name: String,
     pub state: String,
@@ -135,7 +136,7 @@ pub struct StepInfo {
     pub finished_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct LogLine {
     pub ts_ms: u64,
     pub level: String,
@@ -143,7 +144,7 @@ pub struct LogLine {
 }
 
 /// An operation as listed (`steps` and `log` only in `show`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct Operation {
     pub id: String,
     pub kind: String,
@@ -160,13 +161,13 @@ pub struct Operation {
 }
 
 /// The answer to a request that started an operation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct Started {
     pub operation: String,
 }
 
 /// An NBD export of a volume (read-write) or a snapshot (read-only).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct ExportInfo {
     pub name: String,
     pub volume: Option<String>,
@@ -178,7 +179,7 @@ pub struct ExportInfo {
     pub tcp_uri: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CreateExport {
     /// Export name (default: the volume's or snapshot's name).
     #[serde(default)]

@@ -14,6 +14,7 @@
 //! A disk named by a plain string is a pool volume of the same host; the
 //! daemon serves it to QEMU over its local NBD socket.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 fn default_vcpus() -> u32 {
@@ -25,7 +26,7 @@ fn default_memory_mib() -> u64 {
 }
 
 /// A VM definition.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmDefinition {
     /// 1-64 of `A-Z a-z 0-9 - _ .`, not starting with `.`, not a UUID.
@@ -50,7 +51,7 @@ pub struct VmDefinition {
 }
 
 /// One disk: a volume name, or a detailed form.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(untagged)]
 pub enum VmDisk {
     /// A pool volume of this host.
@@ -59,7 +60,7 @@ pub enum VmDisk {
     Spec(VmDiskSpec),
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmDiskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,7 +97,7 @@ impl VmDisk {
 }
 
 /// How a VM boots.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum VmBoot {
     /// Direct kernel boot.
@@ -115,7 +116,7 @@ pub enum VmBoot {
 }
 
 /// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Never started.
@@ -143,7 +144,7 @@ impl std::fmt::Display for VmState {
 }
 
 /// One disk as the daemon attached it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct VmDiskInfo {
     /// Guest device id (`vda`, ...).
     pub id: String,
@@ -158,7 +159,7 @@ pub struct VmDiskInfo {
 }
 
 /// A VM as `GET /v1/vms[/{id}]` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct VmInfo {
     pub uuid: String,
     pub name: String,
@@ -178,7 +179,7 @@ pub struct VmInfo {
 }
 
 /// The answer to `POST /v1/vms/{id}/stop`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct VmStopped {
     /// `guest_agent`, `acpi`, `killed` (graceful stop timed out) or
     /// `already_exited`.

@@ -89,6 +89,38 @@ impl Console {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// What a failure report shows: the tail, preceded by the start of the
+    /// first kernel oops or panic if the tail does not already hold it
+    /// (an oops's cause is in its first lines; the tail is its backtrace).
+    pub fn excerpt(&self, lines: usize) -> String {
+        const MARKERS: [&str; 6] = [
+            "BUG:",
+            "Oops",
+            "general protection fault",
+            "Kernel panic",
+            "invalid opcode",
+            "watchdog: ",
+        ];
+        let all: Vec<&str> = self.text.lines().collect();
+        let tail_start = all.len().saturating_sub(lines);
+        let first = all
+            .iter()
+            .position(|l| MARKERS.iter().any(|m| l.contains(m)));
+        match first {
+            Some(i) if i < tail_start => {
+                let from = i.saturating_sub(5);
+                let to = (i + 25).min(tail_start);
+                format!(
+                    "{}\n[... {} lines ...]\n{}",
+                    all[from..to].join("\n"),
+                    tail_start - to,
+                    all[tail_start..].join("\n")
+                )
+            }
+            _ => all[tail_start..].join("\n"),
+        }
+    }
+
     /// The index of the first event at or after `from` that `pred` accepts.
     pub fn find(&self, from: usize, pred: &mut dyn FnMut(&Event) -> bool) -> Option<usize> {
         self.events
@@ -106,7 +138,7 @@ impl Console {
             format!(
                 "guest {name}: {what}; console log {} ends with:\n{}",
                 self.path.display(),
-                self.tail(20)
+                self.excerpt(20)
             ),
         )
     }
@@ -116,6 +148,26 @@ impl Console {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn an_excerpt_shows_where_an_oops_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        writeln!(f, "[ 1.0] BUG: kernel NULL pointer dereference, address: 0").unwrap();
+        for i in 0..100 {
+            writeln!(f, "[ 2.0] backtrace line {i}").unwrap();
+        }
+        f.flush().unwrap();
+        let mut c = Console::new(&path);
+        c.poll().unwrap();
+        let e = c.excerpt(10);
+        assert!(e.contains("NULL pointer"), "{e}");
+        assert!(e.contains("backtrace line 99"), "{e}");
+        assert!(!e.contains("backtrace line 50"), "{e}");
+        // The oops inside the tail: just the tail.
+        assert_eq!(c.excerpt(200), c.tail(200));
+    }
 
     #[test]
     fn reads_events_across_partial_writes() {

@@ -311,7 +311,7 @@ impl TestGuest {
                         "guest {}: no matching event within {timeout:?}; console log {} ends with:\n{}",
                         self.config.name,
                         self.console.path().display(),
-                        self.console.tail(20)
+                        self.console.excerpt(20)
                     ),
                 ));
             }

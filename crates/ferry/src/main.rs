@@ -4,7 +4,9 @@
 
 mod client;
 mod output;
+mod peer;
 mod vm;
+mod vmsnap;
 mod watch;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -68,10 +70,20 @@ enum Noun {
         #[command(subcommand)]
         verb: OpVerb,
     },
+    /// Other hosts this host works with (migrations, copies).
+    Peer {
+        #[command(subcommand)]
+        verb: peer::PeerVerb,
+    },
     /// Virtual machines of this host.
     Vm {
         #[command(subcommand)]
         verb: vm::VmVerb,
+    },
+    /// Group snapshots of running VMs (`snapshot create --vm ...` too).
+    VmSnapshot {
+        #[command(subcommand)]
+        verb: vmsnap::VmSnapVerb,
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
@@ -193,7 +205,7 @@ enum OpVerb {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(vmsnap::route_args(std::env::args_os().collect()));
     if let Noun::Completions { shell } = cli.noun {
         clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
         return;
@@ -494,7 +506,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 });
             }
         },
+        Noun::Peer { verb } => peer::run(&c, j, verb).await?,
         Noun::Vm { verb } => return vm::run(&c, j, verb).await,
+        Noun::VmSnapshot { verb } => return vmsnap::run(&c, j, verb).await,
         Noun::Op { verb } => match verb {
             OpVerb::List => {
                 let ops: Vec<Operation> = c.get("/v1/operations").await?;

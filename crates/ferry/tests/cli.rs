@@ -237,3 +237,30 @@ fn completions_are_printed() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("ferry"));
 }
+
+#[test]
+fn peers_are_registered_with_the_other_hosts_peer_token() {
+    let a = daemon();
+    let b = daemon();
+    let t = b.json(&["peer", "token"]);
+    let token = t["token"].as_str().unwrap().to_string();
+    assert_ne!(token, b.token);
+    let p = a.json(&["peer", "add", &b.url, "--peer-token", &token, "--name", "b"]);
+    assert_eq!(p["name"], "b");
+    let list = a.json(&["peer", "list"]);
+    assert_eq!(list[0]["url"], b.url.as_str());
+    let show = a.json(&["peer", "show", "b"]);
+    assert_eq!(show["reachable"], true, "{show}");
+    let table = String::from_utf8(a.ferry(&["peer", "list"]).stdout).unwrap();
+    assert!(
+        table.starts_with("NAME") && table.contains(&b.url),
+        "{table}"
+    );
+    // A wrong token: refused, exit 1, the message says what to do.
+    let out = a.ferry(&["peer", "add", &b.url, "--peer-token", "nope", "--name", "c"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ferry peer token"), "{err}");
+    a.json(&["peer", "remove", "b"]);
+    assert_eq!(a.json(&["peer", "list"]), serde_json::json!([]));
+}

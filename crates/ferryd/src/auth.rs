@@ -1,5 +1,9 @@
-//! Bearer-token authentication: every API call needs the admin token
-//! (401 otherwise). Peer tokens come with the peers feature.
+//! Bearer-token authentication. Two tokens, made by `ferryd init`:
+//! - the **admin** token opens every call;
+//! - the **peer** token, given to other hosts, opens only `/v1/peer/`
+//!   (what hosts ask of each other); anything else answers 403.
+//!
+//! No token or an unknown one answers 401.
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -21,14 +25,41 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
-pub async fn require_token(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
+/// Paths a peer token may call.
+pub const PEER_PREFIX: &str = "/v1/peer/";
+
+/// Which token opened a request (a request extension for handlers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Peer,
+}
+
+pub async fn require_token(State(d): State<Arc<Daemon>>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    let peer_path = req.uri().path().starts_with(PEER_PREFIX);
     match given {
-        Some(t) if same(t, &d.admin_token) => next.run(req).await,
+        Some(t) if same(t, &d.admin_token) => {
+            req.extensions_mut().insert(Role::Admin);
+            next.run(req).await
+        }
+        Some(t) if same(t, &d.peer_token) => {
+            if peer_path {
+                req.extensions_mut().insert(Role::Peer);
+                next.run(req).await
+            } else {
+                error_response(
+                    StatusCode::FORBIDDEN,
+                    "a peer token opens only /v1/peer/ endpoints; this call needs the admin token",
+                    None,
+                )
+                .into_response()
+            }
+        }
         Some(_) => error_response(StatusCode::UNAUTHORIZED, "invalid token", None).into_response(),
         None => error_response(
             StatusCode::UNAUTHORIZED,

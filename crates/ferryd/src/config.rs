@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub const CONFIG_FILE: &str = "ferryd.toml";
 pub const TOKEN_FILE: &str = "admin.token";
+pub const PEER_TOKEN_FILE: &str = "peer.token";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +89,12 @@ impl DataDir {
     }
     pub fn token(&self) -> PathBuf {
         self.root.join(TOKEN_FILE)
+    }
+    pub fn peer_token(&self) -> PathBuf {
+        self.root.join(PEER_TOKEN_FILE)
+    }
+    pub fn peers(&self) -> PathBuf {
+        self.root.join("peers.json")
     }
     pub fn exports(&self) -> PathBuf {
         self.root.join("exports.json")

@@ -12,6 +12,7 @@ use crate::auth::new_token;
 use crate::config::{Config, DataDir, write_atomic};
 use crate::exports::Exports;
 use crate::vms::Vms;
+use crate::peers::Peers;
 
 /// What operations' steps act on.
 pub struct App {
@@ -28,6 +29,9 @@ pub struct Daemon {
     /// The VMs of this host; processes are re-attached by `Vms::reattach_all`.
     pub vms: Arc<Vms>,
     pub admin_token: String,
+    /// Opens only `/v1/peer/`; other hosts hold it.
+    pub peer_token: String,
+    pub peers: Arc<Peers>,
     pub started: Instant,
 }
 
@@ -46,6 +50,9 @@ impl Daemon {
             .with_context(|| format!("cannot read {}", dir.token().display()))?
             .trim()
             .to_string();
+        // Data directories made before peers existed get their peer token now.
+        let peer_token = read_or_create_token(&dir.peer_token())?;
+        let peers = Arc::new(Peers::load(dir.peers())?);
         std::fs::create_dir_all(dir.run())?;
         let exports = Arc::new(Exports::load(&pool, dir.exports(), dir.nbd_socket())?);
         let vms = Arc::new(Vms::load(&dir, &cfg.accel, pool.clone(), exports.clone())?);
@@ -65,6 +72,8 @@ impl Daemon {
             exports,
             vms,
             admin_token,
+            peer_token,
+            peers,
             started: Instant::now(),
         }))
     }
@@ -98,7 +107,22 @@ pub fn init(dir: &DataDir, cfg: &Config, chunk_size: u32) -> anyhow::Result<Stri
     Journal::open(dir.journal())?;
     let token = new_token();
     write_atomic(&dir.token(), format!("{token}\n").as_bytes(), 0o600)?;
+    read_or_create_token(&dir.peer_token())?;
     // The configuration last: its presence marks a complete data directory.
     cfg.save(&dir.root)?;
     Ok(token)
+}
+
+/// Reads a token file, creating it (mode 0600) with a new token if absent.
+fn read_or_create_token(path: &std::path::Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => anyhow::bail!("{} is empty; remove it to make a new token", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let t = new_token();
+            write_atomic(path, format!("{t}\n").as_bytes(), 0o600)?;
+            Ok(t)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }

@@ -7,6 +7,8 @@
 //! - `D/pool/` — the thin block pool (format documented in `ferry-pool`);
 //! - `D/journal.db` — the SQLite operations journal (`ferry-ops`);
 //! - `D/admin.token` — the admin API token (mode 0600);
+//! - `D/peer.token` — the token other hosts use; it opens only `/v1/peer/`;
+//! - `D/peers.json` — registered peers: URL + their peer token (mode 0600);
 //! - `D/run/` — sockets and run files (`run/nbd.sock`: the local NBD listener);
 //! - `D/vms/<uuid>.json` — VM definitions; `D/run/vms/<uuid>/` their QEMU run
 //!   directories (see [`vms`]);
@@ -27,5 +29,7 @@ pub mod daemon;
 pub mod exports;
 pub mod groupsnap;
 pub mod nbd_export;
+pub mod openapi;
 pub mod operations;
 pub mod vms;
+pub mod peers;

@@ -57,6 +57,8 @@ enum Cmd {
         #[arg(long, env = "FERRYD_NBD_LISTEN")]
         nbd_listen: Option<SocketAddr>,
     },
+    /// Print the OpenAPI document of the HTTP API (kept in docs/openapi.json).
+    Openapi,
 }
 
 fn default_cli_config() -> Option<PathBuf> {
@@ -84,6 +86,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.cmd {
+        Cmd::Openapi => {
+            let text = serde_json::to_string_pretty(&ferryd::openapi::document())?;
+            println!("{text}");
+            Ok(())
+        }
         Cmd::Init {
             data_dir,
             name,

@@ -4,9 +4,12 @@
 mod exports;
 mod host;
 mod ops;
+mod peers;
 mod vms;
 mod vmsnaps;
 mod volumes;
+
+pub use volumes::{ExportRequest, ImportRequest};
 
 use std::sync::Arc;
 
@@ -53,6 +56,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/operations/{id}", get(ops::show))
         .route("/v1/operations/{id}/events", get(ops::events))
         .route("/v1/operations/{id}/cancel", post(ops::cancel))
+        .route("/v1/host/peer-token", get(peers::token))
+        .route("/v1/peers", get(peers::list).post(peers::add))
+        .route("/v1/peers/{name}", get(peers::show).delete(peers::delete))
+        .route("/v1/peer/hello", get(peers::hello))
         .route("/v1/vms", get(vms::list).post(vms::define))
         .route("/v1/vms/{id}", get(vms::show).delete(vms::delete))
         .route("/v1/vms/{id}/start", post(vms::start))

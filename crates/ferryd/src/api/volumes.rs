@@ -57,7 +57,7 @@ pub async fn show(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Api
     blocking(move || find_volume(&pool, &name)).await.map(Json)
 }
 
-fn check_name(field: &str, name: &str) -> Result<(), Failure> {
+pub(crate) fn check_name(field: &str, name: &str) -> Result<(), Failure> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name
@@ -122,7 +122,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct ImportRequest {
     /// Absolute path of a disk image on this host (raw, qcow2, or another
     /// format qemu-img reads).
@@ -188,7 +188,7 @@ pub async fn import(
     Ok((StatusCode::ACCEPTED, Json(Started { operation: id })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct ExportRequest {
     /// Absolute path of the image file to create on this host; it must not
     /// exist, its directory must.

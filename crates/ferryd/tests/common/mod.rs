@@ -24,15 +24,14 @@ fn ferryd() -> Command {
 
 impl Host {
     pub fn new() -> Host {
+        Host::named("test-host")
+    }
+
+    /// A host whose configured name is `name` (several hosts in one test).
+    pub fn named(name: &str) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let out = ferryd()
-            .args([
-                "init",
-                "--no-cli-config",
-                "--name",
-                "test-host",
-                "--data-dir",
-            ])
+            .args(["init", "--no-cli-config", "--name", name, "--data-dir"])
             .arg(dir.path().join("data"))
             .output()
             .unwrap();
