@@ -8,7 +8,7 @@ deps:
 	@bash scripts/install-deps.sh
 
 build: deps
-	$(CARGO) build --release --workspace --bins --example guest_on_volume
+	$(CARGO) build --release --workspace --bins --example guest_on_volume --example guest_image
 
 # The whole suite: unit, property, integration with real QEMU, interop.
 test: deps

@@ -9,10 +9,17 @@ DEMO=${FERRY_DEMO_DIR:-$PWD/.ferry-demo}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
+pkill -f "$DEMO/data/run/vms" 2>/dev/null || true
 rm -rf "$DEMO"
 mkdir -p "$DEMO"
 FERRYD_PID=
-cleanup() { [ -n "$FERRYD_PID" ] && kill "$FERRYD_PID" 2>/dev/null && wait "$FERRYD_PID" 2>/dev/null; true; }
+FERRYD2_PID=
+cleanup() {
+  for p in $FERRYD_PID $FERRYD2_PID; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  # VMs outlive ferryd by design (re-attached at the next start); the demo's own go too.
+  pkill -f "$DEMO/data/run/vms" 2>/dev/null
+  true
+}
 trap cleanup EXIT
 
 step "1. Create a host data directory (pool + journal + admin token)"
@@ -53,18 +60,46 @@ step "6. The import operation: journaled steps, progress tree, log"
 OP=$("$BIN/ferry" op list --json | sed -n 's/.*"id": "\(.*\)".*/\1/p' | head -n1)
 run "$BIN/ferry" op show "$OP"
 
-step "7. A VM disk on the pool: export a volume over NBD, boot the test guest on it (QEMU, TCG)"
+step "7. Bring an existing qcow2 disk: import it (format detected), export a volume back to qcow2"
 truncate -s 128M "$DEMO/guest.raw"
 mkfs.ext4 -q -F "$DEMO/guest.raw"
-run "$BIN/ferry" volume import guest-data "$DEMO/guest.raw"
-run "$BIN/ferry" export create --volume guest-data
-run "$BIN/examples/guest_on_volume" "$DEMO/data/run/nbd.sock" guest-data 3
+qemu-img convert -f raw -O qcow2 "$DEMO/guest.raw" "$DEMO/guest.qcow2"
+run "$BIN/ferry" volume import guest-data "$DEMO/guest.qcow2"
+run "$BIN/ferry" volume export web-1 "$DEMO/web-1.qcow2" --format qcow2
+run qemu-img compare "$DEMO/disk.raw" "$DEMO/web-1.qcow2"
 
-step "8. Snapshot the guest's volume and read it back over NBD, read-only"
-run "$BIN/ferry" snapshot create after-boot --volume guest-data
-run "$BIN/ferry" export create --snapshot after-boot
-run nbdinfo --map "nbd+unix:///after-boot?socket=$DEMO/data/run/nbd.sock"
-run "$BIN/ferry" export list
+step "8. Define and start a VM whose disk is the pool volume (QEMU under TCG here; KVM on real hosts)"
+eval "$("$BIN/examples/guest_image")"
+run "$BIN/ferry" vm define demo-1 --disk guest-data --memory 256M --accel tcg --agent \
+  --kernel "$KERNEL" --initrd "$INITRD" \
+  --cmdline "console=ttyS0 quiet loglevel=3 panic=0 ferry.agent=1 ferry.mount=/dev/vda ferry.workload=records ferry.rate=20 ferry.size=512"
+run "$BIN/ferry" vm start demo-1
+SERIAL=$(ls "$DEMO"/data/run/vms/*/serial.log)
+for _ in $(seq 600); do grep -q '"event":"record"' "$SERIAL" 2>/dev/null && break; sleep 0.1; done
+echo "the guest booted and writes records with fsync to /dev/vda (serial log: $SERIAL)"
+run "$BIN/ferry" vm list
+run "$BIN/ferry" vm pause demo-1
+run "$BIN/ferry" vm resume demo-1
+
+step "9. Application-consistent snapshot of the running VM: freeze, overlay, pool snapshot of exactly its volume, merge"
+run "$BIN/ferry" snapshot create --vm demo-1 --name consistent-1
+run "$BIN/ferry" vm-snapshot show consistent-1
+run "$BIN/ferry" snapshot list
+
+step "10. Stop the VM (guest agent shutdown) and verify every acknowledged record on the volume"
+run "$BIN/ferry" vm stop demo-1
+run "$BIN/ferry" volume export guest-data "$DEMO/guest-after.raw" --format raw
+run "$GUEST_TOOL" verify --image "$DEMO/guest-after.raw"
+
+step "11. A second host: register it as a peer with its peer token (not its admin token)"
+run "$BIN/ferryd" init --data-dir "$DEMO/data2" --name demo-host-2 --accel tcg --no-cli-config
+"$BIN/ferryd" run --data-dir "$DEMO/data2" --listen 127.0.0.1:0 --nbd-listen 127.0.0.1:0 2>"$DEMO/ferryd2.log" &
+FERRYD2_PID=$!
+for _ in $(seq 100); do grep -q ' listening on ' "$DEMO/ferryd2.log" 2>/dev/null && break; sleep 0.1; done
+URL2=$(sed -n 's/.* listening on //p' "$DEMO/ferryd2.log" | head -n1)
+PEER_TOKEN2=$(FERRY_URL=$URL2 FERRY_TOKEN=$(cat "$DEMO/data2/admin.token") "$BIN/ferry" peer token)
+run "$BIN/ferry" peer add "$URL2" --peer-token "$PEER_TOKEN2"
+run "$BIN/ferry" peer show demo-host-2
 
 step "Done"
 echo "ferryd data directory: $DEMO/data"
