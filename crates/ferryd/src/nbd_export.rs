@@ -6,6 +6,7 @@
 //! chunks written since that snapshot, from the pool's change tracking.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_nbd::export::{BlockSize, Export, Extent};
 use ferry_nbd::proto::{STATE_CHANGED, STATE_HOLE, STATE_ZERO};
@@ -32,6 +33,46 @@ fn block_size() -> BlockSize {
     }
 }
 
+/// Process-wide NBD I/O counters (one ferryd per process), for `/metrics`.
+#[derive(Default)]
+pub struct IoStats {
+    pub read_ops: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_ops: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_ops: AtomicU64,
+    pub trim_ops: AtomicU64,
+    pub zero_ops: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+pub static IO: IoStats = IoStats {
+    read_ops: AtomicU64::new(0),
+    read_bytes: AtomicU64::new(0),
+    write_ops: AtomicU64::new(0),
+    write_bytes: AtomicU64::new(0),
+    flush_ops: AtomicU64::new(0),
+    trim_ops: AtomicU64::new(0),
+    zero_ops: AtomicU64::new(0),
+    errors: AtomicU64::new(0),
+};
+
+/// Counts one request and its outcome.
+fn count<T>(ops: &AtomicU64, bytes: Option<(&AtomicU64, u64)>, r: io::Result<T>) -> io::Result<T> {
+    ops.fetch_add(1, Ordering::Relaxed);
+    match &r {
+        Ok(_) => {
+            if let Some((b, n)) = bytes {
+                b.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        Err(_) => {
+            IO.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    r
+}
+
 /// A live volume.
 pub struct VolumeExport {
     pub pool: Pool,
@@ -54,23 +95,36 @@ impl Export for VolumeExport {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.volume.read_at(offset, buf).map_err(io_err)
+        let n = buf.len() as u64;
+        let r = self.volume.read_at(offset, buf).map_err(io_err);
+        count(&IO.read_ops, Some((&IO.read_bytes, n)), r)
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.volume.write_at(offset, data).map_err(io_err)?;
-        if fua {
-            self.volume.flush().map_err(io_err)?;
-        }
-        Ok(())
+        let r = self
+            .volume
+            .write_at(offset, data)
+            .map_err(io_err)
+            .and_then(|()| {
+                if fua {
+                    self.volume.flush().map_err(io_err)
+                } else {
+                    Ok(())
+                }
+            });
+        count(&IO.write_ops, Some((&IO.write_bytes, data.len() as u64)), r)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.volume.flush().map_err(io_err)
+        count(&IO.flush_ops, None, self.volume.flush().map_err(io_err))
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.volume.trim(offset, len).map_err(io_err)
+        count(
+            &IO.trim_ops,
+            None,
+            self.volume.trim(offset, len).map_err(io_err),
+        )
     }
 
     fn write_zeroes(
@@ -88,9 +142,11 @@ impl Export for VolumeExport {
                 "allocated zeroes cannot be written fast",
             ));
         }
-        self.volume
+        let r = self
+            .volume
             .write_zeroes(offset, len, !may_punch)
-            .map_err(io_err)
+            .map_err(io_err);
+        count(&IO.zero_ops, None, r)
     }
 
     fn can_fast_zero(&self) -> bool {
@@ -180,7 +236,9 @@ impl Export for SnapshotExport {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.snapshot.read_at(offset, buf).map_err(io_err)
+        let n = buf.len() as u64;
+        let r = self.snapshot.read_at(offset, buf).map_err(io_err);
+        count(&IO.read_ops, Some((&IO.read_bytes, n)), r)
     }
 
     fn write_at(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {

@@ -61,6 +61,21 @@ async fn volume_export_serves_qemu_io_and_survives_kill_9() {
     qemu_io(&unix, &["write -P 0xab 1M 64k", "write -P 0xcd 5000 3000"]);
     qemu_io(&unix, &["read -P 0xab 1M 64k", "read -P 0xcd 5000 3000"]);
 
+    // /metrics counts the I/O served.
+    let (s, m) = h.get("/metrics").await;
+    assert_eq!(s, 200);
+    let m = m.as_str().unwrap().to_string();
+    let value = |line: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{m}"))
+    };
+    assert!(value("ferry_nbd_bytes_total{direction=\"write\"}") >= 65536 + 3000);
+    assert!(value("ferry_nbd_bytes_total{direction=\"read\"}") >= 65536 + 3000);
+    assert!(value("ferry_nbd_requests_total{kind=\"flush\"}") >= 1);
+    assert_eq!(value("ferry_lazy_volumes"), 0);
+
     // Over TCP the export needs its secret.
     let (ok, text) = tool("qemu-img", &["info", "--output=json", &tcp]);
     assert!(ok, "{text}");

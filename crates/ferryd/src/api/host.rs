@@ -73,6 +73,52 @@ pub async fn metrics(State(d): State<Arc<Daemon>>) -> String {
         "Seconds since ferryd started.",
         d.started.elapsed().as_secs_f64(),
     );
+    let lazy = d.pool().volumes().iter().filter(|v| v.lazy).count();
+    gauge(
+        "ferry_lazy_volumes",
+        "Volumes still hydrating (chunks fetched from a source on demand).",
+        lazy as f64,
+    );
+    {
+        use crate::nbd_export::IO;
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(
+            out,
+            "# HELP ferry_nbd_requests_total NBD requests served, by kind.\n# TYPE ferry_nbd_requests_total counter"
+        );
+        for (kind, c) in [
+            ("read", &IO.read_ops),
+            ("write", &IO.write_ops),
+            ("flush", &IO.flush_ops),
+            ("trim", &IO.trim_ops),
+            ("write_zeroes", &IO.zero_ops),
+        ] {
+            let _ = writeln!(
+                out,
+                "ferry_nbd_requests_total{{kind=\"{kind}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferry_nbd_bytes_total NBD payload bytes served, by direction.\n# TYPE ferry_nbd_bytes_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "ferry_nbd_bytes_total{{direction=\"read\"}} {}",
+            IO.read_bytes.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ferry_nbd_bytes_total{{direction=\"write\"}} {}",
+            IO.write_bytes.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferry_nbd_errors_total NBD requests that failed.\n# TYPE ferry_nbd_errors_total counter\nferry_nbd_errors_total {}",
+            IO.errors.load(Relaxed)
+        );
+    }
     let ops = d.ops.journal().list().unwrap_or_default();
     let _ = writeln!(
         out,
