@@ -17,7 +17,7 @@ FERRYD2_PID=
 cleanup() {
   for p in $FERRYD_PID $FERRYD2_PID; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   # VMs outlive ferryd by design (re-attached at the next start); the demo's own go too.
-  pkill -f "$DEMO/data/run/vms" 2>/dev/null
+  pkill -f "$DEMO/data/run/vms" 2>/dev/null || true
   true
 }
 trap cleanup EXIT
