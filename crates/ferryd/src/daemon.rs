@@ -11,8 +11,8 @@ use ferry_pool::{Pool, PoolOptions};
 use crate::auth::new_token;
 use crate::config::{Config, DataDir, write_atomic};
 use crate::exports::Exports;
-use crate::vms::Vms;
 use crate::peers::Peers;
+use crate::vms::Vms;
 
 /// What operations' steps act on.
 pub struct App {

@@ -31,5 +31,5 @@ pub mod groupsnap;
 pub mod nbd_export;
 pub mod openapi;
 pub mod operations;
-pub mod vms;
 pub mod peers;
+pub mod vms;

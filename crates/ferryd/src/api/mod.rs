@@ -67,10 +67,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/kill", post(vms::kill))
-        .route(
-            "/v1/vm-snapshots",
-            get(vmsnaps::list).post(vmsnaps::create),
-        )
+        .route("/v1/vm-snapshots", get(vmsnaps::list).post(vmsnaps::create))
         .route(
             "/v1/vm-snapshots/{name}",
             get(vmsnaps::show).delete(vmsnaps::delete),

@@ -112,7 +112,9 @@ pub async fn delete(
     if let Some(vm) = d.vms.user_of_volume(&name) {
         return Err(error_response(
             StatusCode::CONFLICT,
-            &format!("volume {name} is a disk of VM {vm}; delete the VM first; nothing was deleted"),
+            &format!(
+                "volume {name} is a disk of VM {vm}; delete the VM first; nothing was deleted"
+            ),
             None,
         ));
     }
@@ -163,18 +165,17 @@ pub async fn import(
         ));
     }
     let format = req.format.clone();
-    let info = tokio::task::spawn_blocking(move || {
-        crate::operations::inspect(&path, format.as_deref())
-    })
-    .await
-    .map_err(|e| {
-        error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("inspecting the image panicked: {e}"),
-            None,
-        )
-    })?
-    .map_err(|e| bad_field(e.field, &format!("{}; nothing was imported", e.message)))?;
+    let info =
+        tokio::task::spawn_blocking(move || crate::operations::inspect(&path, format.as_deref()))
+            .await
+            .map_err(|e| {
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("inspecting the image panicked: {e}"),
+                    None,
+                )
+            })?
+            .map_err(|e| bad_field(e.field, &format!("{}; nothing was imported", e.message)))?;
     let id = d.ops.start(
         "volume.import",
         json!({
