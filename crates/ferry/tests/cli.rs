@@ -1,108 +1,11 @@
 //! The CLI against a real `ferryd`: `--json` output, tables, exit codes,
 //! progress of an import.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
 
+use common::daemon;
 use serde_json::Value;
-
-struct Daemon {
-    _dir: tempfile::TempDir,
-    child: Child,
-    url: String,
-    token: String,
-    img_dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ferryd_bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferryd");
-    assert!(
-        p.exists(),
-        "{} is not built: run the workspace's tests (cargo test --workspace)",
-        p.display()
-    );
-    p
-}
-
-fn daemon() -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let st = Command::new(ferryd_bin())
-        .args(["init", "--no-cli-config", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let token = std::fs::read_to_string(data.join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let mut child = Command::new(ferryd_bin())
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .env("FERRYD_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("ferryd exited").unwrap();
-        if let Some((_, u)) = line.split_once(" listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Daemon {
-        img_dir: dir.path().to_path_buf(),
-        _dir: dir,
-        child,
-        url,
-        token,
-    }
-}
-
-impl Daemon {
-    fn ferry(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
-            .env("FERRY_URL", &self.url)
-            .env("FERRY_TOKEN", &self.token)
-            .env("FERRY_CONFIG", "/nonexistent")
-            .output()
-            .unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.ferry(&a);
-        assert!(
-            out.status.success(),
-            "ferry {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
+use std::process::Command;
 
 #[test]
 fn volumes_and_snapshots_in_json_and_tables() {
@@ -189,7 +92,7 @@ fn exit_codes_scripts_can_trust() {
 fn import_shows_progress_and_operation_details() {
     use std::os::unix::fs::FileExt;
     let d = daemon();
-    let img = d.img_dir.join("disk.raw");
+    let img = d.img_dir().join("disk.raw");
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(32 << 20).unwrap();
     f.write_all_at(&[7u8; 1 << 20], 5 << 20).unwrap();
