@@ -59,68 +59,15 @@ impl Host {
     }
 
     pub fn start(&mut self) {
-        let mut child = ferryd()
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--nbd-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(self.data())
-            .env("FERRYD_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("ferryd exited before listening")
-                .unwrap();
-            if let Some((_, url)) = line.split_once(" listening on ") {
-                break url.to_string();
-            }
-        };
-        // Keep draining stderr so ferryd never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        self.url = url;
-        self.child = Some(child);
+        self.start_with_env(&[]);
     }
 
     /// Like [`Host::start`], with extra environment variables (test-only
     /// fault injection).
     pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
-        let mut cmd = ferryd();
-        cmd.args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(self.data())
-        .env("FERRYD_LOG", "warn")
-        .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("ferryd exited before listening")
-                .unwrap();
-            if let Some((_, url)) = line.split_once(" listening on ") {
-                break url.to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        self.url = url;
-        self.child = Some(child);
+        // Nobody listens: the lines are drained and dropped, so ferryd
+        // never blocks on a full pipe.
+        drop(self.start_watched(env));
     }
 
     pub fn kill9(&mut self) {
