@@ -8,6 +8,7 @@ mod crash;
 mod disk;
 mod nbd;
 mod pool;
+mod snapshot;
 
 /// Options every suite understands (each uses the ones that apply).
 #[derive(Debug, Clone)]
@@ -46,5 +47,10 @@ pub const SUITES: &[(&str, &str, SuiteFn)] = &[
         "backup",
         "full, 1% incremental and restore: Ferry's repository vs restic",
         backup::run,
+    ),
+    (
+        "snapshot",
+        "group snapshots of running VMs: guest pause, write stall, total time",
+        snapshot::run,
     ),
 ];

@@ -69,6 +69,28 @@ pub async fn create(
         }
         names.push(vm.name.clone());
     }
+    // One snapshot operation per VM at a time.
+    for op in d.ops.journal().unfinished()? {
+        if op.kind != groupsnap::KIND {
+            continue;
+        }
+        if let Some(vm) = op.params["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .find(|v| names.iter().any(|n| n == v))
+        {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!(
+                    "VM {vm} is in snapshot operation {} already; nothing was snapshotted",
+                    op.id
+                ),
+                None,
+            ));
+        }
+    }
     let name = match req.name {
         Some(n) => {
             groupsnap::check_group_name(&n).map_err(|m| bad_field("name", &m))?;
