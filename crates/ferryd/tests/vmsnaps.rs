@@ -540,6 +540,14 @@ async fn faults_end_with_guests_thawed_and_no_overlay_left() {
     wait_frozen(&mut a, Duration::from_secs(3));
     let frozen_at = a.last_record();
     println!("vm-a frozen after record {frozen_at:?}");
+    // A VM held by an unfinished snapshot operation is refused.
+    let (s, e) = h
+        .post(
+            "/v1/vm-snapshots",
+            json!({"vms": ["vm-a"], "name": "second"}),
+        )
+        .await;
+    assert_eq!(s, 409, "{e}");
     h.kill9();
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(a.last_record(), frozen_at, "vm-a wrote while frozen");
