@@ -102,9 +102,22 @@ async fn connect(nbd: &QemuNbd, contexts: &[&str]) -> Result<Client, StepError> 
         meta_contexts: contexts.iter().map(|c| c.to_string()).collect(),
         tls: None,
     };
-    Client::connect(&Address::Unix(nbd.socket().to_path_buf()), &cfg)
-        .await
-        .map_err(|e| StepError::failed(format!("connecting to qemu-nbd: {e}")))
+    // qemu-nbd creates its socket file at bind(), a moment before
+    // listen(): a connection in between is refused. It accepts only one
+    // client (it exits when that one leaves), so no probing connection
+    // may be made; the real one is retried for a short while instead.
+    let addr = Address::Unix(nbd.socket().to_path_buf());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Client::connect(&addr, &cfg).await {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!("qemu-nbd not accepting yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(StepError::failed(format!("connecting to qemu-nbd: {e}"))),
+        }
+    }
 }
 
 /// Splits ranges into blocks of at most [`BLOCK`] bytes.
