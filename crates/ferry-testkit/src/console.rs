@@ -14,7 +14,15 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// Text in the console that means the guest cannot go on (a kernel
 /// warning is not: the guest may well continue).
-const FATAL: [&str; 2] = ["Kernel panic", "Attempted to kill init"];
+const FATAL: [&str; 5] = [
+    "Kernel panic",
+    "Attempted to kill init",
+    // A kernel oops: the guest may limp on, but nothing it does after is
+    // worth waiting for.
+    "Oops: ",
+    "kernel BUG at",
+    "BUG: unable to handle",
+];
 
 /// A reader of one guest's console log.
 #[derive(Debug)]
