@@ -110,12 +110,23 @@ impl Pool {
     {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let c = self.conn(i).await?;
-        match f(c).await {
+        match f(c.clone()).await {
             Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Io) => {
+                // The connection failed a request: never hand it out again,
+                // even if its reader has not noticed the close yet.
+                self.forget(i, &c).await;
                 let c = self.conn(i).await?;
                 f(c).await
             }
             r => r,
+        }
+    }
+
+    /// Drops slot `i`'s connection if it is still `c`.
+    async fn forget(&self, i: usize, c: &Arc<Client>) {
+        let mut slot = self.conns[i].lock().await;
+        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, c)) {
+            *slot = None;
         }
     }
 
