@@ -65,6 +65,7 @@ use serde_json::{Value, json};
 
 use crate::daemon::App;
 use crate::exports::Exports;
+use crate::operations::blocking;
 use crate::vms::{Vm, Vms};
 
 /// The operation kind.
@@ -320,15 +321,6 @@ fn resolved_vm<'a>(r: &'a Resolved, vm: &str) -> Result<&'a ResolvedVm, StepErro
         .iter()
         .find(|v| v.name == vm)
         .ok_or_else(|| StepError::failed(format!("VM {vm} is not in the resolve step's result")))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ferry_pool::Error> + Send + 'static,
-) -> Result<T, StepError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(StepError::failed)?
-        .map_err(StepError::failed)
 }
 
 /// The QMP and agent clients of a running VM.

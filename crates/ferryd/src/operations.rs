@@ -670,7 +670,8 @@ impl Step<App> for DeleteSnapshot {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs a pool call off the async runtime inside a step.
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ferry_pool::Error> + Send + 'static,
 ) -> Result<T, StepError> {
     tokio::task::spawn_blocking(f)
