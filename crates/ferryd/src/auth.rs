@@ -1,7 +1,11 @@
 //! Bearer-token authentication. Two tokens, made by `ferryd init`:
 //! - the **admin** token opens every call;
-//! - the **peer** token, given to other hosts, opens only `/v1/peer/`
-//!   (what hosts ask of each other); anything else answers 403.
+//! - the **peer** token, given to other hosts, opens `/v1/peer/` (what hosts
+//!   ask of each other) and the resource calls a host needs on another to
+//!   move VMs and data there ([`PEER_DELEGATED`]: host and pool info,
+//!   volumes, snapshots, clones, exports, VMs, VM snapshots, operations).
+//!   Peer management, the peer token itself and metrics need the admin
+//!   token; a peer token there answers 403.
 //!
 //! No token or an unknown one answers 401.
 
@@ -28,6 +32,29 @@ fn same(a: &str, b: &str) -> bool {
 /// Paths a peer token may call.
 pub const PEER_PREFIX: &str = "/v1/peer/";
 
+/// Resource paths a peer token opens besides [`PEER_PREFIX`]: each entry
+/// matches the path itself and everything below it.
+pub const PEER_DELEGATED: &[&str] = &[
+    "/v1/pool",
+    "/v1/volumes",
+    "/v1/snapshots",
+    "/v1/clones",
+    "/v1/exports",
+    "/v1/vms",
+    "/v1/vm-snapshots",
+    "/v1/operations",
+];
+
+/// Whether a peer token opens `path`.
+pub fn peer_may_call(path: &str) -> bool {
+    path.starts_with(PEER_PREFIX)
+        || path == "/v1/host"
+        || PEER_DELEGATED.iter().any(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+}
+
 /// Which token opened a request (a request extension for handlers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -41,7 +68,7 @@ pub async fn require_token(State(d): State<Arc<Daemon>>, mut req: Request, next:
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let peer_path = req.uri().path().starts_with(PEER_PREFIX);
+    let peer_path = peer_may_call(req.uri().path());
     match given {
         Some(t) if same(t, &d.admin_token) => {
             req.extensions_mut().insert(Role::Admin);
@@ -54,7 +81,7 @@ pub async fn require_token(State(d): State<Arc<Daemon>>, mut req: Request, next:
             } else {
                 error_response(
                     StatusCode::FORBIDDEN,
-                    "a peer token opens only /v1/peer/ endpoints; this call needs the admin token",
+                    "a peer token opens only /v1/peer/ and resource endpoints (not peers, tokens or metrics); this call needs the admin token",
                     None,
                 )
                 .into_response()
@@ -82,5 +109,29 @@ mod tests {
         assert!(same(&a, &a.clone()));
         assert!(!same(&a, &new_token()));
         assert!(!same("ab", "abc"));
+    }
+
+    #[test]
+    fn peer_paths() {
+        for p in [
+            "/v1/peer/hello",
+            "/v1/host",
+            "/v1/volumes",
+            "/v1/volumes/a/grow",
+            "/v1/vms/x/start",
+            "/v1/operations/7",
+        ] {
+            assert!(peer_may_call(p), "{p}");
+        }
+        for p in [
+            "/v1/peers",
+            "/v1/peers/b",
+            "/v1/host/peer-token",
+            "/metrics",
+            "/v1/volumesx",
+            "/v1/vmsx/1",
+        ] {
+            assert!(!peer_may_call(p), "{p}");
+        }
     }
 }

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_api::{PeerHello, PeerInfo};
+use ferry_api::{Operation, PeerHello, PeerInfo};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::write_atomic;
@@ -98,18 +100,49 @@ impl PeerClient {
         self.get("/v1/peer/hello").await
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, PeerError> {
+    /// `GET path` on the peer (any path its peer token opens, see
+    /// [`crate::auth::peer_may_call`]), decoding the JSON answer.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, PeerError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, PeerError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// `DELETE path`; the answer body is ignored.
+    pub async fn delete(&self, path: &str) -> Result<(), PeerError> {
+        self.call::<(), serde::de::IgnoredAny>(Method::DELETE, path, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// One call to the peer. Any 2xx answer is decoded as `T`; 401/403 is
+    /// [`PeerError::Rejected`]; other answers are [`PeerError::Failed`]
+    /// carrying the status and the peer's error message.
+    pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, PeerError> {
         let unreachable = |e: reqwest::Error| PeerError::Unreachable {
             url: self.url.clone(),
             detail: e.to_string(),
         };
-        let r = self
+        let mut req = self
             .http
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(unreachable)?;
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req.send().await.map_err(unreachable)?;
         let status = r.status().as_u16();
         if status == 401 || status == 403 {
             return Err(PeerError::Rejected {
@@ -118,18 +151,59 @@ impl PeerClient {
             });
         }
         let text = r.text().await.map_err(unreachable)?;
-        if status != 200 {
+        if !(200..300).contains(&status) {
+            // The peer's ApiError message when it sent one, else the body.
+            let detail = serde_json::from_str::<ferry_api::ApiError>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
             return Err(PeerError::Failed {
                 url: self.url.clone(),
                 status,
-                detail: text,
+                detail,
             });
         }
+        let text = if text.is_empty() { "null".into() } else { text };
         serde_json::from_str(&text).map_err(|e| PeerError::Failed {
             url: self.url.clone(),
             status,
             detail: format!("unexpected answer ({e}): {text}"),
         })
+    }
+
+    /// Polls operation `id` on the peer until it finishes, calling
+    /// `progress` with each view (for relaying its progress into a local
+    /// tree); returns the final operation. A failed or cancelled
+    /// operation is returned, not turned into an error: the caller says
+    /// what it means. Unreachable peers are retried for `patience`.
+    pub async fn wait_operation(
+        &self,
+        id: &str,
+        patience: Duration,
+        mut progress: impl FnMut(&Operation),
+    ) -> Result<Operation, PeerError> {
+        let path = format!("/v1/operations/{id}");
+        let mut down_since: Option<Instant> = None;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.get::<Operation>(&path).await {
+                Ok(op) => {
+                    down_since = None;
+                    progress(&op);
+                    if op.state.is_finished() {
+                        return Ok(op);
+                    }
+                }
+                Err(e @ PeerError::Unreachable { .. }) => {
+                    let since = *down_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > patience {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
     }
 }
 
