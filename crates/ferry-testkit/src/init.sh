@@ -5,6 +5,9 @@
 #   ferry.mount=/dev/vda   mount this ext4 device at /mnt/data (none: skip)
 #   ferry.workload=records|idle
 #   ferry.rate=N ferry.count=N ferry.size=BYTES   parameters of `records`
+#   ferry.freeze_hook_sleep=S  qemu-ga runs a fsfreeze hook that sleeps S
+#                          seconds before each freeze (an application hook
+#                          that hangs: the agent is stuck inside the freeze)
 # Every step that matters prints one `FERRY {json}` line on the console.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -12,7 +15,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /run /var/run /tmp /mnt/data /dev/virtio-ports
 
-AGENT=0 MOUNT=none WORKLOAD=idle RATE=10 COUNT= SIZE=512
+AGENT=0 MOUNT=none WORKLOAD=idle RATE=10 COUNT= SIZE=512 HOOK_SLEEP=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     ferry.agent=*) AGENT=${arg#*=} ;;
@@ -21,6 +24,7 @@ for arg in $(cat /proc/cmdline); do
     ferry.rate=*) RATE=${arg#*=} ;;
     ferry.count=*) COUNT=${arg#*=} ;;
     ferry.size=*) SIZE=${arg#*=} ;;
+    ferry.freeze_hook_sleep=*) HOOK_SLEEP=${arg#*=} ;;
   esac
 done
 
@@ -55,8 +59,23 @@ if [ "$MOUNT" != none ]; then
 fi
 
 if [ "$AGENT" = 1 ]; then
+  HOOK=
+  if [ -n "$HOOK_SLEEP" ]; then
+    mkdir -p /etc/qemu
+    cat > /etc/qemu/fsfreeze-hook <<EOF
+#!/bin/sh
+if [ "\$1" = freeze ]; then
+  ferry-guest event freeze-hook state=sleeping secs=$HOOK_SLEEP > /dev/console
+  sleep $HOOK_SLEEP
+  ferry-guest event freeze-hook state=done > /dev/console
+fi
+exit 0
+EOF
+    chmod 755 /etc/qemu/fsfreeze-hook
+    HOOK=--fsfreeze-hook=/etc/qemu/fsfreeze-hook
+  fi
   qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \
-    -t /run -f /run/qemu-ga.pid -l /run/qemu-ga.log &
+    -t /run -f /run/qemu-ga.pid -l /run/qemu-ga.log $HOOK &
 fi
 
 ferry-guest ready

@@ -105,10 +105,24 @@ async fn import_ext4(h: &Host, volume: &str) {
 /// Defines and starts a test-kit guest writing records at `rate` on
 /// `volume`; waits for its first record.
 async fn start_guest(h: &Host, name: &str, volume: &str, agent: bool, rate: f64) -> Guest {
+    start_guest_with(h, name, volume, agent, rate, &[]).await
+}
+
+/// [`start_guest`] with extra kernel command-line arguments for the kit's
+/// init (e.g. `ferry.freeze_hook_sleep=S`).
+async fn start_guest_with(
+    h: &Host,
+    name: &str,
+    volume: &str,
+    agent: bool,
+    rate: f64,
+    cmdline: &[&str],
+) -> Guest {
     import_ext4(h, volume).await;
     let image = GuestImage::get().await.unwrap();
     let mut cfg = GuestConfig::new(name);
     cfg.workload = Workload::records(rate);
+    cfg.cmdline = cmdline.iter().map(|a| a.to_string()).collect();
     // Only to make the kit mount /dev/vda; ferryd supplies the disk.
     cfg.disks.push(Disk::Nbd {
         server: NbdServer::Unix("/unused".into()),
@@ -419,6 +433,61 @@ async fn group_snapshots_of_writing_guests_in_both_modes() {
         .post("/v1/vm-snapshots", json!({"vms": ["vm-a"], "name": "a.b"}))
         .await;
     assert_eq!(s, 400, "{e}");
+}
+
+/// An agent stuck *inside* the freeze: the guest's fsfreeze hook (run by
+/// the real qemu-ga before it freezes) sleeps longer than Ferry waits for
+/// a freeze. The snapshot goes on crash-consistent and says why, a thaw is
+/// sent, and once the hook returns and the agent has frozen the file
+/// system, that queued thaw runs: the guest writes on. Both modes.
+#[tokio::test]
+async fn an_agent_stuck_inside_the_freeze_ends_thawed() {
+    let h = Host::new();
+    let _reaper = Reaper(h.data());
+    let hook = (vmsnap_agent_timeout() + Duration::from_secs(4)).as_secs();
+    let arg = format!("ferry.freeze_hook_sleep={hook}");
+    let mut a = start_guest_with(&h, "vm-a", "disk-a", true, 20.0, &[&arg]).await;
+    for mode in ["overlay", "direct"] {
+        let name = format!("hook-{mode}");
+        let acked = a.wait_new_record();
+        let hooks_done = hook_events(&mut a, "done");
+        let t0 = Instant::now();
+        let op = snapshot(&h, json!({"vms": ["vm-a"], "name": name, "mode": mode})).await;
+        println!("{mode}: operation took {:?}\n{}", t0.elapsed(), log_of(&op));
+        assert_eq!(op["state"], "succeeded", "{op}");
+        let (_, g) = h.get(&format!("/v1/vm-snapshots/{name}")).await;
+        let v = &g["vms"][0];
+        assert_eq!(v["consistency"], "crash_consistent", "{g}");
+        let note = v["note"].as_str().unwrap_or_default();
+        assert!(note.contains("freeze"), "{g}");
+        assert!(overlay_files(&h).is_empty(), "{:?}", overlay_files(&h));
+        check_snapshot(&h, &g, "vm-a", acked).await;
+        // The hook returns, the agent freezes, then runs the queued thaw.
+        let deadline = Instant::now() + T;
+        while hook_events(&mut a, "done") == hooks_done {
+            assert!(Instant::now() < deadline, "{}", a.console.tail(30));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let seq = a.last_record();
+        let after = a.wait_record_after(seq);
+        println!("{mode}: record {after} written after the late freeze: thawed");
+    }
+}
+
+/// How long ferryd waits for a freeze (groupsnap's `AGENT_TIMEOUT`).
+fn vmsnap_agent_timeout() -> Duration {
+    ferryd::groupsnap::AGENT_TIMEOUT
+}
+
+/// How many `freeze-hook` events with this state the guest printed.
+fn hook_events(g: &mut Guest, state: &str) -> usize {
+    g.console.poll().unwrap();
+    g.console
+        .events()
+        .iter()
+        .filter(|e| e.name == "freeze-hook" && e.str("state") == Some(state))
+        .count()
 }
 
 /// Waits until `g` writes no record for `quiet`: its file system is frozen.
