@@ -70,6 +70,24 @@ pub struct GrowVolume {
 pub struct CreateSnapshot {
     pub name: String,
     pub volumes: Vec<String>,
+    /// The snapshots' names, one per volume, for a group snapshot named
+    /// `name` (default: `name` for one volume, `name@volume` for several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_names: Option<Vec<String>>,
+}
+
+/// `POST /v1/volumes/{name}/revert`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct RevertVolume {
+    /// A snapshot of that volume.
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct RevertedVolume {
+    pub snapshot: String,
+    /// Bytes copied back from the snapshot.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]

@@ -65,6 +65,10 @@ pub enum VmDisk {
 pub struct VmDiskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
+    /// The peer (as registered on this host) whose pool holds `volume`;
+    /// absent: this host's pool. QEMU reaches it over NBD/TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// An image file on the daemon's host (absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
@@ -87,11 +91,24 @@ impl VmDisk {
         }
     }
 
-    /// The pool volume this disk uses, if it is one.
+    /// The volume of this host's pool this disk uses, if it is one.
     pub fn volume(&self) -> Option<&str> {
         match self {
             VmDisk::Volume(v) => Some(v),
-            VmDisk::Spec(s) => s.volume.as_deref(),
+            VmDisk::Spec(s) if s.host.is_none() => s.volume.as_deref(),
+            VmDisk::Spec(_) => None,
+        }
+    }
+
+    /// `(peer, volume)` when this disk is a volume in another host's pool.
+    pub fn remote(&self) -> Option<(&str, &str)> {
+        match self {
+            VmDisk::Spec(VmDiskSpec {
+                host: Some(h),
+                volume: Some(v),
+                ..
+            }) => Some((h, v)),
+            _ => None,
         }
     }
 }
@@ -152,7 +169,10 @@ pub struct VmDiskInfo {
     pub volume: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
-    /// The internal NBD export serving the volume.
+    /// The peer whose pool holds `volume` (absent: this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The NBD export serving the volume (on `host` when set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<String>,
     pub read_only: bool,

@@ -16,7 +16,8 @@ pub struct DefineArgs {
     /// A full definition (JSON, as `POST /v1/vms` takes it); other flags are ignored.
     #[arg(long, conflicts_with = "name")]
     from_json: Option<String>,
-    /// A pool volume to attach (vda, vdb, ... in order).
+    /// A pool volume to attach (vda, vdb, ... in order); `PEER:VOLUME` for
+    /// a volume in the pool of a registered peer (served over NBD/TCP).
     #[arg(long = "disk")]
     disks: Vec<String>,
     #[arg(long, default_value_t = 1)]
@@ -171,7 +172,10 @@ fn vm_detail(v: &VmInfo) -> String {
             d.id,
             d.volume
                 .as_ref()
-                .map(|v| format!("volume {v}"))
+                .map(|v| match &d.host {
+                    Some(h) => format!("volume {v} on {h}"),
+                    None => format!("volume {v}"),
+                })
                 .or_else(|| d.file.as_ref().map(|f| format!("file {f}")))
                 .unwrap_or_default(),
             d.export
@@ -217,7 +221,7 @@ pub async fn run(c: &Client, j: bool, verb: VmVerb) -> anyhow::Result<i32> {
                     uuid,
                     vcpus,
                     memory_mib: memory_mib(&memory)?,
-                    disks: disks.into_iter().map(VmDisk::Volume).collect(),
+                    disks: disks.into_iter().map(disk_arg).collect(),
                     boot: match kernel {
                         Some(k) => VmBoot::Kernel {
                             kernel: absolute(&k)?,
@@ -287,9 +291,21 @@ pub async fn run(c: &Client, j: bool, verb: VmVerb) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `VOLUME` or `PEER:VOLUME`.
+fn disk_arg(a: String) -> VmDisk {
+    match a.split_once(':') {
+        Some((host, volume)) => VmDisk::Spec(ferry_api::VmDiskSpec {
+            volume: Some(volume.to_string()),
+            host: Some(host.to_string()),
+            ..Default::default()
+        }),
+        None => VmDisk::Volume(a),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::memory_mib;
+    use super::{VmDisk, disk_arg, memory_mib};
 
     #[test]
     fn memory_is_mib_or_a_size() {
@@ -297,5 +313,13 @@ mod tests {
         assert_eq!(memory_mib("1G").unwrap(), 1024);
         assert_eq!(memory_mib("256M").unwrap(), 256);
         assert!(memory_mib("x").is_err());
+    }
+
+    #[test]
+    fn disks_on_peers() {
+        assert_eq!(disk_arg("v".into()), VmDisk::Volume("v".into()));
+        let d = disk_arg("host-b:v".into());
+        assert_eq!(d.remote(), Some(("host-b", "v")));
+        assert_eq!(d.volume(), None);
     }
 }

@@ -55,7 +55,13 @@ impl Daemon {
         let peers = Arc::new(Peers::load(dir.peers())?);
         std::fs::create_dir_all(dir.run())?;
         let exports = Arc::new(Exports::load(&pool, dir.exports(), dir.nbd_socket())?);
-        let vms = Arc::new(Vms::load(&dir, &cfg.accel, pool.clone(), exports.clone())?);
+        let vms = Arc::new(Vms::load(
+            &dir,
+            &cfg.accel,
+            pool.clone(),
+            exports.clone(),
+            peers.clone(),
+        )?);
         let ops = Manager::new(
             journal,
             Arc::new(App {
@@ -64,7 +70,7 @@ impl Daemon {
             }),
         );
         crate::operations::register(&ops);
-        crate::groupsnap::register(&ops, &vms, &exports, &cfg.name, &dir.root);
+        crate::groupsnap::register(&ops, &vms, &exports, &peers, &cfg.name, &dir.root);
         Ok(Arc::new(Daemon {
             cfg,
             dir,

@@ -42,6 +42,7 @@
 //! Disks in pools of other hosts are not supported yet: `resolve` refuses
 //! them with an error naming the disk.
 
+mod remote;
 mod store;
 
 pub use store::{
@@ -66,7 +67,9 @@ use serde_json::{Value, json};
 use crate::daemon::App;
 use crate::exports::Exports;
 use crate::operations::blocking;
+use crate::peers::Peers;
 use crate::vms::{Vm, Vms};
+use remote::RemotePair;
 
 /// The operation kind.
 pub const KIND: &str = "vm-snapshot";
@@ -92,6 +95,8 @@ pub const FAULT_VAR: &str = "FERRY_VMSNAP_TEST_FAULT";
 pub struct Env {
     pub vms: Arc<Vms>,
     pub exports: Arc<Exports>,
+    /// Other hosts, whose pools may hold some of the VMs' disks.
+    pub peers: Arc<Peers>,
     /// This host's name.
     pub host: String,
     /// `<data>`.
@@ -114,6 +119,7 @@ impl Env {
         Arc::new(Env {
             vms: d.vms.clone(),
             exports: d.exports.clone(),
+            peers: d.peers.clone(),
             host: d.cfg.name.clone(),
             root: d.dir.root.clone(),
         })
@@ -121,10 +127,18 @@ impl Env {
 }
 
 /// Registers `vm-snapshot` with the manager.
-pub fn register(m: &Manager<App>, vms: &Arc<Vms>, exports: &Arc<Exports>, host: &str, root: &Path) {
+pub fn register(
+    m: &Manager<App>,
+    vms: &Arc<Vms>,
+    exports: &Arc<Exports>,
+    peers: &Arc<Peers>,
+    host: &str,
+    root: &Path,
+) {
     let env = Arc::new(Env {
         vms: vms.clone(),
         exports: exports.clone(),
+        peers: peers.clone(),
         host: host.to_string(),
         root: root.to_path_buf(),
     });
@@ -279,6 +293,9 @@ struct ResolvedDisk {
     export: String,
     volume: String,
     size: u64,
+    /// The peer whose pool holds `volume` (absent: this host's pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -367,15 +384,32 @@ impl Resolve {
                     chain.top().protocol.filename
                 ));
             }
-            let export = match &chain.base().target {
+            let local = match &chain.base().target {
                 BlockTarget::Nbd {
                     server: NbdServer::Unix(sock),
                     export,
-                } if *sock == self.env.exports.unix_path => export.clone(),
+                } if *sock == self.env.exports.unix_path => Some(export.clone()),
+                BlockTarget::Nbd {
+                    server: NbdServer::Tcp { .. },
+                    export,
+                } => {
+                    let (peer, volume, size) =
+                        remote::resolve(&self.env, &vm.definition(), &vm.uuid, dev, export)
+                            .await
+                            .map_err(|e| format!("VM {name}: {e}"))?;
+                    disks.push(ResolvedDisk {
+                        device: dev.clone(),
+                        export: export.split('/').next().unwrap_or_default().to_string(),
+                        volume,
+                        size,
+                        peer: Some(peer),
+                    });
+                    None
+                }
                 BlockTarget::Nbd { server, .. } => {
                     return Err(format!(
-                        "VM {name}: disk {dev} is served by {server:?}, not this host's pool \
-                         (disks in pools of other hosts are not supported yet)"
+                        "VM {name}: disk {dev} is served by {server:?}, neither this host's pool \
+                         nor a peer's"
                     ));
                 }
                 other => {
@@ -384,6 +418,7 @@ impl Resolve {
                     ));
                 }
             };
+            let Some(export) = local else { continue };
             let volume = self
                 .env
                 .exports
@@ -401,6 +436,7 @@ impl Resolve {
                 export,
                 volume,
                 size,
+                peer: None,
             });
         }
         if disks.is_empty() {
@@ -435,7 +471,7 @@ impl Step<App> for Resolve {
                     .await
                     .map_err(StepError::Failed)?;
                 for d in &vm.disks {
-                    if !seen.insert(d.volume.clone()) {
+                    if !seen.insert((d.peer.clone(), d.volume.clone())) {
                         return Err(StepError::failed(format!(
                             "volume {} is a disk of two of the VMs",
                             d.volume
@@ -447,7 +483,12 @@ impl Step<App> for Resolve {
                     vm.name,
                     vm.disks
                         .iter()
-                        .map(|d| format!("{} → ({}, local, {})", d.device, self.env.host, d.volume))
+                        .map(|d| format!(
+                            "{} → ({}, local, {})",
+                            d.device,
+                            d.peer.as_deref().unwrap_or(&self.env.host),
+                            d.volume
+                        ))
                         .collect::<Vec<_>>()
                         .join(", "),
                     if vm.agent_channel { "yes" } else { "no" }
@@ -785,11 +826,12 @@ async fn sweep(qmp: &QmpClient, dir: &Path) -> Result<String, String> {
 
 // ---------------------------------------------------- storage snapshot
 
+/// (volume, snapshot) of every disk in this host's pool.
 fn pairs(p: &Params, r: &Resolved) -> Vec<(String, String)> {
     r.vms
         .iter()
         .flat_map(|vm| {
-            vm.disks.iter().map(|d| {
+            vm.disks.iter().filter(|d| d.peer.is_none()).map(|d| {
                 (
                     d.volume.clone(),
                     snapshot_name(&p.name, &vm.name, &d.device),
@@ -797,6 +839,44 @@ fn pairs(p: &Params, r: &Resolved) -> Vec<(String, String)> {
             })
         })
         .collect()
+}
+
+/// Every disk in a peer's pool.
+fn remote_pairs(p: &Params, r: &Resolved) -> Vec<RemotePair> {
+    r.vms
+        .iter()
+        .flat_map(|vm| {
+            vm.disks.iter().filter_map(|d| {
+                Some(RemotePair {
+                    peer: d.peer.clone()?,
+                    volume: d.volume.clone(),
+                    snapshot: snapshot_name(&p.name, &vm.name, &d.device),
+                })
+            })
+        })
+        .collect()
+}
+
+fn intent_remote(intent: &Value) -> Vec<RemotePair> {
+    serde_json::from_value(intent["remote"].clone()).unwrap_or_default()
+}
+
+/// Takes the group snapshot in this host's pool, then on each peer
+/// holding some of the disks (one atomic group snapshot per pool).
+async fn take_everywhere(
+    env: &Env,
+    pool: &ferry_pool::Pool,
+    group: &str,
+    local: &[(String, String)],
+    remote: &[RemotePair],
+) -> Result<Vec<String>, String> {
+    if !local.is_empty() {
+        let (pool, g, pp) = (pool.clone(), group.to_string(), local.to_vec());
+        blocking(move || take_group(&pool, &g, &pp))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    remote::take(env, group, remote).await
 }
 
 /// Takes the group snapshot unless a run before a crash already did.
@@ -855,28 +935,38 @@ impl Step<App> for StorageSnapshot {
 
     fn intent(&self, cx: &StepContext<App>) -> Result<Value, StepError> {
         let r = resolved(cx)?;
-        Ok(json!({ "group": self.p.name, "pairs": pairs(&self.p, &r) }))
+        Ok(json!({
+            "group": self.p.name,
+            "pairs": pairs(&self.p, &r),
+            "remote": remote_pairs(&self.p, &r),
+        }))
     }
 
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
-            let _ = &self.env;
             let r = resolved(cx)?;
             let pairs = pairs(&self.p, &r);
-            let (pool, group, pp) = (cx.app.pool.clone(), self.p.name.clone(), pairs.clone());
+            let remote = remote_pairs(&self.p, &r);
             let t0 = Instant::now();
-            blocking(move || take_group(&pool, &group, &pp)).await?;
+            let lines = take_everywhere(&self.env, &cx.app.pool, &self.p.name, &pairs, &remote)
+                .await
+                .map_err(StepError::Failed)?;
             let storage_ms = ms(t0.elapsed());
-            cx.log(format!(
-                "pool group snapshot {} of exactly {} volume(s): {} ({storage_ms:.1} ms)",
-                self.p.name,
-                pairs.len(),
-                pairs
-                    .iter()
-                    .map(|(v, s)| format!("{v} → {s}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            if !pairs.is_empty() {
+                cx.log(format!(
+                    "pool group snapshot {} of exactly {} volume(s): {} ({storage_ms:.1} ms)",
+                    self.p.name,
+                    pairs.len(),
+                    pairs
+                        .iter()
+                        .map(|(v, s)| format!("{v} → {s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            for l in lines {
+                cx.log(l);
+            }
             Ok(json!({ "storage_ms": storage_ms }))
         })
     }
@@ -890,10 +980,14 @@ impl Step<App> for StorageSnapshot {
         Box::pin(async move {
             let pool = cx.app.pool.clone();
             let pairs = intent_pairs(intent);
-            let n = pairs.len();
+            let remote = intent_remote(intent);
+            let n = pairs.len() + remote.len();
             tokio::task::spawn_blocking(move || delete_pairs(&pool, &pairs))
                 .await
                 .map_err(StepError::failed)??;
+            remote::delete(&self.env, &remote)
+                .await
+                .map_err(StepError::Failed)?;
             cx.log(format!("deleted the group's snapshots ({n} volume(s))"));
             Ok(())
         })
@@ -975,13 +1069,19 @@ impl Step<App> for Direct {
 
     fn intent(&self, cx: &StepContext<App>) -> Result<Value, StepError> {
         let r = resolved(cx)?;
-        Ok(json!({ "group": self.p.name, "vms": self.p.vms, "pairs": pairs(&self.p, &r) }))
+        Ok(json!({
+            "group": self.p.name,
+            "vms": self.p.vms,
+            "pairs": pairs(&self.p, &r),
+            "remote": remote_pairs(&self.p, &r),
+        }))
     }
 
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
             let r = resolved(cx)?;
             let pairs = pairs(&self.p, &r);
+            let remote = remote_pairs(&self.p, &r);
             let mut agents = Vec::new();
             for vm in &self.p.vms {
                 let (_, _, qga) = control(&self.env, vm).await.map_err(StepError::Failed)?;
@@ -1026,9 +1126,9 @@ impl Step<App> for Direct {
             if !guards.is_empty() {
                 test_pause(&format!("{KIND}:frozen")).await;
             }
-            let (pool, group, pp) = (cx.app.pool.clone(), self.p.name.clone(), pairs.clone());
             let t_snap = Instant::now();
-            let snap = blocking(move || take_group(&pool, &group, &pp)).await;
+            let snap =
+                take_everywhere(&self.env, &cx.app.pool, &self.p.name, &pairs, &remote).await;
             let t_snapped = Instant::now();
             let thaws =
                 futures::future::join_all(guards.into_iter().map(|(vm, g, at)| async move {
@@ -1061,7 +1161,7 @@ impl Step<App> for Direct {
                 });
             }
             cx.progress.update(|t| t.finish(self.storage));
-            snap.map_err(|e| {
+            let remote_lines = snap.map_err(|e| {
                 StepError::failed(format!(
                     "the pool group snapshot failed: {e}; every frozen guest was sent a thaw"
                 ))
@@ -1084,8 +1184,11 @@ impl Step<App> for Direct {
             cx.log(format!(
                 "pool group snapshot {} of exactly {} volume(s) ({storage_ms:.1} ms)",
                 self.p.name,
-                pairs.len()
+                pairs.len() + remote.len()
             ));
+            for l in remote_lines {
+                cx.log(l);
+            }
             let per_vm: Vec<Value> = qs
                 .iter()
                 .map(|q| serde_json::to_value(q).unwrap_or(Value::Null))
@@ -1124,6 +1227,9 @@ impl Step<App> for Direct {
                 .map_err(StepError::failed)
                 .and_then(|r| r)
             {
+                problems.push(format!("cannot delete the group's snapshots: {e}"));
+            }
+            if let Err(e) = remote::delete(&self.env, &intent_remote(intent)).await {
                 problems.push(format!("cannot delete the group's snapshots: {e}"));
             }
             if problems.is_empty() {
@@ -1186,7 +1292,7 @@ impl Record {
                     .iter()
                     .map(|d| VmSnapshotDisk {
                         device: d.device.clone(),
-                        host: self.env.host.clone(),
+                        host: d.peer.clone().unwrap_or_else(|| self.env.host.clone()),
                         pool: "local".into(),
                         volume: d.volume.clone(),
                         snapshot: snapshot_name(&self.p.name, &rv.name, &d.device),

@@ -212,6 +212,19 @@ fn build() -> Doc {
     );
     let r = d.schema::<crate::api::ExportRequest>();
     d.op("post", "/v1/volumes/{name}/export", "volumes", "Export a volume to a qcow2 or raw file, consistently through a temporary snapshot (an operation).", r, (202, started.clone()), &[400, 404, 409]);
+    let (r, s) = (
+        d.schema::<ferry_api::RevertVolume>(),
+        d.schema::<ferry_api::RevertedVolume>(),
+    );
+    d.op(
+        "post",
+        "/v1/volumes/{name}/revert",
+        "volumes",
+        "Make a volume's content its snapshot's again (only ranges written since are copied back); refused while a VM of this host using it runs.",
+        r,
+        (200, s),
+        &[400, 404, 409],
+    );
 
     let s = d.schema::<Vec<SnapshotInfo>>();
     d.op(

@@ -13,6 +13,8 @@
 //!   `vm.<uuid>.<disk id>` on the local unix socket, persisted with the
 //!   other exports (`exports.json`), so a volume with a VM cannot be deleted
 //!   and QEMU finds the same export again after a ferryd restart.
+//! - A disk in another host's pool (`{"host": peer, "volume": v}`) is
+//!   served by an export on that peer, reached over NBD/TCP ([`remote`]).
 //!
 //! # Life cycle and crashes
 //! ferryd never kills a VM except when asked to (`stop`, `kill`): a clean
@@ -30,7 +32,7 @@
 //! record without some exports (they are re-created at `start`) or exports
 //! without a record (removed at the next start of ferryd).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -46,6 +48,10 @@ use uuid::Uuid;
 
 use crate::config::{DataDir, write_atomic};
 use crate::exports::{ExportError, Exports};
+use crate::peers::Peers;
+
+pub mod remote;
+use remote::RemoteDisk;
 
 /// Version of the record format in `vms/<uuid>.json`.
 pub const RECORD_FORMAT: u32 = 1;
@@ -147,6 +153,7 @@ pub struct Vms {
     default_accel: String,
     pool: Pool,
     exports: Arc<Exports>,
+    peers: Arc<Peers>,
     table: Mutex<BTreeMap<Uuid, Arc<Vm>>>,
 }
 
@@ -206,6 +213,7 @@ impl Vms {
         default_accel: &str,
         pool: Pool,
         exports: Arc<Exports>,
+        peers: Arc<Peers>,
     ) -> anyhow::Result<Vms> {
         use anyhow::Context;
         let defs = dir.root.join("vms");
@@ -268,6 +276,7 @@ impl Vms {
             default_accel: default_accel.to_string(),
             pool,
             exports,
+            peers,
             table: Mutex::new(table),
         })
     }
@@ -401,6 +410,28 @@ impl Vms {
             let s = d.spec();
             let field = format!("disks[{i}]");
             match (&s.volume, &s.file) {
+                (Some(v), None) if s.host.is_some() => {
+                    if s.format.is_some() {
+                        return Err(invalid(
+                            format!("{field}.format"),
+                            "format applies to file disks only (volumes are raw)",
+                        ));
+                    }
+                    let h = s.host.as_deref().unwrap_or_default();
+                    if h.is_empty() {
+                        return Err(invalid(format!("{field}.host"), "name a registered peer"));
+                    }
+                    let twice = def.disks[..i].iter().any(|o| o.remote() == Some((h, v)));
+                    if twice {
+                        return Err(invalid(field, format!("volume {v} on {h} is named twice")));
+                    }
+                }
+                (None, Some(_)) if s.host.is_some() => {
+                    return Err(invalid(
+                        format!("{field}.host"),
+                        "host applies to volume disks only",
+                    ));
+                }
                 (Some(v), None) => {
                     if s.format.is_some() {
                         return Err(invalid(
@@ -442,7 +473,7 @@ impl Vms {
             note: None,
         };
         // The QEMU-level checks (node names, paths) before anything is written.
-        self.spec_of(&rec, &uuid)?
+        self.spec_of(&rec, &uuid, None)?
             .validate()
             .map_err(|e| invalid("definition", e.to_string()))?;
 
@@ -522,8 +553,21 @@ impl Vms {
         Ok(())
     }
 
-    /// The QEMU definition of a record.
-    fn spec_of(&self, rec: &VmRecord, uuid: &Uuid) -> Result<VmSpec, VmError> {
+    /// Checks what [`Vms::define`] cannot without the network: every disk
+    /// in another host's pool names a registered peer holding the volume.
+    pub async fn check_remote(&self, def: &VmDefinition) -> Result<(), VmError> {
+        remote::check(&self.peers, def).await
+    }
+
+    /// The QEMU definition of a record; `remote` says where each disk in
+    /// another host's pool is served (`None`: only validating, a
+    /// placeholder address stands in).
+    fn spec_of(
+        &self,
+        rec: &VmRecord,
+        uuid: &Uuid,
+        remote: Option<&HashMap<String, RemoteDisk>>,
+    ) -> Result<VmSpec, VmError> {
         let d = &rec.definition;
         let mut spec = VmSpec::new(&d.name);
         spec.uuid = *uuid;
@@ -552,6 +596,27 @@ impl Vms {
             let s = disk.spec();
             let id = disk_id(i);
             let source = match (&s.volume, &s.file) {
+                (Some(_), _) if s.host.is_some() => {
+                    let placeholder = RemoteDisk {
+                        server: NbdServer::Tcp {
+                            host: s.host.clone().unwrap_or_default(),
+                            port: 10809,
+                        },
+                        export: remote::remote_export_name(uuid, &id),
+                    };
+                    let r = match remote {
+                        Some(m) => m.get(&id).cloned().ok_or_else(|| VmError::Other {
+                            vm: d.name.clone(),
+                            msg: format!("disk {id}: its peer's export is not known"),
+                        })?,
+                        None => placeholder,
+                    };
+                    DiskSource::Nbd {
+                        server: r.server,
+                        export: r.export,
+                        tls_creds: None,
+                    }
+                }
                 (Some(_), _) => DiskSource::Nbd {
                     server: NbdServer::Unix(self.nbd_socket.clone()),
                     export: export_name(uuid, &id),
@@ -613,12 +678,15 @@ impl Vms {
             .enumerate()
             .map(|(i, d)| {
                 let s = d.spec();
+                let export = match (&s.volume, &s.host) {
+                    (Some(_), Some(_)) => Some(remote::remote_export_name(&vm.uuid, &disk_id(i))),
+                    (Some(_), None) => Some(export_name(&vm.uuid, &disk_id(i))),
+                    _ => None,
+                };
                 VmDiskInfo {
                     id: disk_id(i),
-                    export: s
-                        .volume
-                        .as_ref()
-                        .map(|_| export_name(&vm.uuid, &disk_id(i))),
+                    export,
+                    host: s.host,
                     volume: s.volume,
                     file: s.file,
                     read_only: s.read_only,
@@ -766,7 +834,8 @@ impl Vms {
                 vm: vm.name.clone(),
                 msg: e.to_string(),
             })??;
-        let spec = self.spec_of(&rec, &vm.uuid)?;
+        let remote = remote::ensure(&self.peers, &rec.definition, &vm.uuid).await?;
+        let spec = self.spec_of(&rec, &vm.uuid, Some(&remote))?;
         let p = VmProcess::start(&spec, self.run_dir(&vm.uuid), LaunchOptions::default())
             .await
             .map_err(|err| VmError::Qemu {
@@ -863,6 +932,9 @@ impl Vms {
             })??;
         slot.deleted = true;
         lock(&self.table).remove(&vm.uuid);
+        for l in remote::remove(&self.peers, &vm.record().definition, &vm.uuid).await {
+            tracing::warn!("VM {}: {l}", vm.name);
+        }
         tracing::info!("deleted VM {} ({})", vm.name, vm.uuid);
         Ok(())
     }

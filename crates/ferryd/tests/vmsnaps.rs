@@ -119,6 +119,19 @@ async fn start_guest_with(
     cmdline: &[&str],
 ) -> Guest {
     import_ext4(h, volume).await;
+    start_guest_on(h, name, json!([volume]), agent, rate, cmdline).await
+}
+
+/// Defines and starts a test-kit guest on `disks` (as the API takes them;
+/// the first one holds the records); waits for its first record.
+async fn start_guest_on(
+    h: &Host,
+    name: &str,
+    disks: Value,
+    agent: bool,
+    rate: f64,
+    cmdline: &[&str],
+) -> Guest {
     let image = GuestImage::get().await.unwrap();
     let mut cfg = GuestConfig::new(name);
     cfg.workload = Workload::records(rate);
@@ -126,13 +139,13 @@ async fn start_guest_with(
     // Only to make the kit mount /dev/vda; ferryd supplies the disk.
     cfg.disks.push(Disk::Nbd {
         server: NbdServer::Unix("/unused".into()),
-        export: volume.into(),
+        export: "unused".into(),
     });
     let def = json!({
         "name": name,
         "vcpus": 1,
         "memory_mib": 256,
-        "disks": [volume],
+        "disks": disks,
         "boot": {
             "kind": "kernel",
             "kernel": image.kernel(),
@@ -510,6 +523,142 @@ fn wait_frozen(g: &mut Guest, quiet: Duration) {
             g.name
         );
     }
+}
+
+/// A VM of host A whose record disk is a volume in host B's pool (served
+/// over NBD/TCP by B) and whose second disk is in A's pool: a group
+/// snapshot in each mode snapshots exactly those two volumes, each in its
+/// own pool, and nothing else on B; the snapshot on B is clean and holds
+/// the records; clone, revert and delete reach B; deleting the VM removes
+/// its export on B.
+#[tokio::test]
+async fn disks_in_another_hosts_pool() {
+    let a = Host::named("host-a");
+    let b = Host::named("host-b");
+    let _reapers = (Reaper(a.data()), Reaper(b.data()));
+    let (s, t) = b.get("/v1/host/peer-token").await;
+    assert_eq!(s, 200, "{t}");
+    let (s, p) = a
+        .post("/v1/peers", json!({ "url": b.url, "token": t["token"] }))
+        .await;
+    assert_eq!(s, 201, "{p}");
+    import_ext4(&b, "disk-r").await;
+    import_ext4(&b, "other-b").await;
+    import_ext4(&a, "disk-l").await;
+
+    // A remote disk naming a volume the peer does not have: 404, nothing defined.
+    let (s, e) = a
+        .post(
+            "/v1/vms",
+            json!({"name": "bad", "disks": [{"host": "host-b", "volume": "nope"}],
+                   "boot": {"kind": "kernel", "kernel": "/bin/sh"}}),
+        )
+        .await;
+    assert_eq!(s, 404, "{e}");
+    let disks = json!([{"host": "host-b", "volume": "disk-r"}, "disk-l"]);
+    let mut g = start_guest_on(&a, "vm-r", disks, true, 20.0, &[]).await;
+    let (_, info) = a.get("/v1/vms/vm-r").await;
+    assert_eq!(info["disks"][0]["host"], "host-b", "{info}");
+    let export = info["disks"][0]["export"].as_str().unwrap().to_string();
+    let (s, e) = b.get(&format!("/v1/exports/{export}")).await;
+    assert_eq!((s, &e["volume"]), (200, &json!("disk-r")), "{e}");
+
+    for mode in ["overlay", "direct"] {
+        let name = format!("remote-{mode}");
+        let acked = g.wait_new_record();
+        let op = snapshot(&a, json!({"vms": ["vm-r"], "name": name, "mode": mode})).await;
+        let log = log_of(&op);
+        println!("{mode}:\n{log}");
+        assert_eq!(op["state"], "succeeded", "{op}");
+        assert!(log.contains("vda → (host-b, local, disk-r)"), "{log}");
+        let (_, grp) = a.get(&format!("/v1/vm-snapshots/{name}")).await;
+        let d = &grp["vms"][0]["disks"];
+        assert_eq!(
+            (&d[0]["host"], &d[1]["host"]),
+            (&json!("host-b"), &json!("host-a")),
+            "{grp}"
+        );
+        assert_eq!(grp["vms"][0]["consistency"], "quiesced", "{grp}");
+        // Exactly the VM's volumes, each in its own pool.
+        let (_, sb) = b.get("/v1/snapshots").await;
+        let on_b: Vec<&Value> = sb
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["group"] == json!(name))
+            .collect();
+        assert_eq!(on_b.len(), 1, "{sb}");
+        assert_eq!(on_b[0]["volume"], "disk-r");
+        assert!(
+            sb.as_array()
+                .unwrap()
+                .iter()
+                .all(|x| x["volume"] != "other-b"),
+            "{sb}"
+        );
+        let (_, sa) = a.get("/v1/snapshots").await;
+        assert_eq!(
+            sa.as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["group"] == json!(name) && x["volume"] == "disk-l")
+                .count(),
+            1,
+            "{sa}"
+        );
+        check_snapshot(&b, &grp, "vm-r", acked).await;
+        g.wait_new_record();
+    }
+
+    // Clone: the remote disk's clone is made on B, the local one on A.
+    let (s, c) = a
+        .post(
+            "/v1/vm-snapshots/remote-direct/clone",
+            json!({"name": "vm-c"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{c}");
+    assert_eq!(c["disks"][0]["host"], "host-b", "{c}");
+    let (s, v) = b.get("/v1/volumes/vm-c-vda").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = a.get("/v1/volumes/vm-c-vdb").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, e) = a.delete("/v1/vms/vm-c").await;
+    assert!(s == 204 || s == 200, "{e}");
+
+    // Revert needs the VM stopped; then the disk on B gets its content back.
+    let (s, e) = a
+        .post("/v1/vm-snapshots/remote-direct/revert", json!({}))
+        .await;
+    assert_eq!(s, 409, "{e}");
+    let (s, v) = a.post("/v1/vms/vm-r/kill", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, r) = a
+        .post("/v1/vm-snapshots/remote-direct/revert", json!({}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert!(r[0]["bytes"].as_u64().unwrap() > 0, "{r}");
+
+    // A group whose snapshot on B has a clone cannot be deleted (409, as
+    // for a local one); once the clone's volumes are gone it can.
+    let (s, e) = a.delete("/v1/vm-snapshots/remote-direct").await;
+    assert_eq!(s, 409, "{e}");
+    let (s, e) = b.delete("/v1/volumes/vm-c-vda").await;
+    assert_eq!(s, 204, "{e}");
+    let (s, e) = a.delete("/v1/volumes/vm-c-vdb").await;
+    assert_eq!(s, 204, "{e}");
+    // Delete the groups: their snapshots go on both hosts.
+    for name in ["remote-overlay", "remote-direct"] {
+        let (s, e) = a.delete(&format!("/v1/vm-snapshots/{name}")).await;
+        assert_eq!(s, 204, "{e}");
+    }
+    let (_, sb) = b.get("/v1/snapshots").await;
+    assert_eq!(sb, json!([]), "{sb}");
+    // Deleting the VM removes its export on B.
+    let (s, e) = a.delete("/v1/vms/vm-r").await;
+    assert!(s == 204 || s == 200, "{e}");
+    let (s, _) = b.get(&format!("/v1/exports/{export}")).await;
+    assert_eq!(s, 404);
 }
 
 #[tokio::test]

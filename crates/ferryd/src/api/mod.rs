@@ -9,6 +9,7 @@ mod vms;
 mod vmsnaps;
 mod volumes;
 
+pub(crate) use volumes::revert_volume;
 pub use volumes::{ExportRequest, ImportRequest};
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/volumes/{name}/grow", post(volumes::grow))
         .route("/v1/volumes/{name}/import", post(volumes::import))
         .route("/v1/volumes/{name}/export", post(volumes::export))
+        .route("/v1/volumes/{name}/revert", post(volumes::revert))
         .route(
             "/v1/snapshots",
             get(volumes::snapshots).post(volumes::snapshot),

@@ -69,6 +69,7 @@ pub async fn define(
     State(d): State<Arc<Daemon>>,
     Body(def): Body<VmDefinition>,
 ) -> Result<(StatusCode, Json<VmInfo>), Failure> {
+    d.vms.check_remote(&def).await?;
     let vms = d.vms.clone();
     let vm = tokio::task::spawn_blocking(move || vms.define(def))
         .await

@@ -134,9 +134,7 @@ pub async fn delete(
 ) -> Result<StatusCode, Failure> {
     let env = Env::of(&d);
     let pool = d.pool().clone();
-    tokio::task::spawn_blocking(move || groupsnap::delete_group(&env, &pool, &name))
-        .await
-        .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None))??;
+    groupsnap::delete_group(env, pool, name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

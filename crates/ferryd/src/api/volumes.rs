@@ -295,16 +295,34 @@ pub async fn snapshot(
     if req.volumes.is_empty() {
         return Err(bad_field("volumes", "name at least one volume"));
     }
+    if let Some(names) = &req.snapshot_names {
+        if names.len() != req.volumes.len() {
+            return Err(bad_field(
+                "snapshot_names",
+                &format!(
+                    "{} snapshot names for {} volumes; give one per volume",
+                    names.len(),
+                    req.volumes.len()
+                ),
+            ));
+        }
+        for n in names {
+            check_name("snapshot_names", n)?;
+        }
+    }
     let pool = d.pool().clone();
     let made = blocking(move || {
-        if let [one] = req.volumes.as_slice() {
+        if let ([one], None) = (req.volumes.as_slice(), &req.snapshot_names) {
             Ok(vec![pool.snapshot(one, &req.name)?])
         } else {
-            let names: Vec<String> = req
-                .volumes
-                .iter()
-                .map(|v| format!("{}@{v}", req.name))
-                .collect();
+            let names: Vec<String> = match req.snapshot_names {
+                Some(n) => n,
+                None => req
+                    .volumes
+                    .iter()
+                    .map(|v| format!("{}@{v}", req.name))
+                    .collect(),
+            };
             let pairs: Vec<(&str, &str)> = req
                 .volumes
                 .iter()
@@ -319,6 +337,78 @@ pub async fn snapshot(
         StatusCode::CREATED,
         Json(made.into_iter().map(snapshot_info).collect()),
     ))
+}
+
+/// `POST /v1/volumes/{name}/revert`: the volume's content becomes its
+/// snapshot's again; only the ranges written since the snapshot are
+/// copied back (change tracking). Refused while a VM of this host that
+/// uses the volume runs; a VM of another host using it over NBD must be
+/// stopped by its caller (that host checks).
+pub async fn revert(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Body(req): Body<ferry_api::RevertVolume>,
+) -> ApiResult<ferry_api::RevertedVolume> {
+    if let Some(vm) = d.vms.user_of_volume(&name) {
+        let v = d.vms.find(&vm)?;
+        let info = d.vms.info(&v).await;
+        if matches!(
+            info.state,
+            ferry_api::VmState::Running | ferry_api::VmState::Paused
+        ) {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!(
+                    "volume {name} is a disk of VM {vm}, which is {}; stop it first; nothing was reverted",
+                    info.state
+                ),
+                None,
+            ));
+        }
+    }
+    let pool = d.pool().clone();
+    let snapshot = req.snapshot.clone();
+    let bytes = blocking(move || revert_volume(&pool, &name, &snapshot)).await?;
+    Ok(Json(ferry_api::RevertedVolume {
+        snapshot: req.snapshot,
+        bytes,
+    }))
+}
+
+/// Copies back, from snapshot `snap`, every range of `volume` written
+/// since it, and flushes; returns the bytes copied.
+pub(crate) fn revert_volume(
+    pool: &ferry_pool::Pool,
+    volume: &str,
+    snap: &str,
+) -> Result<u64, ferry_pool::Error> {
+    const BLOCK: u64 = 1 << 20;
+    let s = pool.open_snapshot(snap)?;
+    let v = pool.volume(volume)?;
+    if v.size() != s.size() {
+        return Err(ferry_pool::Error::new(
+            ferry_pool::ErrorKind::InvalidArgument,
+            format!(
+                "volume {volume} is {} bytes, its snapshot {snap} {}: not reverted",
+                v.size(),
+                s.size()
+            ),
+        ));
+    }
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut total = 0;
+    for r in pool.changed_between(volume, snap, None)? {
+        let mut off = r.start;
+        while off < r.end {
+            let n = (r.end - off).min(BLOCK) as usize;
+            s.read_at(off, &mut buf[..n])?;
+            v.write_at(off, &buf[..n])?;
+            off += n as u64;
+            total += n as u64;
+        }
+    }
+    v.flush()?;
+    Ok(total)
 }
 
 pub async fn delete_snapshot(

@@ -6,7 +6,8 @@
 //! The pool snapshots of a group are named `<group>.<vm>.<device>` and carry
 //! the group's name. Deleting a group deletes its pool snapshots first,
 //! then the record: a crash in between leaves a record whose missing
-//! snapshots `delete` skips when asked again.
+//! snapshots `delete` skips when asked again. Disks in a peer's pool
+//! (`host` is not this host) are deleted, reverted and cloned there.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,9 +20,6 @@ use ferry_pool::Pool;
 use super::Env;
 use crate::config::write_atomic;
 use crate::vms::VmError;
-
-/// Copy unit of a revert.
-const BLOCK: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
@@ -114,12 +112,34 @@ pub fn list_groups(env: &Env) -> Result<Vec<VmSnapshotGroup>, GroupError> {
     Ok(out)
 }
 
-/// Deletes a group's pool snapshots, then its record. Blocking.
-pub fn delete_group(env: &Env, pool: &Pool, name: &str) -> Result<(), GroupError> {
-    let g = read_group(env, name)?;
+/// Whether a disk of a group lives in a peer's pool: its peer's name.
+fn peer_of<'a>(env: &Env, d: &'a ferry_api::VmSnapshotDisk) -> Option<&'a str> {
+    (d.host != env.host).then_some(d.host.as_str())
+}
+
+/// Deletes a group's pool snapshots (here and on peers), then its record.
+pub async fn delete_group(env: Arc<Env>, pool: Pool, name: String) -> Result<(), GroupError> {
+    let g = read_group(&env, &name)?;
     for vm in &g.vms {
         for d in &vm.disks {
-            match pool.delete_snapshot(&d.snapshot) {
+            if let Some(peer) = peer_of(&env, d) {
+                super::remote::delete_snapshot(&env, peer, &d.snapshot)
+                    .await
+                    .map_err(|(status, e)| match status {
+                        Some(409) => GroupError::Conflict(format!(
+                            "group {name}: {e}; the group's other snapshots were kept as they are"
+                        )),
+                        _ => GroupError::Other(format!(
+                            "group {name}: {e}; delete the group again to finish"
+                        )),
+                    })?;
+                continue;
+            }
+            let (p, snap) = (pool.clone(), d.snapshot.clone());
+            let r = tokio::task::spawn_blocking(move || p.delete_snapshot(&snap))
+                .await
+                .map_err(|e| GroupError::Other(e.to_string()))?;
+            match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == ferry_pool::ErrorKind::NotFound => {}
                 Err(e) if e.kind() == ferry_pool::ErrorKind::InUse => {
@@ -135,7 +155,11 @@ pub fn delete_group(env: &Env, pool: &Pool, name: &str) -> Result<(), GroupError
             }
         }
     }
-    remove_group_file(&env.groups_dir(), name).map_err(GroupError::Other)
+    let dir = env.groups_dir();
+    tokio::task::spawn_blocking(move || remove_group_file(&dir, &name))
+        .await
+        .map_err(|e| GroupError::Other(e.to_string()))?
+        .map_err(GroupError::Other)
 }
 
 fn find_vm<'a>(g: &'a VmSnapshotGroup, id: &str) -> Result<&'a VmSnapshotVm, GroupError> {
@@ -175,10 +199,14 @@ pub async fn revert(
         }
         for d in &t.disks {
             let now = info.disks.iter().find(|x| x.id == d.device);
-            if now.and_then(|x| x.volume.as_deref()) != Some(d.volume.as_str()) {
+            let same = now.is_some_and(|x| {
+                x.volume.as_deref() == Some(d.volume.as_str())
+                    && x.host.as_deref() == peer_of(&env, d)
+            });
+            if !same {
                 return Err(GroupError::Conflict(format!(
-                    "VM {}: disk {} no longer uses volume {}; nothing was reverted",
-                    t.name, d.device, d.volume
+                    "VM {}: disk {} no longer uses volume {} of {}; nothing was reverted",
+                    t.name, d.device, d.volume, d.host
                 )));
             }
         }
@@ -186,11 +214,26 @@ pub async fn revert(
     let mut out = Vec::new();
     for t in targets {
         let p = pool.clone();
-        let disks = t.disks.clone();
+        let (remote, disks): (Vec<_>, Vec<_>) = t
+            .disks
+            .iter()
+            .cloned()
+            .partition(|d| peer_of(&env, d).is_some());
+        let mut remote_bytes = 0;
+        for d in &remote {
+            remote_bytes += super::remote::revert(&env, &d.host, &d.volume, &d.snapshot)
+                .await
+                .map_err(|e| {
+                    GroupError::Other(format!(
+                        "revert of VM {} failed: disk {}: {e}; its disks may be partly reverted: revert again",
+                        t.name, d.device
+                    ))
+                })?;
+        }
         let bytes = tokio::task::spawn_blocking(move || -> Result<u64, String> {
             let mut total = 0;
             for d in &disks {
-                total += revert_disk(&p, &d.volume, &d.snapshot)
+                total += crate::api::revert_volume(&p, &d.volume, &d.snapshot)
                     .map_err(|e| format!("disk {} (volume {}): {e}", d.device, d.volume))?;
             }
             p.flush().map_err(|e| e.to_string())?;
@@ -206,40 +249,10 @@ pub async fn revert(
         })?;
         out.push(RevertedVm {
             name: t.name.clone(),
-            bytes,
+            bytes: bytes + remote_bytes,
         });
     }
     Ok(out)
-}
-
-/// Copies back, from snapshot `snap`, every range of `volume` written since.
-fn revert_disk(pool: &Pool, volume: &str, snap: &str) -> Result<u64, ferry_pool::Error> {
-    let s = pool.open_snapshot(snap)?;
-    let v = pool.volume(volume)?;
-    if v.size() != s.size() {
-        return Err(ferry_pool::Error::new(
-            ferry_pool::ErrorKind::InvalidArgument,
-            format!(
-                "volume {volume} is {} bytes, its snapshot {snap} {}: not reverted",
-                v.size(),
-                s.size()
-            ),
-        ));
-    }
-    let mut buf = vec![0u8; BLOCK as usize];
-    let mut total = 0;
-    for r in pool.changed_between(volume, snap, None)? {
-        let mut off = r.start;
-        while off < r.end {
-            let n = (r.end - off).min(BLOCK) as usize;
-            s.read_at(off, &mut buf[..n])?;
-            v.write_at(off, &buf[..n])?;
-            off += n as u64;
-            total += n as u64;
-        }
-    }
-    v.flush()?;
-    Ok(total)
 }
 
 /// Defines a new VM whose disks are clones of one VM's snapshots in the
@@ -265,7 +278,8 @@ pub async fn clone_vm(
     let mut def = src.definition.clone();
     def.name = req.name.clone();
     def.uuid = None;
-    let mut made: Vec<String> = Vec::new();
+    // (peer, volume) of every clone made, for the cleanup of a failure.
+    let mut made: Vec<(Option<String>, String)> = Vec::new();
     let mut disks = Vec::new();
     let result = async {
         for (i, d) in def.disks.iter().enumerate() {
@@ -288,16 +302,24 @@ pub async fn clone_vm(
                     ))
                 })?;
             let vol = format!("{}-{device}", req.name);
-            let (p, sn, v) = (pool.clone(), snap.snapshot.clone(), vol.clone());
-            tokio::task::spawn_blocking(move || p.clone_snapshot(&sn, &v).map(drop))
-                .await
-                .map_err(|e| GroupError::Other(e.to_string()))?
-                .map_err(|e| {
-                    GroupError::Conflict(format!("cannot clone {}: {e}", snap.snapshot))
-                })?;
-            made.push(vol.clone());
+            let peer = peer_of(&env, snap).map(str::to_string);
+            if let Some(peer) = &peer {
+                super::remote::clone(&env, peer, &snap.snapshot, &vol)
+                    .await
+                    .map_err(GroupError::Conflict)?;
+            } else {
+                let (p, sn, v) = (pool.clone(), snap.snapshot.clone(), vol.clone());
+                tokio::task::spawn_blocking(move || p.clone_snapshot(&sn, &v).map(drop))
+                    .await
+                    .map_err(|e| GroupError::Other(e.to_string()))?
+                    .map_err(|e| {
+                        GroupError::Conflict(format!("cannot clone {}: {e}", snap.snapshot))
+                    })?;
+            }
+            made.push((peer.clone(), vol.clone()));
             disks.push(VmDisk::Spec(VmDiskSpec {
                 volume: Some(vol),
+                host: peer,
                 read_only: s.read_only,
                 ..VmDiskSpec::default()
             }));
@@ -315,9 +337,13 @@ pub async fn clone_vm(
     }
     .await;
     if result.is_err() {
-        for v in &made {
-            if env.vms.user_of_volume(v).is_none() {
-                let _ = pool.delete_volume(v);
+        for (peer, v) in &made {
+            match peer {
+                Some(peer) => super::remote::delete_volume(&env, peer, v).await,
+                None if env.vms.user_of_volume(v).is_none() => {
+                    let _ = pool.delete_volume(v);
+                }
+                None => {}
             }
         }
     }
