@@ -11,6 +11,7 @@ PACKAGES=(
   e2fsprogs fdisk gdisk libnbd-bin fio nbdkit
   iproute2 openssl
   restic
+  chromium chromium-driver
 )
 
 # ferry-backup: the S3 tests start a local S3 server, moto, from PyPI.

@@ -32,4 +32,5 @@ pub mod nbd_export;
 pub mod openapi;
 pub mod operations;
 pub mod peers;
+pub mod ui;
 pub mod vms;

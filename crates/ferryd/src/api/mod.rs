@@ -26,7 +26,8 @@ use crate::auth::require_token;
 use crate::daemon::Daemon;
 
 /// Every route. `/v1/health` alone answers without a token (liveness
-/// probes); it reveals nothing but "ok".
+/// probes); it reveals nothing but "ok". The dashboard's files (`/`,
+/// `/ui/...`, see [`crate::ui`]) hold no data and need no token either.
 pub fn router(d: Arc<Daemon>) -> Router {
     let authed = Router::new()
         .route("/v1/host", get(host::info))
@@ -81,6 +82,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/health", get(|| async { "ok\n" }))
         .merge(authed)
+        .merge(crate::ui::router())
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such API path", None) })
         .with_state(d)
 }
