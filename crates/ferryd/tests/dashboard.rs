@@ -6,6 +6,9 @@
 //! is watched until 100 %; the group and its pool snapshot are listed; the
 //! VM is stopped with its button.
 //!
+//! A second test holds an import half-way (the test-only pause point of
+//! `ferry-ops`) to see a running operation's page and its cancel button.
+//!
 //! With `FERRY_UPDATE_SCREENSHOTS=1` the test also writes the screenshots
 //! of the main views to `docs/screenshots/`.
 
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Host;
+use common::{Host, wait_line};
 use fantoccini::{Client, ClientBuilder, Locator};
 use ferry_testkit::console::Console;
 use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload, disk};
@@ -196,6 +199,18 @@ async fn screenshot(c: &Client, name: &str) {
     let png = c.screenshot().await.unwrap();
     std::fs::create_dir_all(SHOTS).unwrap();
     std::fs::write(Path::new(SHOTS).join(format!("{name}.png")), png).unwrap();
+}
+
+/// Opens the dashboard and signs in with the host's admin token.
+async fn sign_in(c: &Client, h: &Host) {
+    c.goto(&format!("{}/", h.url)).await.unwrap();
+    until("the sign-in form", T, || async {
+        c.find(Locator::Css("#token")).await.ok().map(|_| ())
+    })
+    .await;
+    type_into(c, "#token", &h.token).await;
+    click(c, "#login-submit").await;
+    wait_text(c, "#host-name", "test-host").await;
 }
 
 async fn import_ext4(h: &Host, volume: &str) {
@@ -394,7 +409,6 @@ async fn dashboard_drives_a_group_snapshot_of_a_running_guest() {
     // succeeded.
     let t0 = Instant::now();
     let mut seen: Vec<u32> = Vec::new();
-    let mut mid_shot = false;
     let deadline = Instant::now() + T;
     let state = loop {
         let v = attr(&c, "#op-overall", "aria-valuenow")
@@ -404,14 +418,6 @@ async fn dashboard_drives_a_group_snapshot_of_a_running_guest() {
             && seen.last() != Some(&v)
         {
             seen.push(v);
-            // A view of it running, when the run is slow enough to catch.
-            if (1..100).contains(&v)
-                && !mid_shot
-                && attr(&c, "#op-state", "data-state").await.as_deref() == Some("running")
-            {
-                mid_shot = true;
-                screenshot(&c, "operation-running").await;
-            }
         }
         if let Some(state) = attr(&c, "#op-state", "data-state").await
             && ["succeeded", "failed", "cancelled"].contains(&state.as_str())
@@ -483,4 +489,64 @@ async fn dashboard_drives_a_group_snapshot_of_a_running_guest() {
     c.close().await.unwrap();
     let (_, vm): (u16, Value) = h.get("/v1/vms/web-1").await;
     assert_eq!(vm["state"], "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_a_running_operation_and_cancels_it() {
+    const POINT: &str = "volume.import:copying";
+    let mut h = Host::new();
+    h.kill9();
+    let rx = h.start_watched(&[("FERRY_OPS_TEST_PAUSE", POINT)]);
+    // Not zeros: the copy pauses half-way once it has written data.
+    let raw = h.dir.path().join("src.raw");
+    std::fs::write(&raw, vec![0xa5u8; 16 << 20]).unwrap();
+    let (s, started) = h
+        .post("/v1/volumes/held/import", json!({ "path": raw }))
+        .await;
+    assert_eq!(s, 202, "{started}");
+    let id = started["operation"].as_str().unwrap().to_string();
+    wait_line(&rx, &format!("FERRY_OPS_TEST_PAUSED {POINT}"), 120);
+
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    c.set_window_size(1366, 900).await.unwrap();
+    sign_in(&c, &h).await;
+    open(&c, "operations", "#view table").await;
+    wait_text(&c, "#view table", "running").await;
+    click(&c, &format!("a[data-key='op-{id}']")).await;
+
+    // Half-way: a partial bar, the step it is in, still running.
+    let pct = until("a partial bar", T, || async {
+        let v = attr(&c, "#op-overall", "aria-valuenow").await?;
+        let v: u32 = v.parse().ok()?;
+        (1..100).contains(&v).then_some(v)
+    })
+    .await;
+    assert_eq!(
+        attr(&c, "#op-state", "data-state").await.as_deref(),
+        Some("running")
+    );
+    let current = text(&c, "#op-current").await.unwrap();
+    let eta = text(&c, "#op-eta").await.unwrap();
+    println!("held at {pct} %, current step {current:?}, time left {eta:?}");
+    assert!(!current.starts_with('—'), "no current step shown");
+    let (_, op) = h.get(&format!("/v1/operations/{id}")).await;
+    let api_pct = (op["progress"]["overall"].as_f64().unwrap() * 100.0).round() as u32;
+    assert_eq!(pct, api_pct, "the page and the API disagree");
+    screenshot(&c, "operation-running").await;
+
+    // Cancel: the request is sent, the page says so and follows the state.
+    let cancel = c.find(Locator::Css("#op-cancel")).await.unwrap();
+    assert!(cancel.is_enabled().await.unwrap());
+    cancel.click().await.unwrap();
+    let msg = wait_text(&c, "#op-cancel-status", "Cancel requested").await;
+    println!("cancel: {msg}");
+    until("the page to show cancelling", T, || async {
+        (attr(&c, "#op-state", "data-state").await.as_deref() == Some("cancelling")).then_some(())
+    })
+    .await;
+    let (_, op) = h.get(&format!("/v1/operations/{id}")).await;
+    assert_eq!(op["state"], "cancelling", "{op}");
+    assert!(!cancel.is_enabled().await.unwrap(), "cancel offered twice");
+    c.close().await.unwrap();
 }

@@ -17,6 +17,14 @@ export function currentStep(p) {
   }
 }
 
+/** A weight in at most five characters (weights may be byte counts). */
+function compact(w) {
+  for (const [div, unit] of [[1e12, 'T'], [1e9, 'G'], [1e6, 'M'], [1e3, 'k']]) {
+    if (w >= div) return `${(w / div).toFixed(w / div < 10 ? 1 : 0)}${unit}`;
+  }
+  return String(Math.round(w * 100) / 100);
+}
+
 function shapeOf(p) {
   return p ? p.nodes.map(n => `${n.id}/${n.parent}/${n.name}/${n.weight}`).join('|') : '';
 }
@@ -88,7 +96,7 @@ export class ProgressPanel {
       row.li = h('li', { dataset: { node: n.id } },
         h('div', { class: 'node' },
           h('span', { class: 'name' }, n.name),
-          h('span', { class: 'num weight', title: 'weight among its siblings' }, `w ${n.weight} · ${String(share).padStart(3, '\u2007')} %`),
+          h('span', { class: 'num weight', title: `weight ${n.weight}: ${share} % of its parent` }, `w ${compact(n.weight).padStart(5, '\u2007')} · ${String(share).padStart(3, '\u2007')} %`),
           row.bar,
           row.pct),
         n.children.length ? h('ul', {}, n.children.map(node)) : null);

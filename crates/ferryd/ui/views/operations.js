@@ -98,7 +98,7 @@ async function renderOne(root, ctx, id) {
     cancelMsg.textContent = 'Cancelling…';
     try {
       await post(`/v1/operations/${encodeURIComponent(id)}/cancel`);
-      cancelMsg.textContent = 'Cancel requested; the operation rolls back what it did.';
+      cancelMsg.textContent = 'Cancel requested; the state below follows it.';
     } catch (e) {
       cancelMsg.textContent = `Not cancelled: ${e.message}`;
     }
