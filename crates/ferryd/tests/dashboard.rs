@@ -1,10 +1,10 @@
 //! The web dashboard (issue 13) in a real browser: headless Chromium
 //! driven through chromedriver (WebDriver) against a real `ferryd` with a
-//! running test guest (QEMU, TCG) defined as a VM. A wrong token is
-//! refused with a clear message; signed in, the group-snapshot form
-//! refuses bad input, then starts a group snapshot; the operation's bar
-//! is watched until 100 %; the group and its pool snapshot are listed; the
-//! VM is stopped with its button.
+//! running test guest (QEMU, TCG) defined as a VM. A wrong token, and the
+//! peer token, are refused with a clear message; signed in, the
+//! group-snapshot form refuses bad input, then starts a group snapshot;
+//! the operation's bar is watched until 100 %; the group and its pool
+//! snapshot are listed; the VM is stopped with its button.
 //!
 //! A second test holds an import half-way (the test-only pause point of
 //! `ferry-ops`) to see a running operation's page and its cancel button.
@@ -343,6 +343,17 @@ async fn dashboard_drives_a_group_snapshot_of_a_running_guest() {
         Some("true")
     );
     screenshot(&c, "login-refused").await;
+
+    // The peer token opens part of the API, but not the dashboard.
+    let peer = std::fs::read_to_string(h.data().join("peer.token")).unwrap();
+    type_into(&c, "#token", peer.trim()).await;
+    click(&c, "#login-submit").await;
+    let refused = wait_text(&c, "#login-error", "peer token").await;
+    println!("peer token: {refused}");
+    assert!(
+        !app.is_displayed().await.unwrap(),
+        "the app shows with a peer token"
+    );
 
     // The right one opens the host view.
     type_into(&c, "#token", &h.token).await;

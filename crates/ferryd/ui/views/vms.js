@@ -8,7 +8,7 @@ const RUNNING = ['running', 'paused'];
 function disks(vm) {
   return h('ul', { class: 'plain' }, vm.disks.map(d => h('li', {},
     h('code', {}, d.id), ' → ',
-    d.volume ? `volume ${d.volume}` : h('code', {}, d.file || '?'),
+    d.volume ? `volume ${d.volume}${d.host ? ` on peer ${d.host}` : ''}` : h('code', {}, d.file || '?'),
     d.read_only ? ' (read-only)' : '')));
 }
 
