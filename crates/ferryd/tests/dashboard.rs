@@ -21,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Host, wait_line};
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use ferry_testkit::console::Console;
 use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload, disk};
@@ -355,9 +356,8 @@ async fn dashboard_drives_a_group_snapshot_of_a_running_guest() {
         "the app shows with a peer token"
     );
 
-    // The right one opens the host view.
-    type_into(&c, "#token", &h.token).await;
-    click(&c, "#login-submit").await;
+    // The right one, submitted with the Enter key, opens the host view.
+    type_into(&c, "#token", &format!("{}{}", h.token, Key::Enter)).await;
     wait_text(&c, "#host-name", "test-host").await;
     until("the host view", T, || async {
         text(&c, "#pool-used").await.map(|_| ())
@@ -379,7 +379,23 @@ async fn dashboard_drives_a_group_snapshot_of_a_running_guest() {
     }
     screenshot(&c, "host").await;
 
-    open(&c, "vms", "#view table").await;
+    // Sections open from the keyboard too: Enter on a focused link, and
+    // the focus moves to the new content.
+    c.find(Locator::Css("#nav-vms"))
+        .await
+        .unwrap()
+        .send_keys(&Key::Enter.to_string())
+        .await
+        .unwrap();
+    until("the VMs view", T, || async {
+        (attr(&c, "#view", "data-view").await.as_deref() == Some("vms")).then_some(())
+    })
+    .await;
+    until("the focus on the content", T, || async {
+        let focused = c.active_element().await.ok()?.attr("id").await.ok()??;
+        (focused == "main").then_some(())
+    })
+    .await;
     let vms = wait_text(&c, "#view table", "web-1").await;
     assert!(vms.contains("running"), "{vms}");
     assert!(vms.contains("web-disk"), "{vms}");
