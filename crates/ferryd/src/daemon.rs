@@ -32,6 +32,8 @@ pub struct Daemon {
     /// Opens only `/v1/peer/`; other hosts hold it.
     pub peer_token: String,
     pub peers: Arc<Peers>,
+    /// Lazy volumes of VMs migrating here (see [`crate::migrate`]).
+    pub inbound: Arc<crate::migrate::Inbound>,
     pub started: Instant,
 }
 
@@ -54,6 +56,10 @@ impl Daemon {
         let peer_token = read_or_create_token(&dir.peer_token())?;
         let peers = Arc::new(Peers::load(dir.peers())?);
         std::fs::create_dir_all(dir.run())?;
+        let inbound = Arc::new(crate::migrate::Inbound::load(
+            pool.clone(),
+            dir.root.join("migrate-in.json"),
+        )?);
         let exports = Arc::new(Exports::load(&pool, dir.exports(), dir.nbd_socket())?);
         let vms = Arc::new(Vms::load(
             &dir,
@@ -71,6 +77,16 @@ impl Daemon {
         );
         crate::operations::register(&ops);
         crate::groupsnap::register(&ops, &vms, &exports, &peers, &cfg.name, &dir.root);
+        crate::migrate::register(
+            &ops,
+            Arc::new(crate::migrate::Env {
+                vms: vms.clone(),
+                exports: exports.clone(),
+                peers: peers.clone(),
+                inbound: inbound.clone(),
+                host: cfg.name.clone(),
+            }),
+        );
         Ok(Arc::new(Daemon {
             cfg,
             dir,
@@ -80,6 +96,7 @@ impl Daemon {
             admin_token,
             peer_token,
             peers,
+            inbound,
             started: Instant::now(),
         }))
     }

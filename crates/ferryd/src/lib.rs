@@ -12,6 +12,8 @@
 //! - `D/run/` — sockets and run files (`run/nbd.sock`: the local NBD listener);
 //! - `D/vms/<uuid>.json` — VM definitions; `D/run/vms/<uuid>/` their QEMU run
 //!   directories (see [`vms`]);
+//! - `D/migrate-in.json` — lazy volumes of VMs migrating here and where
+//!   their chunks come from (mode 0600: export secrets; see [`migrate`]);
 //! - `D/exports.json` — the NBD exports and their secrets (mode 0600);
 //! - `D/ferryd.toml` — the configuration, written last: its presence marks
 //!   a complete data directory.
@@ -28,9 +30,11 @@ pub mod config;
 pub mod daemon;
 pub mod exports;
 pub mod groupsnap;
+pub mod migrate;
 pub mod nbd_export;
 pub mod openapi;
 pub mod operations;
 pub mod peers;
+pub mod remote_source;
 pub mod ui;
 pub mod vms;

@@ -438,6 +438,16 @@ fn build() -> Doc {
         (200, s),
         NF_CONFLICT,
     );
+    let r = d.schema::<ferry_api::MigrateVm>();
+    d.op(
+        "post",
+        "/v1/vms/{id}/migrate",
+        "vms",
+        "Live-migrate a running VM to a peer (a vm.migrate operation): on demand, the VM runs there at switchover and its disks hydrate in the background.",
+        r,
+        (202, started.clone()),
+        &[400, 404, 409, 501],
+    );
 
     let s = d.schema::<Vec<VmSnapshotGroup>>();
     d.op(
@@ -550,6 +560,56 @@ fn build() -> Doc {
         None,
         (200, s),
         &[],
+    );
+    let (r, s) = (
+        d.schema::<ferry_api::IncomingRequest>(),
+        d.schema::<ferry_api::IncomingReady>(),
+    );
+    d.op(
+        "post",
+        "/v1/peer/migrate/incoming",
+        "peer",
+        "Peer endpoint (migration destination): create lazy volumes sourced from the source's NBD exports, define the VM, start QEMU with -incoming.",
+        r,
+        (201, s),
+        &[400, 409],
+    );
+    let s = d.schema::<ferry_api::IncomingStatus>();
+    d.op(
+        "get",
+        "/v1/peer/migrate/{uuid}",
+        "peer",
+        "Peer endpoint: hydration of an incoming VM's disks (missing chunks, source errors).",
+        None,
+        (200, s.clone()),
+        NF,
+    );
+    d.op(
+        "delete",
+        "/v1/peer/migrate/{uuid}",
+        "peer",
+        "Peer endpoint: remove an incoming VM that did not switch over (QEMU, definition, lazy volumes).",
+        None,
+        (204, None),
+        NF_CONFLICT,
+    );
+    d.op(
+        "post",
+        "/v1/peer/migrate/{uuid}/hydrate",
+        "peer",
+        "Peer endpoint: after switchover, wait for the VM to run here and start hydrating its disks.",
+        None,
+        (200, s),
+        NF_CONFLICT,
+    );
+    d.op(
+        "post",
+        "/v1/peer/migrate/{uuid}/finish",
+        "peer",
+        "Peer endpoint: the source released its volumes; forget the incoming VM's source records.",
+        None,
+        (204, None),
+        &[409],
     );
     d
 }

@@ -811,6 +811,54 @@ impl Vms {
 
     /// Starts QEMU for a defined (not running) VM.
     pub async fn start(self: &Arc<Self>, vm: &Arc<Vm>) -> Result<(), VmError> {
+        self.start_with(vm, LaunchOptions::default()).await
+    }
+
+    /// Starts QEMU for a defined VM as the destination of a live migration
+    /// (`-incoming defer`), enables post-copy if asked, and listens for the
+    /// migration stream on `ip` at a free port; returns the URI
+    /// (`tcp:ip:port`) the source migrates to.
+    pub async fn start_incoming(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        ip: std::net::IpAddr,
+        postcopy: bool,
+    ) -> Result<String, VmError> {
+        let opts = LaunchOptions {
+            incoming: Some("defer".into()),
+            ..LaunchOptions::default()
+        };
+        self.start_with(vm, opts).await?;
+        let other = |msg: String| VmError::Other {
+            vm: vm.name.clone(),
+            msg,
+        };
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| other(format!("no free port on {ip} for the migration: {e}")))?
+            .port();
+        let uri = match ip {
+            std::net::IpAddr::V4(a) => format!("tcp:{a}:{port}"),
+            std::net::IpAddr::V6(a) => format!("tcp:[{a}]:{port}"),
+        };
+        let (qmp, _) = self
+            .control(vm)
+            .await
+            .ok_or_else(|| other("QEMU exited at start".into()))?;
+        ferry_qemu::migration::listen(&qmp, &uri, postcopy)
+            .await
+            .map_err(|err| VmError::Qemu {
+                vm: vm.name.clone(),
+                err,
+            })?;
+        Ok(uri)
+    }
+
+    async fn start_with(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        opts: LaunchOptions,
+    ) -> Result<(), VmError> {
         let mut slot = vm.slot.lock().await;
         if slot.deleted {
             return Err(VmError::NotFound(vm.name.clone()));
@@ -836,7 +884,7 @@ impl Vms {
             })??;
         let remote = remote::ensure(&self.peers, &rec.definition, &vm.uuid).await?;
         let spec = self.spec_of(&rec, &vm.uuid, Some(&remote))?;
-        let p = VmProcess::start(&spec, self.run_dir(&vm.uuid), LaunchOptions::default())
+        let p = VmProcess::start(&spec, self.run_dir(&vm.uuid), opts)
             .await
             .map_err(|err| VmError::Qemu {
                 vm: vm.name.clone(),

@@ -3,6 +3,7 @@
 
 mod exports;
 mod host;
+mod migrate;
 mod ops;
 mod peers;
 mod vms;
@@ -70,6 +71,14 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/kill", post(vms::kill))
+        .route("/v1/vms/{id}/migrate", post(migrate::migrate))
+        .route("/v1/peer/migrate/incoming", post(migrate::incoming))
+        .route(
+            "/v1/peer/migrate/{uuid}",
+            get(migrate::status).delete(migrate::abort),
+        )
+        .route("/v1/peer/migrate/{uuid}/hydrate", post(migrate::hydrate))
+        .route("/v1/peer/migrate/{uuid}/finish", post(migrate::finish))
         .route("/v1/vm-snapshots", get(vmsnaps::list).post(vmsnaps::create))
         .route(
             "/v1/vm-snapshots/{name}",
