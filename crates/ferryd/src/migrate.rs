@@ -315,6 +315,18 @@ fn switched(status: &str) -> bool {
     matches!(status, "postcopy-active" | "completed")
 }
 
+/// The outgoing migration's status when this host's QEMU has switched the
+/// VM over to the destination. `query-migrate` alone cannot say: a VM that
+/// *arrived* by migration reports the incoming one as `completed` — but it
+/// runs, and a source after switchover does not.
+async fn switched_away(qmp: &QmpClient) -> Result<Option<String>, StepError> {
+    let st = ferry_qemu::migration::query_migrate(qmp)
+        .await
+        .map_err(StepError::failed)?;
+    let rs = qmp.query_status().await.map_err(StepError::failed)?;
+    Ok((switched(&st.status) && !rs.running).then_some(st.status))
+}
+
 impl Step<App> for Memory {
     fn name(&self) -> &str {
         "memory"
@@ -330,15 +342,17 @@ impl Step<App> for Memory {
             let qmp = qmp_wait(&self.env, &self.p)
                 .await
                 .map_err(StepError::failed)?;
-            let st = ferry_qemu::migration::query_migrate(&qmp)
-                .await
-                .map_err(StepError::failed)?;
-            if switched(&st.status) {
+            if let Some(status) = switched_away(&qmp).await? {
                 // A restart found the switchover done.
-                return Ok(json!({ "status": st.status }));
+                return Ok(json!({ "status": status }));
             }
             let params = MigrationParams {
                 postcopy: true,
+                // Post-copy from the start: the VM runs on the destination
+                // at once, and plain pre-copy of a writing guest is not
+                // trusted under QEMU 7.2 TCG (it damaged guest memory in
+                // up to half the runs here).
+                postcopy_after_bytes: Some(0),
                 max_bandwidth: self.p.bandwidth,
                 timeout: Duration::from_secs(24 * 3600),
                 ..MigrationParams::default()
@@ -382,10 +396,9 @@ impl Step<App> for Memory {
                                 return Err(StepError::Cancelled);
                             }
                             Err(e) => {
-                                let st = ferry_qemu::migration::query_migrate(&qmp).await.map_err(StepError::failed)?;
-                                if switched(&st.status) {
+                                if let Some(status) = switched_away(&qmp).await? {
                                     cx.log(format!("cancel came too late: {e}; the VM runs on {} and the migration goes on", self.p.to));
-                                    return Ok(json!({ "status": st.status }));
+                                    return Ok(json!({ "status": status }));
                                 }
                                 return Err(StepError::failed(format!("cancelling the memory migration: {e}")));
                             }
@@ -406,15 +419,15 @@ impl Step<App> for Memory {
             let qmp = qmp_wait(&self.env, &self.p)
                 .await
                 .map_err(StepError::failed)?;
+            if let Some(status) = switched_away(&qmp).await? {
+                return Err(StepError::failed(format!(
+                    "the VM switched over to {} ({status}): it cannot come back by undoing",
+                    self.p.to
+                )));
+            }
             let st = ferry_qemu::migration::query_migrate(&qmp)
                 .await
                 .map_err(StepError::failed)?;
-            if switched(&st.status) {
-                return Err(StepError::failed(format!(
-                    "the VM switched over to {} ({}): it cannot come back by undoing",
-                    self.p.to, st.status
-                )));
-            }
             if matches!(st.status.as_str(), "setup" | "active" | "pre-switchover") {
                 ferry_qemu::migration::cancel(&qmp, Duration::from_secs(60))
                     .await

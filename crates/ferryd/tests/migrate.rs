@@ -1,0 +1,369 @@
+//! Live migration with on-demand data between real `ferryd` processes:
+//! a TCG guest writing records moves A→B (and on to C before B has all of
+//! its data), its records verify on the last host after hydration, and
+//! every source volume is released. Cancel before switchover, and the
+//! source or the destination killed (-9) during hydration.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Host;
+use ferry_testkit::console::Console;
+use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload, disk};
+use serde_json::{Value, json};
+
+/// Guest events and operations under TCG on a shared machine are slow.
+const T: Duration = Duration::from_secs(300);
+
+/// Kills, on drop, every QEMU whose command line names one of these data
+/// directories (ferryd never kills its VMs itself).
+struct Reaper(Vec<PathBuf>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            for pid in qemus_of(d) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+fn qemus_of(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+async fn definition(name: &str, volume: &str) -> Value {
+    let image = GuestImage::get().await.unwrap();
+    let mut cfg = GuestConfig::new(name);
+    cfg.workload = Workload::records(20.0);
+    cfg.disks.push(Disk::Nbd {
+        server: NbdServer::Unix("/unused".into()),
+        export: volume.into(),
+    });
+    json!({
+        "name": name,
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disks": [volume],
+        "boot": {
+            "kind": "kernel",
+            "kernel": image.kernel(),
+            "initrd": image.initramfs(),
+            "cmdline": cfg.kernel_cmdline(),
+        },
+        "guest_agent": true,
+        "accel": "tcg",
+    })
+}
+
+fn wait_event(
+    c: &mut Console,
+    what: &str,
+    mut pred: impl FnMut(&ferry_guest::event::Event) -> bool,
+) -> ferry_guest::event::Event {
+    let deadline = Instant::now() + T;
+    loop {
+        c.poll().unwrap();
+        if let Some(i) = c.find(0, &mut pred) {
+            return c.events()[i].clone();
+        }
+        if let Some(f) = c.fatal() {
+            panic!("guest failed waiting for {what}: {f}\n{}", c.tail(30));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} on the console: {}",
+            c.tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn last_record(c: &mut Console) -> Option<u64> {
+    c.poll().unwrap();
+    c.events()
+        .iter()
+        .filter(|e| e.name == "record")
+        .filter_map(|e| e.u64("seq"))
+        .max()
+}
+
+fn wait_record_after(c: &mut Console, seq: Option<u64>) -> u64 {
+    let ev = wait_event(c, "a new record", |e| {
+        e.name == "record" && e.u64("seq").is_some_and(|s| seq.is_none_or(|q| s > q))
+    });
+    ev.u64("seq").unwrap()
+}
+
+async fn peer_token(h: &Host) -> String {
+    let (s, t) = h.get("/v1/host/peer-token").await;
+    assert_eq!(s, 200, "{t}");
+    t["token"].as_str().unwrap().to_string()
+}
+
+/// Registers `to` as a peer of `from` under `to`'s host name.
+async fn register(from: &Host, to: &Host) {
+    let (s, p) = from
+        .post(
+            "/v1/peers",
+            json!({ "url": to.url, "token": peer_token(to).await }),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+}
+
+/// Waits for an operation to finish, printing its progress now and then.
+async fn wait_op(h: &Host, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut last_print = Instant::now();
+    loop {
+        let (s, op) = h.get(&format!("/v1/operations/{id}")).await;
+        assert_eq!(s, 200, "{op}");
+        let state = op["state"].as_str().unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&state) {
+            return op;
+        }
+        if last_print.elapsed() > Duration::from_secs(10) {
+            println!("op {id}: {state} {}", op["progress"]["fraction"]);
+            last_print = Instant::now();
+        }
+        assert!(Instant::now() < deadline, "operation {id} still {state}: {op}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the operation's step `step` has started (or finished).
+async fn wait_step(h: &Host, id: &str, step: &str) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, op) = h.get(&format!("/v1/operations/{id}")).await;
+        let steps = op["steps"].as_array().cloned().unwrap_or_default();
+        if steps.iter().any(|s| s["name"] == step) {
+            return op;
+        }
+        let state = op["state"].as_str().unwrap_or("");
+        assert!(
+            !["succeeded", "failed", "cancelled"].contains(&state),
+            "operation ended before step {step}: {op}"
+        );
+        assert!(Instant::now() < deadline, "step {step} never started: {op}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn import_disk(h: &Host, volume: &str, size: u64) {
+    let raw = h.dir.path().join(format!("{volume}.raw"));
+    disk::make_ext4_disk(&raw, size).unwrap();
+    let (s, started) = h
+        .post(
+            &format!("/v1/volumes/{volume}/import"),
+            json!({ "path": raw }),
+        )
+        .await;
+    assert_eq!(s, 202, "{started}");
+    let op = h.wait_op(started["operation"].as_str().unwrap()).await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+}
+
+/// Defines and starts `vm1` on `h` with its disk on `volume`; returns its
+/// console once it wrote a first record.
+async fn start_guest(h: &Host, volume: &str) -> Console {
+    let (s, v) = h.post("/v1/vms", definition("vm1", volume).await).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = h.post("/v1/vms/vm1/start", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let mut c = Console::new(Path::new(v["serial_log"].as_str().unwrap()));
+    wait_event(&mut c, "ready", |e| e.name == "ready");
+    wait_record_after(&mut c, None);
+    c
+}
+
+/// The console of `vm1` on `h` (its serial log there).
+async fn console_on(h: &Host) -> Console {
+    let (s, v) = h.get("/v1/vms/vm1").await;
+    assert_eq!(s, 200, "{v}");
+    Console::new(Path::new(v["serial_log"].as_str().unwrap()))
+}
+
+/// Stops `vm1` on `h` and checks that every record the guest
+/// acknowledged (up to `acked`) is on `volume`.
+async fn stop_and_verify(h: &Host, volume: &str, acked: u64) {
+    let (s, st) = h.post("/v1/vms/vm1/stop?timeout_s=60", json!({})).await;
+    assert_eq!(s, 200, "{st}");
+    let (s, v) = h.get(&format!("/v1/volumes/{volume}")).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, e) = h
+        .post(
+            "/v1/snapshots",
+            json!({ "name": "verify", "volumes": [volume] }),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, e) = h.post("/v1/exports", json!({ "snapshot": "verify" })).await;
+    assert_eq!(s, 201, "{e}");
+    let copy = h.dir.path().join("verify.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(e["unix_uri"].as_str().unwrap())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let report = disk::verify_records_on_image(&copy).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert!(
+        report.records > acked,
+        "{report:?}: record {acked} was acknowledged"
+    );
+    println!(
+        "{} records on {volume}, last acknowledged seq {acked}",
+        report.records
+    );
+}
+
+async fn migrate(h: &Host, to: &str, extra: Value) -> String {
+    let mut body = json!({ "to": to });
+    if let Some(o) = extra.as_object() {
+        for (k, v) in o {
+            body[k] = v.clone();
+        }
+    }
+    let (s, r) = h.post("/v1/vms/vm1/migrate", body).await;
+    assert_eq!(s, 202, "{r}");
+    r["operation"].as_str().unwrap().to_string()
+}
+
+/// The VM and its volume are gone from `h`.
+async fn assert_released(h: &Host, volume: &str) {
+    let (s, v) = h.get("/v1/vms/vm1").await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = h.get(&format!("/v1/volumes/{volume}")).await;
+    assert_eq!(s, 404, "{v}");
+}
+
+fn print_log(op: &Value) {
+    for l in op["log"].as_array().into_iter().flatten() {
+        println!("  {}", l["msg"].as_str().unwrap_or(""));
+    }
+}
+
+#[tokio::test]
+async fn a_writing_guest_migrates_on_demand_then_again_before_hydration_ends() {
+    let a = Host::named("host-a");
+    let b = Host::named("host-b");
+    let c = Host::named("host-c");
+    let _reaper = Reaper(vec![a.data(), b.data(), c.data()]);
+    register(&a, &b).await;
+    register(&b, &c).await;
+    import_disk(&a, "data", 256 << 20).await;
+    let mut con_a = start_guest(&a, "data").await;
+
+    // A → B on demand.
+    let t = Instant::now();
+    let op_ab = migrate(&a, "host-b", json!({})).await;
+    wait_step(&a, &op_ab, "hydration").await;
+    println!("A→B: hydration started {:.1?} after the request", t.elapsed());
+    let before = last_record(&mut con_a);
+    let mut con_b = console_on(&b).await;
+    let seq = wait_record_after(&mut con_b, before);
+    println!("A→B: the guest writes on B (record {seq}, last on A {before:?})");
+
+    // B → C at once, while B still fetches from A.
+    let (_, st) = b.get(&format!("/v1/peer/migrate/{}", vm_uuid(&b).await)).await;
+    println!("B's hydration when B→C starts: {st}");
+    let op_bc = migrate(&b, "host-c", json!({})).await;
+    let op = wait_op(&b, &op_bc).await;
+    print_log(&op);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let op = wait_op(&a, &op_ab).await;
+    print_log(&op);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    println!("A→B→C: both operations done {:.1?} after the first request", t.elapsed());
+
+    let before = last_record(&mut con_b);
+    let mut con_c = console_on(&c).await;
+    let mut seq = wait_record_after(&mut con_c, before);
+    for _ in 0..3 {
+        seq = wait_record_after(&mut con_c, Some(seq));
+    }
+    assert_released(&a, "data").await;
+    assert_released(&b, "data").await;
+    let (_, v) = c.get("/v1/volumes/data").await;
+    println!("on C: {v}");
+    let acked = last_record(&mut con_c).unwrap();
+    stop_and_verify(&c, "data", acked).await;
+}
+
+async fn vm_uuid(h: &Host) -> String {
+    let (s, v) = h.get("/v1/vms/vm1").await;
+    assert_eq!(s, 200, "{v}");
+    v["uuid"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn cancel_before_switchover_leaves_the_vm_running_on_the_source() {
+    let a = Host::named("host-a");
+    let b = Host::named("host-b");
+    let _reaper = Reaper(vec![a.data(), b.data()]);
+    register(&a, &b).await;
+    import_disk(&a, "data", 64 << 20).await;
+    let mut con_a = start_guest(&a, "data").await;
+    let (_, v) = a.get("/v1/vms/vm1").await;
+    let pid = v["pid"].as_u64().unwrap();
+
+    // 1 MiB/s: the first pass over the guest's memory takes a while.
+    let op = migrate(&a, "host-b", json!({ "bandwidth": 1 << 20 })).await;
+    wait_step(&a, &op, "memory").await;
+    // B has the VM waiting and its lazy volume.
+    let deadline = Instant::now() + T;
+    loop {
+        let (s, v) = b.get("/v1/vms/vm1").await;
+        if s == 200 {
+            println!("on B before cancel: {} {}", v["state"], v["qmp_status"]);
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (s, r) = a
+        .post(&format!("/v1/operations/{op}/cancel"), json!({}))
+        .await;
+    assert!(s == 200 || s == 202, "{s} {r}");
+    let op = wait_op(&a, &op).await;
+    print_log(&op);
+    assert_eq!(op["state"], "cancelled", "{op}");
+
+    // The VM runs on A, the same QEMU, and keeps writing.
+    let (_, v) = a.get("/v1/vms/vm1").await;
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["qmp_status"], "running", "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid), "{v}");
+    let seq = last_record(&mut con_a);
+    let next = wait_record_after(&mut con_a, seq);
+    println!("after cancel the guest wrote record {next} on A");
+    // Nothing is left on B.
+    let (s, v) = b.get("/v1/vms/vm1").await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = b.get("/v1/volumes/data").await;
+    assert_eq!(s, 404, "{v}");
+    assert!(qemus_of(&b.data()).is_empty(), "a QEMU is left on B");
+    let acked = last_record(&mut con_a).unwrap();
+    stop_and_verify(&a, "data", acked).await;
+}
