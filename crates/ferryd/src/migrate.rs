@@ -61,6 +61,8 @@ pub const KIND: &str = "vm.migrate";
 
 /// How long a step waits for ferryd to re-attach the VM after a restart.
 const REATTACH_WAIT: Duration = Duration::from_secs(30);
+/// Memory bytes sent in pre-copy before switching to post-copy.
+const POSTCOPY_AFTER: u64 = 16 << 20;
 /// How often hydration is polled.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -348,11 +350,12 @@ impl Step<App> for Memory {
             }
             let params = MigrationParams {
                 postcopy: true,
-                // Post-copy from the start: the VM runs on the destination
-                // at once, and plain pre-copy of a writing guest is not
-                // trusted under QEMU 7.2 TCG (it damaged guest memory in
-                // up to half the runs here).
-                postcopy_after_bytes: Some(0),
+                // Post-copy early: the VM runs on the destination soon,
+                // and plain pre-copy of a writing guest is not trusted
+                // under QEMU 7.2 TCG (it damaged guest memory in up to
+                // half the runs here). Until then the migration can be
+                // cancelled.
+                postcopy_after_bytes: Some(POSTCOPY_AFTER),
                 max_bandwidth: self.p.bandwidth,
                 timeout: Duration::from_secs(24 * 3600),
                 ..MigrationParams::default()
