@@ -79,6 +79,41 @@ pub enum VmVerb {
     Delete {
         vm: String,
     },
+    /// Live-migrate a running VM to a registered peer (a vm.migrate
+    /// operation; its progress is followed unless --no-wait).
+    Migrate {
+        vm: String,
+        /// The destination peer (`ferry peer list`).
+        #[arg(long)]
+        to: String,
+        /// ondemand: runs there at once, disks follow; precopy: disks first.
+        #[arg(long, value_enum, default_value_t = MigrateModeArg::Ondemand)]
+        mode: MigrateModeArg,
+        /// Memory bandwidth cap per second (bytes, or K/M/G suffix).
+        #[arg(long, value_name = "LIMIT")]
+        bandwidth: Option<String>,
+        /// Keep the source's volumes after hydration.
+        #[arg(long)]
+        keep_source: bool,
+        /// While the source is down, reads of missing chunks wait or fail.
+        #[arg(long, value_enum, default_value_t = OnMissingArg::Wait)]
+        on_missing: OnMissingArg,
+        /// Print the operation id and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum MigrateModeArg {
+    Ondemand,
+    Precopy,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum OnMissingArg {
+    Wait,
+    Error,
 }
 
 fn absolute(p: &str) -> anyhow::Result<String> {
@@ -280,6 +315,31 @@ pub async fn run(c: &Client, j: bool, verb: VmVerb) -> anyhow::Result<i32> {
         VmVerb::Kill { vm } => {
             let v: VmInfo = c.post(&format!("/v1/vms/{vm}/kill"), &json!({})).await?;
             emit(j, &v, |v| format!("killed VM {}\n", v.name));
+        }
+        VmVerb::Migrate {
+            vm,
+            to,
+            mode,
+            bandwidth,
+            keep_source,
+            on_missing,
+            no_wait,
+        } => {
+            let body = json!({
+                "to": to,
+                "mode": match mode {
+                    MigrateModeArg::Ondemand => "ondemand",
+                    MigrateModeArg::Precopy => "precopy",
+                },
+                "bandwidth": bandwidth.as_deref().map(parse_size).transpose()?,
+                "keep_source": keep_source,
+                "on_missing": match on_missing {
+                    OnMissingArg::Wait => "wait",
+                    OnMissingArg::Error => "error",
+                },
+            });
+            let s: ferry_api::Started = c.post(&format!("/v1/vms/{vm}/migrate"), &body).await?;
+            return crate::follow(c, j, s, no_wait).await;
         }
         VmVerb::Delete { vm } => {
             c.delete(&format!("/v1/vms/{vm}")).await?;
