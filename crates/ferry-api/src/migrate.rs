@@ -52,7 +52,8 @@ pub struct MigrateVm {
     pub to: String,
     #[serde(default)]
     pub mode: MigrateMode,
-    /// Memory migration bandwidth cap, bytes per second.
+    /// Bandwidth cap, bytes per second: of the memory stream, and of the
+    /// destination's background hydration (reads of the VM are not capped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<u64>,
     /// Keep the source's volumes after hydration (the VM definition on
@@ -90,6 +91,9 @@ pub struct IncomingRequest {
     pub on_missing: OnMissing,
     /// The source host's name (for logs).
     pub from: String,
+    /// Background hydration cap, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u64>,
 }
 
 /// The answer: where the destination QEMU listens.

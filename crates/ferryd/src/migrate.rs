@@ -272,6 +272,7 @@ impl Step<App> for Prepare {
                 postcopy: true,
                 on_missing: p.on_missing,
                 from: env.host.clone(),
+                rate_limit: p.bandwidth,
             };
             let client = peer(env, p)?;
             let ready: IncomingReady = client

@@ -48,7 +48,8 @@ fn qemus_of(dir: &Path) -> Vec<u32> {
     out
 }
 
-async fn definition(name: &str, volume: &str) -> Value {
+async fn definition(name: &str, volumes: &[&str]) -> Value {
+    let volume = volumes[0];
     let image = GuestImage::get().await.unwrap();
     let mut cfg = GuestConfig::new(name);
     cfg.workload = Workload::records(20.0);
@@ -60,7 +61,7 @@ async fn definition(name: &str, volume: &str) -> Value {
         "name": name,
         "vcpus": 1,
         "memory_mib": 256,
-        "disks": [volume],
+        "disks": volumes,
         "boot": {
             "kind": "kernel",
             "kernel": image.kernel(),
@@ -183,8 +184,8 @@ async fn import_disk(h: &Host, volume: &str, size: u64) {
 
 /// Defines and starts `vm1` on `h` with its disk on `volume`; returns its
 /// console once it wrote a first record.
-async fn start_guest(h: &Host, volume: &str) -> Console {
-    let (s, v) = h.post("/v1/vms", definition("vm1", volume).await).await;
+async fn start_guest(h: &Host, volumes: &[&str]) -> Console {
+    let (s, v) = h.post("/v1/vms", definition("vm1", volumes).await).await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = h.post("/v1/vms/vm1/start", json!({})).await;
     assert_eq!(s, 200, "{v}");
@@ -272,7 +273,7 @@ async fn a_writing_guest_migrates_on_demand_then_again_before_hydration_ends() {
     register(&a, &b).await;
     register(&b, &c).await;
     import_disk(&a, "data", 256 << 20).await;
-    let mut con_a = start_guest(&a, "data").await;
+    let mut con_a = start_guest(&a, &["data"]).await;
 
     // A → B on demand.
     let t = Instant::now();
@@ -323,7 +324,7 @@ async fn cancel_before_switchover_leaves_the_vm_running_on_the_source() {
     let _reaper = Reaper(vec![a.data(), b.data()]);
     register(&a, &b).await;
     import_disk(&a, "data", 64 << 20).await;
-    let mut con_a = start_guest(&a, "data").await;
+    let mut con_a = start_guest(&a, &["data"]).await;
     let (_, v) = a.get("/v1/vms/vm1").await;
     let pid = v["pid"].as_u64().unwrap();
 
@@ -366,4 +367,168 @@ async fn cancel_before_switchover_leaves_the_vm_running_on_the_source() {
     assert!(qemus_of(&b.data()).is_empty(), "a QEMU is left on B");
     let acked = last_record(&mut con_a).unwrap();
     stop_and_verify(&a, "data", acked).await;
+}
+
+/// A volume of `mib` MiB of random data (every chunk must be fetched).
+async fn import_random(h: &Host, volume: &str, mib: u64) {
+    let raw = h.dir.path().join(format!("{volume}.raw"));
+    let st = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "status=none"])
+        .arg(format!("count={mib}"))
+        .arg(format!("of={}", raw.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (s, started) = h
+        .post(
+            &format!("/v1/volumes/{volume}/import"),
+            json!({ "path": raw }),
+        )
+        .await;
+    assert_eq!(s, 202, "{started}");
+    let op = h.wait_op(started["operation"].as_str().unwrap()).await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+}
+
+/// B's view of the incoming VM's hydration.
+async fn incoming(b: &Host, uuid: &str) -> Value {
+    let (s, st) = b.get(&format!("/v1/peer/migrate/{uuid}")).await;
+    assert_eq!(s, 200, "{st}");
+    st
+}
+
+fn missing(st: &Value) -> u64 {
+    st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["missing_chunks"].as_u64().unwrap())
+        .sum()
+}
+
+/// Sets up A (guest writing records on `data`, 128 MiB of random data on
+/// `bulk`) and B, and migrates A→B with hydration capped at 8 MiB/s;
+/// returns once hydration has started and fetched something.
+async fn migrating_pair() -> (Host, Host, String, String) {
+    let mut a = Host::named("host-a");
+    let mut b = Host::named("host-b");
+    // They restart on the same ports: B's lazy volumes hold A's NBD
+    // address, A's peer record B's URL.
+    a.pin_ports();
+    b.pin_ports();
+    register(&a, &b).await;
+    import_disk(&a, "data", 64 << 20).await;
+    import_random(&a, "bulk", 128).await;
+    start_guest(&a, &["data", "bulk"]).await;
+    let uuid = vm_uuid(&a).await;
+    let op = migrate(&a, "host-b", json!({ "bandwidth": 8 << 20 })).await;
+    wait_step(&a, &op, "hydration").await;
+    let deadline = Instant::now() + T;
+    loop {
+        let st = incoming(&b, &uuid).await;
+        let present: u64 = st["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["present_chunks"].as_u64().unwrap())
+            .sum();
+        if present > 100 && !st["done"].as_bool().unwrap() {
+            println!("hydrating: {st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (a, b, uuid, op)
+}
+
+#[tokio::test]
+async fn the_source_killed_during_hydration_and_restarted_resumes() {
+    let (mut a, b, uuid, op) = migrating_pair().await;
+    let _reaper = Reaper(vec![a.data(), b.data()]);
+    a.kill9();
+    // While A is down, B names the missing chunks and why.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = incoming(&b, &uuid).await;
+    println!("A down: {st}");
+    let down = missing(&st);
+    assert!(down > 0, "{st}");
+    assert!(
+        st["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["last_error"].as_str().is_some_and(|e| e.contains("unreachable"))),
+        "{st}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(missing(&incoming(&b, &uuid).await), down, "fetched while the source was down");
+    // The guest keeps running on B meanwhile (its disk's chunks that it
+    // reads were fetched, or it waits for them).
+    a.start();
+    let op = wait_op(&a, &op).await;
+    print_log(&op);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_released(&a, "data").await;
+    let (s, v) = a.get("/v1/volumes/bulk").await;
+    assert_eq!(s, 404, "{v}");
+    let mut con = console_on(&b).await;
+    let seq = last_record(&mut con);
+    wait_record_after(&mut con, seq);
+    let acked = last_record(&mut con).unwrap();
+    stop_and_verify(&b, "data", acked).await;
+    assert_same_bulk(&a, &b).await;
+}
+
+#[tokio::test]
+async fn the_destination_killed_during_hydration_and_restarted_resumes() {
+    let (a, mut b, uuid, op) = migrating_pair().await;
+    let _reaper = Reaper(vec![a.data(), b.data()]);
+    let before = missing(&incoming(&b, &uuid).await);
+    b.kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    b.start();
+    let st = incoming(&b, &uuid).await;
+    println!("B restarted: {st} (missing before the kill: {before})");
+    assert!(st["hydrating"].as_bool().unwrap(), "{st}");
+    let op = wait_op(&a, &op).await;
+    print_log(&op);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_released(&a, "data").await;
+    let (_, v) = b.get("/v1/vms/vm1").await;
+    assert_eq!(v["state"], "running", "{v}");
+    let mut con = console_on(&b).await;
+    let seq = last_record(&mut con);
+    wait_record_after(&mut con, seq);
+    let acked = last_record(&mut con).unwrap();
+    stop_and_verify(&b, "data", acked).await;
+    // The bulk disk is whole on B and equal to what A had.
+    let (s, v) = b.get("/v1/volumes/bulk").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["lazy"], false, "{v}");
+    assert_same_bulk(&a, &b).await;
+}
+
+/// B's `bulk` volume holds exactly the random data imported on A.
+async fn assert_same_bulk(a: &Host, b: &Host) {
+    let (s, e) = b
+        .post(
+            "/v1/snapshots",
+            json!({ "name": "bulk-check", "volumes": ["bulk"] }),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, e) = b.post("/v1/exports", json!({ "snapshot": "bulk-check" })).await;
+    assert_eq!(s, 201, "{e}");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a.dir.path().join("bulk.raw"))
+        .arg(e["unix_uri"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bulk differs: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

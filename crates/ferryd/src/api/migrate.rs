@@ -131,14 +131,15 @@ pub async fn incoming(
         .unwrap_or_else(|p| p.into_inner())
         .map(|a| a.ip())
         .ok_or_else(|| internal("this host serves no NBD over TCP"))?;
-    let (inbound, u, from, disks, on_missing) = (
+    let (inbound, u, from, disks, on_missing, rate) = (
         d.inbound.clone(),
         uuid.clone(),
         req.from.clone(),
         req.disks.clone(),
         req.on_missing,
+        req.rate_limit,
     );
-    tokio::task::spawn_blocking(move || inbound.create(&u, &from, &disks, on_missing))
+    tokio::task::spawn_blocking(move || inbound.create(&u, &from, &disks, on_missing, rate))
         .await
         .map_err(internal)?
         .map_err(conflict)?;

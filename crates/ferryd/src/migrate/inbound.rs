@@ -40,10 +40,20 @@ pub struct SourceRecord {
     pub nbd: String,
     pub export: String,
     pub on_missing: OnMissing,
+    /// Background hydration cap, bytes per second.
+    #[serde(default)]
+    pub rate_limit: Option<u64>,
     /// Hydration started (after switchover).
     pub hydrate: bool,
     /// Every chunk is present; the source is no longer used.
     pub done: bool,
+}
+
+fn hydrator_options(r: &SourceRecord) -> HydratorOptions {
+    HydratorOptions {
+        rate_limit: r.rate_limit,
+        ..HydratorOptions::default()
+    }
 }
 
 struct Live {
@@ -86,7 +96,7 @@ impl Inbound {
                         let source = me.attach(&rec, &v)?;
                         let hydrator = rec.hydrate.then(|| {
                             tracing::info!("resuming hydration of volume {name} from {}", rec.from);
-                            Hydrator::start(&v, HydratorOptions::default())
+                            Hydrator::start(&v, hydrator_options(&rec))
                         });
                         lock(&me.live).insert(name.clone(), Live { source, hydrator });
                     }
@@ -133,6 +143,7 @@ impl Inbound {
         from: &str,
         disks: &[IncomingDisk],
         on_missing: OnMissing,
+        rate_limit: Option<u64>,
     ) -> Result<(), String> {
         for d in disks {
             match self.pool.volume(&d.volume) {
@@ -159,6 +170,7 @@ impl Inbound {
                     nbd: d.nbd.clone(),
                     export: d.export.clone(),
                     on_missing,
+                    rate_limit,
                     hydrate: false,
                     done: false,
                 },
@@ -242,7 +254,7 @@ impl Inbound {
             if l.hydrator.is_none() {
                 let v = self.pool.volume(&r.volume)?;
                 tracing::info!("hydrating volume {} from {}", r.volume, r.from);
-                l.hydrator = Some(Hydrator::start(&v, HydratorOptions::default()));
+                l.hydrator = Some(Hydrator::start(&v, hydrator_options(&r)));
             }
         }
         Ok(())

@@ -16,6 +16,10 @@ pub struct Host {
     child: Option<Child>,
     pub url: String,
     pub token: String,
+    /// The NBD TCP address (`host:port`) of the running ferryd.
+    pub nbd: String,
+    /// Addresses for the next start (`127.0.0.1:0` unless pinned).
+    listen: (String, String),
 }
 
 fn ferryd() -> Command {
@@ -49,6 +53,8 @@ impl Host {
             child: None,
             url: String::new(),
             token,
+            nbd: String::new(),
+            listen: ("127.0.0.1:0".into(), "127.0.0.1:0".into()),
         };
         h.start();
         h
@@ -68,6 +74,13 @@ impl Host {
         // Nobody listens: the lines are drained and dropped, so ferryd
         // never blocks on a full pipe.
         drop(self.start_watched(env));
+    }
+
+    /// Makes later starts listen on the ports this run has (a peer or a
+    /// lazy volume elsewhere keeps the addresses it was given).
+    pub fn pin_ports(&mut self) {
+        let http = self.url.trim_start_matches("http://").to_string();
+        self.listen = (http, self.nbd.clone());
     }
 
     pub fn kill9(&mut self) {
@@ -149,9 +162,9 @@ impl Host {
         cmd.args([
             "run",
             "--listen",
-            "127.0.0.1:0",
+            &self.listen.0,
             "--nbd-listen",
-            "127.0.0.1:0",
+            &self.listen.1,
             "--data-dir",
         ])
         .arg(self.data())
@@ -167,6 +180,11 @@ impl Host {
                 .next()
                 .expect("ferryd exited before listening")
                 .unwrap();
+            if let Some((_, rest)) = line.split_once(" serving NBD on nbd://")
+                && let Some((addr, _)) = rest.split_once(' ')
+            {
+                self.nbd = addr.to_string();
+            }
             if let Some((_, url)) = line.split_once(" listening on ") {
                 break url.to_string();
             }
