@@ -144,7 +144,10 @@ async fn wait_op(h: &Host, id: &str) -> Value {
             println!("op {id}: {state} {}", op["progress"]["fraction"]);
             last_print = Instant::now();
         }
-        assert!(Instant::now() < deadline, "operation {id} still {state}: {op}");
+        assert!(
+            Instant::now() < deadline,
+            "operation {id} still {state}: {op}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -279,14 +282,19 @@ async fn a_writing_guest_migrates_on_demand_then_again_before_hydration_ends() {
     let t = Instant::now();
     let op_ab = migrate(&a, "host-b", json!({})).await;
     wait_step(&a, &op_ab, "hydration").await;
-    println!("A→B: hydration started {:.1?} after the request", t.elapsed());
+    println!(
+        "A→B: hydration started {:.1?} after the request",
+        t.elapsed()
+    );
     let before = last_record(&mut con_a);
     let mut con_b = console_on(&b).await;
     let seq = wait_record_after(&mut con_b, before);
     println!("A→B: the guest writes on B (record {seq}, last on A {before:?})");
 
     // B → C at once, while B still fetches from A.
-    let (_, st) = b.get(&format!("/v1/peer/migrate/{}", vm_uuid(&b).await)).await;
+    let (_, st) = b
+        .get(&format!("/v1/peer/migrate/{}", vm_uuid(&b).await))
+        .await;
     println!("B's hydration when B→C starts: {st}");
     let op_bc = migrate(&b, "host-c", json!({})).await;
     let op = wait_op(&b, &op_bc).await;
@@ -295,7 +303,10 @@ async fn a_writing_guest_migrates_on_demand_then_again_before_hydration_ends() {
     let op = wait_op(&a, &op_ab).await;
     print_log(&op);
     assert_eq!(op["state"], "succeeded", "{op}");
-    println!("A→B→C: both operations done {:.1?} after the first request", t.elapsed());
+    println!(
+        "A→B→C: both operations done {:.1?} after the first request",
+        t.elapsed()
+    );
 
     let before = last_record(&mut con_b);
     let mut con_c = console_on(&c).await;
@@ -447,22 +458,31 @@ async fn the_source_killed_during_hydration_and_restarted_resumes() {
     let (mut a, b, uuid, op) = migrating_pair().await;
     let _reaper = Reaper(vec![a.data(), b.data()]);
     a.kill9();
-    // While A is down, B names the missing chunks and why.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let st = incoming(&b, &uuid).await;
+    // While A is down, B names the missing chunks and why (once the NBD
+    // client's reconnection attempts are spent).
+    let deadline = Instant::now() + T;
+    let st = loop {
+        let st = incoming(&b, &uuid).await;
+        let said = st["disks"].as_array().unwrap().iter().any(|d| {
+            d["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unreachable"))
+        });
+        if said {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     println!("A down: {st}");
     let down = missing(&st);
     assert!(down > 0, "{st}");
-    assert!(
-        st["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["last_error"].as_str().is_some_and(|e| e.contains("unreachable"))),
-        "{st}"
-    );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(missing(&incoming(&b, &uuid).await), down, "fetched while the source was down");
+    assert_eq!(
+        missing(&incoming(&b, &uuid).await),
+        down,
+        "fetched while the source was down"
+    );
     // The guest keeps running on B meanwhile (its disk's chunks that it
     // reads were fetched, or it waits for them).
     a.start();
@@ -518,7 +538,9 @@ async fn assert_same_bulk(a: &Host, b: &Host) {
         )
         .await;
     assert_eq!(s, 201, "{e}");
-    let (s, e) = b.post("/v1/exports", json!({ "snapshot": "bulk-check" })).await;
+    let (s, e) = b
+        .post("/v1/exports", json!({ "snapshot": "bulk-check" }))
+        .await;
     assert_eq!(s, 201, "{e}");
     let out = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
