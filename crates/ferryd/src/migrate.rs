@@ -241,7 +241,7 @@ impl Step<App> for Prepare {
                 let id = format!("vd{}", (b'a' + i as u8) as char);
                 let Some(volume) = d.volume() else {
                     return Err(StepError::failed(format!(
-                        "disk {id} is a file; only pool volumes migrate"
+                        "disk {id} is not a volume of this host's pool (a file, or a peer's volume); only this host's volumes migrate"
                     )));
                 };
                 let export = export_name(&uuid, &id);

@@ -69,7 +69,7 @@ pub async fn migrate(
                 return Err(bad_field(
                     "id",
                     &format!(
-                        "disk {i} of VM {} is a file; only pool volumes migrate",
+                        "disk {i} of VM {} is not a volume of this host's pool (a file, or a peer's volume); only this host's volumes migrate",
                         vm.name
                     ),
                 ));
