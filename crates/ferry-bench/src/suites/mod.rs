@@ -5,6 +5,7 @@ use crate::report::Report;
 
 mod backup;
 mod crash;
+mod daemon;
 mod disk;
 mod nbd;
 mod pool;

@@ -1,7 +1,10 @@
-//! `nbd`: the same 1 GiB of random data served by Ferry's NBD server (the
-//! raw-file backend, in this process), by `nbdkit file` and by
-//! `qemu-nbd -f raw -t -e 4`, over a unix socket and over TCP; fio's nbd
-//! engine, numjobs=1, iodepth=16. `ferry-bench nbd [--rounds N]`.
+//! `nbd`: the same 1 GiB of random data served by Ferry as deployed (a
+//! release `ferryd`: a pool volume imported from the data, exported over
+//! its unix socket and over TCP with the export's secret), by Ferry's NBD
+//! server on the raw file in this process (`ferry-file`: the server without
+//! the pool), by `nbdkit file` and by `qemu-nbd -f raw -t -e 4`, over a
+//! unix socket and over TCP; fio's nbd engine, numjobs=1, iodepth=16.
+//! `ferry-bench nbd [--rounds N]`.
 
 use std::io::Write;
 use std::net::TcpListener as StdTcpListener;
@@ -16,6 +19,7 @@ use ferry_nbd::{ExportOptions, FileExport, Server};
 use crate::fio::{self, FioJob};
 use crate::report::{Measurement, Report, scratch_dir};
 use crate::suites::Options;
+use crate::suites::daemon::{Daemon, ferryd_exe};
 
 const JOBS: [(&str, &str, &str, &str); 4] = [
     ("rand-read-4k", "randread", "4k", "IOPS"),
@@ -86,18 +90,70 @@ fn wait_ready(uri: &str, child: &mut Option<Child>) -> anyhow::Result<()> {
     }
 }
 
-fn serve(peer: &str, t: Transport, file: &Path, dir: &Path) -> anyhow::Result<Served> {
+/// The pool volume's export on the release ferryd: (unix URI, TCP URI).
+struct Deployed {
+    unix: String,
+    tcp: String,
+}
+
+/// Starts a release ferryd on `dir`, imports `file` into volume `bench`
+/// and exports it.
+fn deploy(file: &Path, dir: &Path) -> anyhow::Result<(Daemon, Deployed)> {
+    let exe = ferryd_exe()?;
+    let d = Daemon::start_with(&exe, &dir.join("ferryd"), &["--nbd-listen", "127.0.0.1:0"])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let e = rt.block_on(async {
+        use reqwest::Method;
+        let started = d
+            .call(
+                Method::POST,
+                "/v1/volumes/bench/import",
+                serde_json::json!({ "path": file }),
+            )
+            .await?;
+        let id = started["operation"].as_str().context("no operation id")?;
+        let op = d.wait_op(id).await?;
+        if op["state"] != "succeeded" {
+            bail!("import into the pool failed: {op}");
+        }
+        d.call(
+            Method::POST,
+            "/v1/exports",
+            serde_json::json!({ "volume": "bench" }),
+        )
+        .await
+    })?;
+    let unix = e["unix_uri"].as_str().context("no unix_uri")?.to_string();
+    let tcp = e["tcp_uri"].as_str().context("no tcp_uri")?.to_string();
+    Ok((d, Deployed { unix, tcp }))
+}
+
+fn serve(
+    peer: &str,
+    t: Transport,
+    file: &Path,
+    dir: &Path,
+    deployed: &Deployed,
+) -> anyhow::Result<Served> {
     let sock = dir.join(format!("{peer}.sock"));
     let _ = std::fs::remove_file(&sock);
     let port = free_port()?;
     let u = uri(t, &sock, port);
     let mut served = Served {
-        uri: u.clone(),
+        uri: u,
         child: None,
         runtime: None,
     };
     match peer {
         "ferry" => {
+            served.uri = match t {
+                Transport::Unix => deployed.unix.clone(),
+                Transport::Tcp => deployed.tcp.clone(),
+            };
+        }
+        "ferry-file" => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -149,7 +205,7 @@ fn serve(peer: &str, t: Transport, file: &Path, dir: &Path) -> anyhow::Result<Se
         }
         _ => bail!("unknown peer {peer}"),
     }
-    wait_ready(&u, &mut served.child)?;
+    wait_ready(&served.uri, &mut served.child)?;
     Ok(served)
 }
 
@@ -208,7 +264,7 @@ fn rounds(opts: &Options) -> anyhow::Result<u32> {
     Ok(rounds.max(1))
 }
 
-const PEERS: [&str; 3] = ["ferry", "nbdkit", "qemu-nbd"];
+const PEERS: [&str; 4] = ["ferry", "ferry-file", "nbdkit", "qemu-nbd"];
 
 /// All three servers run at once on the same file; every job runs on each
 /// of them in turn, `--rounds` times with the order rotated, and the best
@@ -220,12 +276,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let file: PathBuf = dir.path().join("data.img");
     eprintln!("nbd: writing {} of random data", opts.size);
     make_data(&file, &opts.size)?;
+    eprintln!("nbd: importing it into a pool volume of a release ferryd");
+    let (_daemon, deployed) = deploy(&file, dir.path())?;
     let load_before = load_average();
     let mut report = Report::new("nbd");
     for (t, tname) in [(Transport::Unix, "unix"), (Transport::Tcp, "tcp")] {
         let served: Vec<Served> = PEERS
             .iter()
-            .map(|p| serve(p, t, &file, dir.path()))
+            .map(|p| serve(p, t, &file, dir.path(), &deployed))
             .collect::<anyhow::Result<_>>()?;
         for (metric, rw, bs, unit) in JOBS {
             let mut best = [0.0f64; PEERS.len()];

@@ -10,20 +10,19 @@
 //! records seen on the guests' consoles during the operation, less the
 //! nominal interval (`write-stall`); and the operation's total time.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use ferry_testkit::console::Console;
 use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload, disk};
 use serde_json::{Value, json};
 
-use crate::report::{Measurement, Report, target_dir};
+use crate::report::{Measurement, Report};
 use crate::suites::Options;
+use crate::suites::daemon::{Daemon, ferryd_exe};
 
 fn arg<T: std::str::FromStr>(rest: &[String], name: &str, default: T) -> T {
     rest.iter()
@@ -31,120 +30,6 @@ fn arg<T: std::str::FromStr>(rest: &[String], name: &str, default: T) -> T {
         .and_then(|i| rest.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn ferryd_exe() -> anyhow::Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-p", "ferryd", "--bin", "ferryd"])
-        .env("CARGO_TARGET_DIR", target_dir())
-        .status()
-        .context("run cargo build for ferryd")?;
-    if !status.success() {
-        bail!("cargo build of ferryd failed: {status}");
-    }
-    Ok(target_dir().join("release").join("ferryd"))
-}
-
-/// A ferryd process, killed on drop, with every QEMU it started.
-struct Daemon {
-    child: Child,
-    url: String,
-    token: String,
-    data: PathBuf,
-    http: reqwest::Client,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let needle = self.data.to_string_lossy().into_owned();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("qemu-system") && cmd.contains(&needle) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
-    }
-}
-
-impl Daemon {
-    fn start(exe: &Path, data: &Path) -> anyhow::Result<Daemon> {
-        let out = Command::new(exe)
-            .args(["init", "--no-cli-config", "--name", "bench", "--data-dir"])
-            .arg(data)
-            .output()?;
-        if !out.status.success() {
-            bail!("ferryd init: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let token = std::fs::read_to_string(data.join("admin.token"))?
-            .trim()
-            .to_string();
-        let mut child = Command::new(exe)
-            .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .env("FERRYD_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-        let url = loop {
-            let line = lines.next().context("ferryd exited before listening")??;
-            if let Some((_, url)) = line.split_once(" listening on ") {
-                break url.to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Daemon {
-            child,
-            url,
-            token,
-            data: data.to_path_buf(),
-            http: reqwest::Client::new(),
-        })
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Value,
-    ) -> anyhow::Result<Value> {
-        let mut rb = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token);
-        if !body.is_null() {
-            rb = rb.json(&body);
-        }
-        let r = rb.send().await?;
-        let status = r.status();
-        let text = r.text().await?;
-        if !status.is_success() {
-            bail!("{path}: {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    async fn wait_op(&self, id: &str) -> anyhow::Result<Value> {
-        loop {
-            let op = self
-                .call(
-                    reqwest::Method::GET,
-                    &format!("/v1/operations/{id}"),
-                    Value::Null,
-                )
-                .await?;
-            let state = op["state"].as_str().unwrap_or("");
-            if ["succeeded", "failed", "cancelled"].contains(&state) {
-                return Ok(op);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 /// Follows the consoles and records when each new record was seen.
