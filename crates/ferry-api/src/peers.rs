@@ -48,6 +48,9 @@ pub struct PeerInfo {
     pub latency_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The peer's pool usage, filled by `show` when the peer answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<crate::PoolInfo>,
 }
 
 /// `GET /v1/host/peer-token` (admin only): this host's peer token, to be

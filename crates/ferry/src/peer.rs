@@ -5,12 +5,12 @@ use ferry_api::{PeerInfo, PeerToken};
 use serde_json::json;
 
 use crate::client::Client;
-use crate::output::{emit, table};
+use crate::output::{emit, size, table};
 
 #[derive(Subcommand)]
 pub enum PeerVerb {
     List,
-    /// The peer and a live check (reachable, latency).
+    /// The peer and a live check (reachable, latency, its pool usage).
     Show {
         name: String,
     },
@@ -34,7 +34,15 @@ pub enum PeerVerb {
 
 fn rows(p: &[PeerInfo]) -> String {
     table(
-        &["NAME", "URL", "HOST", "VERSION", "NBD", "REACHABLE"],
+        &[
+            "NAME",
+            "URL",
+            "HOST",
+            "VERSION",
+            "NBD",
+            "REACHABLE",
+            "POOL USED",
+        ],
         p.iter()
             .map(|p| {
                 vec![
@@ -50,6 +58,10 @@ fn rows(p: &[PeerInfo]) -> String {
                         }
                         _ => "-".into(),
                     },
+                    p.pool
+                        .as_ref()
+                        .map(|p| format!("{} ({} volumes)", size(p.used_bytes), p.volumes))
+                        .unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect(),

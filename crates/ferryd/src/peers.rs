@@ -38,6 +38,7 @@ impl PeerRecord {
             version: self.version.clone(),
             nbd: self.nbd.clone(),
             added: self.added,
+            pool: None,
             reachable: None,
             latency_ms: None,
             error: None,
@@ -303,13 +304,18 @@ impl Peers {
         let rec = self.get(name)?;
         let mut info = rec.info(name);
         let t = Instant::now();
-        match PeerClient::new(&rec.url, &rec.token).hello().await {
+        let c = PeerClient::new(&rec.url, &rec.token);
+        match c.hello().await {
             Ok(h) => {
                 info.reachable = Some(true);
                 info.latency_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
                 info.host_name = h.name;
                 info.version = h.version;
                 info.nbd = h.nbd;
+                match c.get::<ferry_api::PoolInfo>("/v1/pool").await {
+                    Ok(p) => info.pool = Some(p),
+                    Err(e) => info.error = Some(format!("pool usage: {e}")),
+                }
             }
             Err(e) => {
                 info.reachable = Some(false);

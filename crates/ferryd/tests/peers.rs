@@ -39,6 +39,9 @@ async fn hosts_register_each_other_with_peer_tokens() {
     let (s, p) = a.get("/v1/peers/host-b").await;
     assert_eq!(s, 200, "{p}");
     assert_eq!(p["reachable"], true, "{p}");
+    // The live check carries the peer's pool usage (b has no volumes yet).
+    assert_eq!(p["pool"]["volumes"], 0, "{p}");
+    assert!(p["pool"]["chunk_size"].as_u64().unwrap() > 0, "{p}");
 
     // Twice under one name: 409.
     let (s, e) = a

@@ -2,7 +2,7 @@
 
 import { get } from '../api.js';
 import { badge, h, refill, table } from '../dom.js';
-import { time } from '../format.js';
+import { bytes, time } from '../format.js';
 
 export default {
   id: 'peers',
@@ -11,7 +11,7 @@ export default {
     const body = h('div');
     root.append(
       h('h1', {}, 'Peers'),
-      h('p', { class: 'muted' }, 'Other hosts this one can copy and migrate to (', h('code', {}, 'ferry peer add'), ').'),
+      h('p', { class: 'muted' }, 'Other hosts this one can copy and migrate to, with their pool usage (', h('code', {}, 'ferry peer add'), ').'),
       body);
     const load = async () => {
       // The list does not check the peers; `show` does, one by one.
@@ -28,6 +28,14 @@ export default {
             ? '—'
             : badge(p.reachable ? 'reachable' : 'unreachable')),
         },
+        {
+          title: 'Pool used',
+          num: true,
+          cell: p => (p.pool
+            ? `${bytes(p.pool.used_bytes)}${p.pool.limit_bytes ? ` of ${bytes(p.pool.limit_bytes)}` : ''}`
+            : '—'),
+        },
+        { title: 'Volumes', num: true, cell: p => (p.pool ? String(p.pool.volumes) : '—') },
         { title: 'Latency', num: true, cell: p => (p.latency_ms === null || p.latency_ms === undefined ? '—' : `${p.latency_ms.toFixed(1)} ms`) },
         { title: 'Error', cell: p => p.error || '' },
         { title: 'Added', cell: p => time(p.added * 1000) },
