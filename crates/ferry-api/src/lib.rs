@@ -3,6 +3,7 @@
 //! small helpers.
 
 pub mod migrate;
+pub mod backups;
 pub mod peers;
 pub mod progress;
 pub mod resources;
@@ -10,6 +11,7 @@ pub mod vms;
 pub mod vmsnaps;
 
 pub use migrate::*;
+pub use backups::*;
 pub use peers::*;
 pub use progress::{Node, NodeId, ProgressView};
 pub use resources::*;

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 the request or the operation failed, 2 usage.
 
+mod backup;
 mod client;
 mod output;
 mod peer;
@@ -85,6 +86,18 @@ enum Noun {
         #[command(subcommand)]
         verb: vmsnap::VmSnapVerb,
     },
+    /// Backup repositories (directory or S3).
+    Repo {
+        #[command(subcommand)]
+        verb: backup::RepoVerb,
+    },
+    /// Backups of VMs: `ferry backup VM --repo R`, list, show, forget.
+    Backup {
+        #[command(subcommand)]
+        verb: backup::BackupVerb,
+    },
+    /// Restore a backup into new volumes and a new VM.
+    Restore(backup::RestoreArgs),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -205,7 +218,9 @@ enum OpVerb {
 }
 
 fn main() {
-    let cli = Cli::parse_from(vmsnap::route_args(std::env::args_os().collect()));
+    let cli = Cli::parse_from(backup::route_args(vmsnap::route_args(
+        std::env::args_os().collect(),
+    )));
     if let Noun::Completions { shell } = cli.noun {
         clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
         return;
@@ -509,6 +524,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Noun::Peer { verb } => peer::run(&c, j, verb).await?,
         Noun::Vm { verb } => return vm::run(&c, j, verb).await,
         Noun::VmSnapshot { verb } => return vmsnap::run(&c, j, verb).await,
+        Noun::Repo { verb } => return backup::run_repo(&c, j, verb).await,
+        Noun::Backup { verb } => return backup::run_backup(&c, j, verb).await,
+        Noun::Restore(a) => return backup::run_restore(&c, j, a).await,
         Noun::Op { verb } => match verb {
             OpVerb::List => {
                 let ops: Vec<Operation> = c.get("/v1/operations").await?;

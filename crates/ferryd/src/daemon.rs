@@ -34,6 +34,8 @@ pub struct Daemon {
     pub peers: Arc<Peers>,
     /// Lazy volumes of VMs migrating here (see [`crate::migrate`]).
     pub inbound: Arc<crate::migrate::Inbound>,
+    /// Backup repositories and the backup operations.
+    pub backups: Arc<crate::backups::Backups>,
     pub started: Instant,
 }
 
@@ -87,6 +89,16 @@ impl Daemon {
                 host: cfg.name.clone(),
             }),
         );
+        let backups = crate::backups::register(
+            &ops,
+            std::sync::Arc::new(crate::groupsnap::Env {
+                vms: vms.clone(),
+                exports: exports.clone(),
+                peers: peers.clone(),
+                host: cfg.name.clone(),
+                root: dir.root.clone(),
+            }),
+        );
         Ok(Arc::new(Daemon {
             cfg,
             dir,
@@ -97,6 +109,7 @@ impl Daemon {
             peer_token,
             peers,
             inbound,
+            backups,
             started: Instant::now(),
         }))
     }

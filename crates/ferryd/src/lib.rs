@@ -25,6 +25,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backups;
 pub mod body;
 pub mod config;
 pub mod daemon;

@@ -512,6 +512,8 @@ fn build() -> Doc {
         BAD_NF_CONFLICT,
     );
 
+    backups(&mut d, &started);
+
     let s = d.schema::<Vec<PeerInfo>>();
     d.op(
         "get",
@@ -612,6 +614,120 @@ fn build() -> Doc {
         &[409],
     );
     d
+}
+
+/// Backup repositories and backups.
+fn backups(d: &mut Doc, started: &Option<Schema>) {
+    const NF: &[u16] = &[404];
+    const BAD_NF: &[u16] = &[400, 404];
+    const BAD_NF_CONFLICT: &[u16] = &[400, 404, 409];
+    let s = d.schema::<Vec<RepoEntry>>();
+    d.op(
+        "get",
+        "/v1/repos",
+        "backups",
+        "List the backup repositories this host knows.",
+        None,
+        (200, s),
+        &[],
+    );
+    let (r, s) = (d.schema::<AddRepo>(), d.schema::<RepoEntry>());
+    d.op(
+        "post",
+        "/v1/repos",
+        "backups",
+        "Create (create: true) or add an existing backup repository: a directory or s3://bucket/prefix.",
+        r,
+        (201, s),
+        &[400, 404, 409],
+    );
+    let s = d.schema::<RepoSummary>();
+    d.op(
+        "get",
+        "/v1/repos/{repo}",
+        "backups",
+        "A repository with its counts and sizes.",
+        None,
+        (200, s),
+        NF,
+    );
+    d.op(
+        "post",
+        "/v1/repos/{repo}/verify",
+        "backups",
+        "Read and check every chunk (an operation; it fails naming bad chunks and the backups they affect).",
+        None,
+        (202, started.clone()),
+        NF,
+    );
+    let r = d.schema::<PruneRepo>();
+    d.op(
+        "post",
+        "/v1/repos/{repo}/prune",
+        "backups",
+        "Forget the backups no keep rule keeps (an operation).",
+        r,
+        (202, started.clone()),
+        BAD_NF,
+    );
+    d.op(
+        "post",
+        "/v1/repos/{repo}/gc",
+        "backups",
+        "Remove chunks no backup references (an operation; safe against running backups).",
+        None,
+        (202, started.clone()),
+        NF,
+    );
+    let s = d.schema::<Vec<BackupInfo>>();
+    d.op(
+        "get",
+        "/v1/repos/{repo}/backups",
+        "backups",
+        "List the backups of a repository, oldest first.",
+        None,
+        (200, s),
+        NF,
+    );
+    let r = d.schema::<CreateBackup>();
+    d.op(
+        "post",
+        "/v1/repos/{repo}/backups",
+        "backups",
+        "Back up a VM (an operation): consistent snapshot, then its disks from the pool snapshot, incremental to its previous backup.",
+        r,
+        (202, started.clone()),
+        BAD_NF_CONFLICT,
+    );
+    let s = d.schema::<BackupInfo>();
+    d.op(
+        "get",
+        "/v1/repos/{repo}/backups/{id}",
+        "backups",
+        "A backup: VM, consistency, disks and what each backup read and uploaded.",
+        None,
+        (200, s),
+        NF,
+    );
+    d.op(
+        "delete",
+        "/v1/repos/{repo}/backups/{id}",
+        "backups",
+        "Forget a backup (its chunks are removed by the next gc).",
+        None,
+        (204, None),
+        NF,
+    );
+    let r = d.schema::<RestoreBackup>();
+    d.op(
+        "post",
+        "/v1/repos/{repo}/backups/{id}/restore",
+        "backups",
+        "Restore a backup into new volumes and a new VM (an operation).",
+        r,
+        (202, started.clone()),
+        BAD_NF_CONFLICT,
+    );
 }
 
 fn path_params(path: &str) -> Vec<Value> {

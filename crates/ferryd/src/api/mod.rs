@@ -1,6 +1,7 @@
 //! The HTTP API under `/v1`: routes, error mapping, and the blocking bridge
 //! to the pool.
 
+mod backups;
 mod exports;
 mod host;
 mod migrate;
@@ -86,6 +87,26 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .route("/v1/vm-snapshots/{name}/revert", post(vmsnaps::revert))
         .route("/v1/vm-snapshots/{name}/clone", post(vmsnaps::clone))
+        .route(
+            "/v1/repos",
+            get(backups::list_repos).post(backups::add_repo),
+        )
+        .route("/v1/repos/{repo}", get(backups::show_repo))
+        .route("/v1/repos/{repo}/verify", post(backups::verify))
+        .route("/v1/repos/{repo}/prune", post(backups::prune))
+        .route("/v1/repos/{repo}/gc", post(backups::gc))
+        .route(
+            "/v1/repos/{repo}/backups",
+            get(backups::list_backups).post(backups::create_backup),
+        )
+        .route(
+            "/v1/repos/{repo}/backups/{id}",
+            get(backups::show_backup).delete(backups::forget_backup),
+        )
+        .route(
+            "/v1/repos/{repo}/backups/{id}/restore",
+            post(backups::restore),
+        )
         .route("/metrics", get(host::metrics))
         .layer(middleware::from_fn_with_state(d.clone(), require_token));
     Router::new()

@@ -1,0 +1,147 @@
+//! Backup repositories and backups of VMs.
+//!
+//! - `POST /v1/repos` `{"location": "/srv/backup", "create": true}` (or
+//!   `s3://bucket/prefix`; `"encrypt": true, "key_file": "/root/repo.key"`)
+//!   registers a repository with this host, creating it when asked.
+//! - `POST /v1/repos/{repo}/backups` `{"vm": "web-1"}` starts a `vm.backup`
+//!   operation; `POST /v1/repos/{repo}/backups/{id}/restore`
+//!   `{"name": "web-1-restored"}` starts a `backup.restore` operation.
+//! - `verify`, `prune` and `gc` of a repository are operations too.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/repos`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddRepo {
+    /// A directory on the daemon's host or `s3://bucket/prefix` (endpoint
+    /// and credentials from ferryd's environment: `AWS_ENDPOINT_URL`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`).
+    pub location: String,
+    /// Name of the repository on this host (1-64 of `A-Z a-z 0-9 - _ .`);
+    /// derived from the location when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Create the repository (`repo init`); otherwise it must exist.
+    #[serde(default)]
+    pub create: bool,
+    /// Encrypt a new repository (AES-256-GCM) with the key in `key_file`.
+    #[serde(default)]
+    pub encrypt: bool,
+    /// Key file on the daemon's host (absolute path). When creating an
+    /// encrypted repository and the file does not exist, a new key is
+    /// written there (mode 0600). The key never goes into the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+}
+
+/// A repository known to this host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct RepoEntry {
+    pub name: String,
+    pub location: String,
+    /// The repository's own id.
+    pub id: String,
+    pub encrypted: bool,
+    /// Where its key is read (never the key itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+}
+
+/// `GET /v1/repos/{repo}`: the entry plus counts read from the repository.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct RepoSummary {
+    #[serde(flatten)]
+    pub entry: RepoEntry,
+    pub block_size: u32,
+    pub backups: usize,
+    /// Chunk objects stored.
+    pub chunks: usize,
+    /// Bytes of chunk objects stored (compressed, encrypted).
+    pub chunk_bytes: u64,
+}
+
+/// `POST /v1/repos/{repo}/prune`: a backup is kept if any rule keeps it
+/// (rules apply per VM).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRepo {
+    #[serde(default)]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub keep_daily: usize,
+    #[serde(default)]
+    pub keep_weekly: usize,
+    #[serde(default)]
+    pub keep_monthly: usize,
+    /// Only say what would be forgotten.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `POST /v1/repos/{repo}/backups`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBackup {
+    /// A VM of this host, by name or UUID.
+    pub vm: String,
+    /// Freeze the guest's file systems through its agent (when it runs and
+    /// has one); otherwise the backup is crash-consistent.
+    #[serde(default = "yes")]
+    pub quiesce: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One disk of a backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct BackupDisk {
+    /// Guest device (`vda`).
+    pub name: String,
+    pub size: u64,
+    pub data_blocks: u64,
+    pub hole_blocks: u64,
+    /// Bytes this backup read from the pool snapshot.
+    pub read_bytes: u64,
+    /// Chunks this backup uploaded (not already in the repository).
+    pub new_chunks: u64,
+    /// Stored bytes of those chunks.
+    pub new_bytes: u64,
+    /// Byte ranges of the VM's read profile, in first-read order.
+    pub read_profile: Vec<[u64; 2]>,
+}
+
+/// A backup as stored in a repository.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct BackupInfo {
+    pub id: String,
+    pub repo: String,
+    /// The VM's name.
+    pub vm: String,
+    /// Seconds since the Unix epoch.
+    pub time: u64,
+    /// The backup this one is incremental to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// What ferryd recorded: the VM definition, consistency, whether the
+    /// disks were read in full or incrementally (and why).
+    pub config: serde_json::Value,
+    pub disks: Vec<BackupDisk>,
+}
+
+/// `POST /v1/repos/{repo}/backups/{id}/restore`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBackup {
+    /// Name of the new VM (default: `<vm>-restored`). Its volumes are
+    /// `<name>-<device>`; it gets a new UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The host to restore to (default: this host). Only this host is
+    /// supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}

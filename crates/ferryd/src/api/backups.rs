@@ -1,0 +1,283 @@
+//! Backup repositories and backups: register (`repo init` / add), list,
+//! info; verify, prune and gc as operations; back up a VM and restore a
+//! backup as operations; list, show and forget backups.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use ferry_api::{
+    AddRepo, BackupInfo, CreateBackup, PruneRepo, RepoEntry, RepoSummary, RestoreBackup, Started,
+};
+
+use super::{ApiResult, Failure, bad_field, error_response};
+use crate::backups::{self, BackupError, BackupParams, RepoOpParams, RestoreParams};
+use crate::body::Body;
+use crate::daemon::Daemon;
+
+impl From<BackupError> for Failure {
+    fn from(e: BackupError) -> Self {
+        let msg = e.to_string();
+        let status = match e {
+            BackupError::NotFound(_) => StatusCode::NOT_FOUND,
+            BackupError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BackupError::Conflict(_) => StatusCode::CONFLICT,
+            BackupError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error_response(status, &msg, None)
+    }
+}
+
+/// Runs a blocking backup-layer call off the async runtime.
+async fn run<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Failure::from),
+        Err(e) => Err(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("backup call panicked: {e}"),
+            None,
+        )),
+    }
+}
+
+fn start(
+    d: &Daemon,
+    kind: &str,
+    params: impl serde::Serialize,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    let v = serde_json::to_value(params)
+        .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None))?;
+    let id = d.ops.start(kind, v)?;
+    Ok((StatusCode::ACCEPTED, Json(Started { operation: id })))
+}
+
+pub async fn list_repos(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<RepoEntry>> {
+    let b = d.backups.clone();
+    Ok(Json(run(move || b.repos()).await?))
+}
+
+pub async fn add_repo(
+    State(d): State<Arc<Daemon>>,
+    Body(req): Body<AddRepo>,
+) -> Result<(StatusCode, Json<RepoEntry>), Failure> {
+    let b = d.backups.clone();
+    Ok((StatusCode::CREATED, Json(run(move || b.add(&req)).await?)))
+}
+
+pub async fn show_repo(
+    State(d): State<Arc<Daemon>>,
+    Path(repo): Path<String>,
+) -> ApiResult<RepoSummary> {
+    let b = d.backups.clone();
+    Ok(Json(run(move || b.summary(&repo)).await?))
+}
+
+async fn repo_op(
+    d: &Daemon,
+    kind: &str,
+    mut p: RepoOpParams,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    let b = d.backups.clone();
+    let name = p.repo.clone();
+    p.repo = run(move || b.entry(&name)).await?.name;
+    start(d, kind, p)
+}
+
+pub async fn verify(
+    State(d): State<Arc<Daemon>>,
+    Path(repo): Path<String>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    repo_op(
+        &d,
+        backups::VERIFY,
+        RepoOpParams {
+            repo,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn gc(
+    State(d): State<Arc<Daemon>>,
+    Path(repo): Path<String>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    repo_op(
+        &d,
+        backups::GC,
+        RepoOpParams {
+            repo,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn prune(
+    State(d): State<Arc<Daemon>>,
+    Path(repo): Path<String>,
+    Body(req): Body<PruneRepo>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    if req.keep_last + req.keep_daily + req.keep_weekly + req.keep_monthly == 0 {
+        return Err(bad_field(
+            "keep_last",
+            "give at least one keep rule; a prune without one would forget every backup",
+        ));
+    }
+    let p = RepoOpParams {
+        repo,
+        keep_last: req.keep_last,
+        keep_daily: req.keep_daily,
+        keep_weekly: req.keep_weekly,
+        keep_monthly: req.keep_monthly,
+        dry_run: req.dry_run,
+    };
+    repo_op(&d, backups::PRUNE, p).await
+}
+
+pub async fn list_backups(
+    State(d): State<Arc<Daemon>>,
+    Path(repo): Path<String>,
+) -> ApiResult<Vec<BackupInfo>> {
+    let b = d.backups.clone();
+    Ok(Json(run(move || b.list(&repo)).await?))
+}
+
+pub async fn show_backup(
+    State(d): State<Arc<Daemon>>,
+    Path((repo, id)): Path<(String, String)>,
+) -> ApiResult<BackupInfo> {
+    let b = d.backups.clone();
+    Ok(Json(run(move || b.show(&repo, &id)).await?))
+}
+
+pub async fn forget_backup(
+    State(d): State<Arc<Daemon>>,
+    Path((repo, id)): Path<(String, String)>,
+) -> Result<StatusCode, Failure> {
+    let b = d.backups.clone();
+    run(move || b.forget(&repo, &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a `vm.backup` operation.
+pub async fn create_backup(
+    State(d): State<Arc<Daemon>>,
+    Path(repo): Path<String>,
+    Body(req): Body<CreateBackup>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    let b = d.backups.clone();
+    let name = repo.clone();
+    let entry = run(move || b.entry(&name)).await?;
+    let vm = d.vms.find(&req.vm)?;
+    let def = vm.definition();
+    let mut bytes = 0;
+    for (i, disk) in def.disks.iter().enumerate() {
+        match disk.volume() {
+            Some(v) => bytes += d.pool().volume(v)?.size(),
+            None => {
+                return Err(error_response(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "VM {}: disk vd{} is a file, not a pool volume; nothing was backed up",
+                        vm.name,
+                        char::from(b'a' + i as u8)
+                    ),
+                    None,
+                ));
+            }
+        }
+    }
+    for op in d.ops.journal().unfinished()? {
+        if op.kind == backups::BACKUP && op.params["uuid"] == vm.uuid.to_string().as_str() {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!(
+                    "VM {} is in backup operation {} already; nothing was started",
+                    vm.name, op.id
+                ),
+                None,
+            ));
+        }
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let uuid = vm.uuid.to_string();
+    let p = BackupParams {
+        repo: entry.name,
+        vm: vm.name.clone(),
+        group: format!("backup-{}-{now}", &uuid[..8]),
+        uuid,
+        quiesce: req.quiesce,
+        bytes,
+    };
+    start(&d, backups::BACKUP, p)
+}
+
+/// Starts a `backup.restore` operation.
+pub async fn restore(
+    State(d): State<Arc<Daemon>>,
+    Path((repo, id)): Path<(String, String)>,
+    Body(req): Body<RestoreBackup>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    if let Some(to) = &req.to
+        && *to != d.cfg.name
+        && to != "local"
+    {
+        return Err(bad_field(
+            "to",
+            &format!(
+                "restore to host {to}: only this host ({}) is supported yet; nothing was restored",
+                d.cfg.name
+            ),
+        ));
+    }
+    let b = d.backups.clone();
+    let info = run(move || b.show(&repo, &id)).await?;
+    let name = req.name.unwrap_or_else(|| format!("{}-restored", info.vm));
+    if d.vms.find(&name).is_ok() {
+        return Err(error_response(
+            StatusCode::CONFLICT,
+            &format!("a VM named {name} exists already; nothing was restored"),
+            Some("name"),
+        ));
+    }
+    let definition: ferry_api::VmDefinition =
+        serde_json::from_value(info.config["definition"].clone()).map_err(|e| {
+            error_response(
+                StatusCode::CONFLICT,
+                &format!(
+                    "backup {} holds no VM definition ({e}); nothing was restored",
+                    info.id
+                ),
+                None,
+            )
+        })?;
+    let mut disks = Vec::new();
+    for disk in &info.disks {
+        let vol = format!("{name}-{}", disk.name);
+        if d.pool().volume(&vol).is_ok() {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!("volume {vol} exists already; nothing was restored"),
+                Some("name"),
+            ));
+        }
+        disks.push((disk.name.clone(), vol, disk.size));
+    }
+    let p = RestoreParams {
+        repo: info.repo,
+        backup: info.id,
+        name,
+        disks,
+        definition,
+    };
+    backups::restore::new_definition(&p).map_err(|e| bad_field("name", &e))?;
+    start(&d, backups::RESTORE, p)
+}
