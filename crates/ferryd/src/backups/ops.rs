@@ -127,7 +127,7 @@ struct Snap {
 }
 
 impl Snap {
-    fn from_group(&self, g: &ferry_api::VmSnapshotGroup) -> Result<Taken, StepError> {
+    fn taken_in(&self, g: &ferry_api::VmSnapshotGroup) -> Result<Taken, StepError> {
         let v = g
             .vms
             .iter()
@@ -194,7 +194,7 @@ impl Snap {
             )));
         }
         let g = groupsnap::read_group(&self.b.snaps, &self.p.group).map_err(StepError::failed)?;
-        self.from_group(&g)
+        self.taken_in(&g)
     }
 
     /// A stopped VM: one pool group snapshot of its volumes.
@@ -262,7 +262,7 @@ impl Step<App> for Snap {
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
             let t = if let Ok(g) = groupsnap::read_group(&self.b.snaps, &self.p.group) {
-                self.from_group(&g)?
+                self.taken_in(&g)?
             } else {
                 let vm = self.b.vms.find(&self.p.uuid).map_err(StepError::failed)?;
                 let running = self.b.vms.control(&vm).await.is_some();
