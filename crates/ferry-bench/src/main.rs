@@ -38,6 +38,10 @@ fn main() -> anyhow::Result<()> {
             _ => opts.rest.push(a),
         }
     }
+    // The backup suite's default disk is the 4 GiB.
+    if suite == "backup" && !std::env::args().any(|a| a == "--size") {
+        opts.size = "4G".into();
+    }
     let Some((_, _, run)) = SUITES.iter().find(|(n, _, _)| *n == suite) else {
         eprint!("unknown suite {suite}\n{}", usage());
         std::process::exit(2);
