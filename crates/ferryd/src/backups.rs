@@ -422,24 +422,31 @@ pub fn info(repo: &str, m: &Manifest) -> BackupInfo {
 }
 
 /// Deletes the pool snapshots of a group (and its record when it has one);
-/// snapshots already gone are skipped. Blocking.
-pub fn delete_snapshots(
+/// snapshots already gone are skipped.
+pub async fn delete_snapshots(
     b: &Backups,
     pool: &ferry_pool::Pool,
     group: &str,
     snapshots: &[String],
 ) -> Result<(), String> {
     if groupsnap::read_group(&b.snaps, group).is_ok() {
-        return groupsnap::delete_group(&b.snaps, pool, group).map_err(|e| e.to_string());
+        return groupsnap::delete_group(b.snaps.clone(), pool.clone(), group.to_string())
+            .await
+            .map_err(|e| e.to_string());
     }
-    for s in snapshots {
-        match pool.delete_snapshot(s) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ferry_pool::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot delete snapshot {s}: {e}")),
+    let (pool, snapshots) = (pool.clone(), snapshots.to_vec());
+    tokio::task::spawn_blocking(move || {
+        for s in &snapshots {
+            match pool.delete_snapshot(s) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ferry_pool::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot delete snapshot {s}: {e}")),
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]

@@ -135,6 +135,12 @@ impl Snap {
             .ok_or_else(|| {
                 StepError::failed(format!("group {} does not hold VM {}", g.name, self.p.vm))
             })?;
+        if let Some(d) = v.disks.iter().find(|d| d.host != self.b.host) {
+            return Err(StepError::failed(format!(
+                "VM {}: disk {} is in the pool of host {}; backups of disks in other hosts' pools are not supported yet",
+                self.p.vm, d.device, d.host
+            )));
+        }
         Ok(Taken {
             group: g.name.clone(),
             consistency: v.consistency.to_string(),
@@ -312,8 +318,9 @@ impl Step<App> for Snap {
                         .map(|s| s.name)
                         .collect()
                 });
-            let (b, pool) = (self.b.clone(), cx.app.pool.clone());
-            blocking(move || delete_snapshots(&b, &pool, &group, &snaps)).await?;
+            delete_snapshots(&self.b, &cx.app.pool, &group, &snaps)
+                .await
+                .map_err(StepError::Failed)?;
             cx.log(format!(
                 "deleted the backup's snapshots (group {})",
                 self.p.group
@@ -565,8 +572,9 @@ impl Step<App> for KeepBase {
                 .and_then(|r| r["backup"].as_str())
                 .ok_or_else(|| StepError::failed("the back up step has no result"))?
                 .to_string();
-            let (b, p, pool) = (self.b.clone(), self.p.clone(), cx.app.pool.clone());
-            let msg = blocking(move || {
+            let (b, p) = (self.b.clone(), self.p.clone());
+            let group = t.group.clone();
+            let old = blocking(move || {
                 let (entry, _) = b.open(&p.repo).map_err(|e| e.to_string())?;
                 let base = Base {
                     backup,
@@ -577,27 +585,32 @@ impl Step<App> for KeepBase {
                         .map(|d| (d.0.clone(), (d.1.clone(), d.2.clone())))
                         .collect(),
                 };
-                let old = b
-                    .set_base(&base_key(&entry.id, &p.uuid), base)
-                    .map_err(|e| e.to_string())?;
-                match old {
-                    Some(o) if o.group != t.group => {
-                        let snaps: Vec<String> = o.disks.values().map(|x| x.1.clone()).collect();
-                        if b.group_is_base(&o.group) {
-                            return Ok(format!("older base {} is the base of another repository: kept", o.group));
-                        }
-                        match delete_snapshots(&b, &pool, &o.group, &snaps) {
-                            Ok(()) => Ok(format!("deleted the older base snapshots (group {})", o.group)),
-                            Err(e) => Ok(format!(
-                                "older base snapshots (group {}) NOT deleted: {e}; delete them by hand",
-                                o.group
-                            )),
-                        }
-                    }
-                    _ => Ok("first base of this VM in this repository".to_string()),
-                }
+                b.set_base(&base_key(&entry.id, &p.uuid), base)
+                    .map_err(|e| e.to_string())
             })
             .await?;
+            let msg = match old {
+                Some(o) if o.group != group => {
+                    let snaps: Vec<String> = o.disks.values().map(|x| x.1.clone()).collect();
+                    if self.b.group_is_base(&o.group) {
+                        format!(
+                            "older base {} is the base of another repository: kept",
+                            o.group
+                        )
+                    } else {
+                        match delete_snapshots(&self.b, &cx.app.pool, &o.group, &snaps).await {
+                            Ok(()) => {
+                                format!("deleted the older base snapshots (group {})", o.group)
+                            }
+                            Err(e) => format!(
+                                "older base snapshots (group {}) NOT deleted: {e}; delete them by hand",
+                                o.group
+                            ),
+                        }
+                    }
+                }
+                _ => "first base of this VM in this repository".to_string(),
+            };
             cx.log(&msg);
             Ok(json!({ "base": self.p.group, "note": msg }))
         })
