@@ -432,7 +432,8 @@ async fn round_trip_of_a_running_guest_s3() {
     let (_moto, port) = start_moto();
     let mut h = Host::new();
     let _reaper = Reaper(h.data());
-    h.terminate();
+    // Restarted with the S3 settings (nothing is running yet).
+    h.kill9();
     let ep = format!("http://127.0.0.1:{port}");
     h.start_with_env(&[
         ("AWS_ENDPOINT_URL", &ep),
