@@ -2,16 +2,16 @@
 //! so the two cannot drift apart. Plain serde structs; no behaviour beyond
 //! small helpers.
 
-pub mod migrate;
 pub mod backups;
+pub mod migrate;
 pub mod peers;
 pub mod progress;
 pub mod resources;
 pub mod vms;
 pub mod vmsnaps;
 
-pub use migrate::*;
 pub use backups::*;
+pub use migrate::*;
 pub use peers::*;
 pub use progress::{Node, NodeId, ProgressView};
 pub use resources::*;
