@@ -7,6 +7,7 @@ pub mod migrate;
 pub mod peers;
 pub mod progress;
 pub mod resources;
+pub mod vmcopy;
 pub mod vms;
 pub mod vmsnaps;
 
@@ -15,6 +16,7 @@ pub use migrate::*;
 pub use peers::*;
 pub use progress::{Node, NodeId, ProgressView};
 pub use resources::*;
+pub use vmcopy::*;
 pub use vms::*;
 pub use vmsnaps::*;
 

@@ -1,8 +1,8 @@
 //! GUID partition tables: primary header at LBA 1, backup at the last LBA,
 //! each with its own entry array, all checked by CRC-32.
 
-use crate::{Partition, ReadAt, crc32, le16, le32, le64, read_bytes};
 use crate::Error;
+use crate::{Partition, ReadAt, crc32, le16, le32, le64, read_bytes};
 
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 /// The entry array read is bounded whatever the header claims.
@@ -90,14 +90,18 @@ fn copy_at<R: ReadAt + ?Sized>(dev: &R, ss: u64, lba: u64, size: u64) -> Result<
     }
     let len = count * entry_size;
     if len > MAX_ENTRIES_BYTES {
-        return bad(format!("{count} entries of {entry_size} bytes is too large"));
+        return bad(format!(
+            "{count} entries of {entry_size} bytes is too large"
+        ));
     }
     let end = entries_lba
         .checked_mul(ss)
         .and_then(|s| s.checked_add(len))
         .filter(|e| *e <= size);
     if end.is_none() || entries_lba == 0 {
-        return bad(format!("entry array at LBA {entries_lba} is outside the disk"));
+        return bad(format!(
+            "entry array at LBA {entries_lba} is outside the disk"
+        ));
     }
     let array = read_bytes(dev, entries_lba * ss, len as usize)?;
     if crc32(&array) != le32(&h, 88) {

@@ -106,7 +106,11 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     }
 }
 
-pub(crate) fn read_bytes<R: ReadAt + ?Sized>(dev: &R, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
+pub(crate) fn read_bytes<R: ReadAt + ?Sized>(
+    dev: &R,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, Error> {
     let mut buf = vec![0u8; len];
     dev.read_exact_at(&mut buf, offset)
         .map_err(|source| Error::Io {
@@ -133,14 +137,8 @@ pub fn read_layout<R: ReadAt + ?Sized>(dev: &R, size: u64) -> Result<Option<Layo
     if protective || mbr.is_none() {
         match gpt::read(dev, size)? {
             Some((partitions, sector_size, backup)) => {
-                return finish(
-                    Scheme::Gpt { backup },
-                    sector_size,
-                    partitions,
-                    None,
-                    size,
-                )
-                .map(Some);
+                return finish(Scheme::Gpt { backup }, sector_size, partitions, None, size)
+                    .map(Some);
             }
             None if protective => {
                 return Err(Error::Gpt {

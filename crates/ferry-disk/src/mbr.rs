@@ -148,7 +148,9 @@ fn logical<R: ReadAt + ?Sized>(
         }
         let sector = read_bytes(dev, at, SECTOR as usize)?;
         if !signed(&sector) {
-            return Err(Error::Mbr(format!("EBR at sector {ebr} has no 55 AA signature")));
+            return Err(Error::Mbr(format!(
+                "EBR at sector {ebr} has no 55 AA signature"
+            )));
         }
         let [this, next, ..] = entries(&sector);
         if !this.is_empty() {

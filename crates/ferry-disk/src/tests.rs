@@ -37,7 +37,11 @@ fn sfdisk(dir: &Path, name: &str, size: u64, script: &str) -> std::path::PathBuf
 /// (number, start, len, type) of each partition as `sfdisk --json` lists it,
 /// extended containers left out.
 fn sfdisk_json(path: &Path) -> (String, Vec<(u32, u64, u64, String)>) {
-    let out = Command::new("sfdisk").arg("--json").arg(path).output().unwrap();
+    let out = Command::new("sfdisk")
+        .arg("--json")
+        .arg(path)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = &v["partitiontable"];
@@ -69,7 +73,10 @@ fn layout(path: &Path) -> Result<Option<Layout>, Error> {
 }
 
 fn ours(l: &Layout) -> Vec<(u32, u64, u64)> {
-    l.partitions.iter().map(|p| (p.number, p.start, p.len)).collect()
+    l.partitions
+        .iter()
+        .map(|p| (p.number, p.start, p.len))
+        .collect()
 }
 
 fn theirs(path: &Path) -> Vec<(u32, u64, u64)> {
@@ -109,7 +116,11 @@ const MBR_SCRIPT: &str = "label: dos\n\
     @6: size=30720, type=82\n";
 
 fn corrupt(path: &Path, offset: u64) {
-    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     FileExt::read_exact_at(&f, &mut b, offset).unwrap();
     b[0] ^= 0x5a;
@@ -325,7 +336,11 @@ fn template(gpt: bool) -> &'static Vec<u8> {
     use std::sync::OnceLock;
     static G: OnceLock<Vec<u8>> = OnceLock::new();
     static M: OnceLock<Vec<u8>> = OnceLock::new();
-    let (cell, script) = if gpt { (&G, GPT_SCRIPT) } else { (&M, MBR_SCRIPT) };
+    let (cell, script) = if gpt {
+        (&G, GPT_SCRIPT)
+    } else {
+        (&M, MBR_SCRIPT)
+    };
     cell.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let p = sfdisk(dir.path(), "t.img", 64 * MIB, script);

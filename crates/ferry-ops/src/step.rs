@@ -122,6 +122,9 @@ impl ProgressHandle {
     }
 }
 
+/// The log level of [`StepContext::checkpoint`] lines.
+pub const CHECKPOINT: &str = "checkpoint";
+
 /// What a step sees while it runs or is undone.
 pub struct StepContext<C> {
     pub op_id: String,
@@ -154,6 +157,28 @@ impl<C> StepContext<C> {
     pub fn set_fraction(&self, f: f64) {
         let node = self.node;
         self.progress.update(|t| t.set_fraction(node, f));
+    }
+
+    /// Durably records how far a long step got (e.g. the ranges a copy has
+    /// written), so that a run after a crash can skip what is done. Kept in
+    /// the operation's log with level `checkpoint`; durable when this
+    /// returns.
+    pub fn checkpoint(&self, msg: impl AsRef<str>) -> Result<(), StepError> {
+        self.journal
+            .log(&self.op_id, CHECKPOINT, msg.as_ref())
+            .map_err(StepError::failed)
+    }
+
+    /// The checkpoints this operation recorded, oldest first (across runs).
+    pub fn checkpoints(&self) -> Result<Vec<String>, StepError> {
+        Ok(self
+            .journal
+            .logs(&self.op_id)
+            .map_err(StepError::failed)?
+            .into_iter()
+            .filter(|l| l.level == CHECKPOINT)
+            .map(|l| l.msg)
+            .collect())
     }
 
     /// Writes a line to the operation's durable log.

@@ -79,6 +79,23 @@ pub enum VmVerb {
     Delete {
         vm: String,
     },
+    /// Copy a VM to a peer host (from an application-consistent snapshot
+    /// if it runs); shows one weighted progress bar with ETA.
+    Copy {
+        vm: String,
+        /// The target: a registered peer's name.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// The copy's name on the target (default `<vm>-copy`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Transfer limit per second (bytes, or with a K/M/G suffix).
+        #[arg(long, value_name = "LIMIT")]
+        bandwidth: Option<String>,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Live-migrate a running VM to a registered peer (a vm.migrate
     /// operation; its progress is followed unless --no-wait).
     Migrate {
@@ -229,6 +246,23 @@ fn vm_detail(v: &VmInfo) -> String {
 
 pub async fn run(c: &Client, j: bool, verb: VmVerb) -> anyhow::Result<i32> {
     match verb {
+        VmVerb::Copy {
+            vm,
+            to,
+            name,
+            bandwidth,
+            no_wait,
+        } => {
+            let body = ferry_api::VmCopyRequest {
+                to,
+                name,
+                bandwidth: bandwidth.as_deref().map(parse_size).transpose()?,
+            };
+            let started: ferry_api::Started = c
+                .post(&format!("/v1/vms/{vm}/copy"), &serde_json::to_value(&body)?)
+                .await?;
+            return crate::follow(c, j, started, no_wait).await;
+        }
         VmVerb::Define(args) => {
             let DefineArgs {
                 name,

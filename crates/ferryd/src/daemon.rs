@@ -99,6 +99,17 @@ impl Daemon {
                 root: dir.root.clone(),
             }),
         );
+        crate::vmcopy::register(
+            &ops,
+            crate::vmcopy::Env {
+                vms: vms.clone(),
+                exports: exports.clone(),
+                peers: peers.clone(),
+                host: cfg.name.clone(),
+                root: dir.root.clone(),
+                ops: Arc::downgrade(&ops),
+            },
+        );
         Ok(Arc::new(Daemon {
             cfg,
             dir,

@@ -38,4 +38,5 @@ pub mod operations;
 pub mod peers;
 pub mod remote_source;
 pub mod ui;
+pub mod vmcopy;
 pub mod vms;

@@ -448,6 +448,29 @@ fn build() -> Doc {
         (202, started.clone()),
         &[400, 404, 409, 501],
     );
+    let r = d.schema::<ferry_api::VmCopyRequest>();
+    d.op(
+        "post",
+        "/v1/vms/{id}/copy",
+        "vms",
+        "Copy a VM to a peer host (an operation): from an application-consistent snapshot if it runs; partition-weighted progress; verified.",
+        r,
+        (202, started.clone()),
+        BAD_NF_CONFLICT,
+    );
+    let (r, s) = (
+        d.schema::<ferry_api::HashRanges>(),
+        d.schema::<ferry_api::RangeHashes>(),
+    );
+    d.op(
+        "post",
+        "/v1/peer/copy/hash",
+        "peers",
+        "BLAKE3 of ranges of a volume of this host (the verify of a VM copy to it).",
+        r,
+        (200, s),
+        &[400, 404],
+    );
 
     let s = d.schema::<Vec<VmSnapshotGroup>>();
     d.op(

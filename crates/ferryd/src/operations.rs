@@ -611,7 +611,7 @@ impl Step<App> for CopyOut {
 /// The ranges of a snapshot that may hold data: what the live volume has
 /// allocated, plus every chunk written (or trimmed) since the snapshot —
 /// for the other chunks the live mapping is the snapshot's.
-fn snapshot_data_ranges(
+pub(crate) fn snapshot_data_ranges(
     pool: &ferry_pool::Pool,
     volume: &str,
     snapshot: &str,

@@ -7,6 +7,7 @@ mod host;
 mod migrate;
 mod ops;
 mod peers;
+mod vmcopy;
 mod vms;
 mod vmsnaps;
 mod volumes;
@@ -80,6 +81,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .route("/v1/peer/migrate/{uuid}/hydrate", post(migrate::hydrate))
         .route("/v1/peer/migrate/{uuid}/finish", post(migrate::finish))
+        .route("/v1/vms/{id}/copy", post(vmcopy::copy))
+        .route("/v1/peer/copy/hash", post(vmcopy::hash))
         .route("/v1/vm-snapshots", get(vmsnaps::list).post(vmsnaps::create))
         .route(
             "/v1/vm-snapshots/{name}",

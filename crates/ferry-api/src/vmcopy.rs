@@ -1,0 +1,34 @@
+//! VM copy between hosts: the request and the peer call that verifies.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/vms/{id}/copy`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCopyRequest {
+    /// The target host: a registered peer's name.
+    pub to: String,
+    /// The copy's name on the target (default `<name>-copy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Transfer limit in bytes per second (none: as fast as it goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
+}
+
+/// `POST /v1/peer/copy/hash`: hash ranges of a volume of the answering
+/// host (the target of a copy, for its verify sub-operation).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HashRanges {
+    pub volume: String,
+    /// `[offset, length]` pairs, each at most 16 MiB.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The BLAKE3 hash (hex) of each range, in the order asked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct RangeHashes {
+    pub hashes: Vec<String>,
+}
