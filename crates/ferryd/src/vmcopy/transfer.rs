@@ -465,7 +465,7 @@ impl CopyData {
         cx: &StepContext<App>,
         disks: &[Disk],
         peer: &crate::peers::PeerClient,
-    ) -> Result<Rates, StepError> {
+    ) -> Result<(Rates, u64), StepError> {
         let fallback = Rates {
             transfer: 100e6,
             verify: 200e6,
@@ -484,7 +484,7 @@ impl CopyData {
             }
             (!s.is_empty()).then_some((d, s))
         }) else {
-            return Ok(fallback);
+            return Ok((fallback, 0));
         };
         let bytes: u64 = sample.iter().map(|(a, b)| b - a).sum();
         let mut pacer = Pacer {
@@ -493,7 +493,7 @@ impl CopyData {
             sent: 0,
         };
         let t0 = Instant::now();
-        self.send(cx, disk, &sample, &mut pacer, |_| {}).await?;
+        let sent = self.send(cx, disk, &sample, &mut pacer, |_| {}).await?;
         disk.nbd
             .flush()
             .await
@@ -517,7 +517,7 @@ impl CopyData {
             r.transfer / 1e6,
             r.verify / 1e6
         ));
-        Ok(r)
+        Ok((r, sent))
     }
 }
 
@@ -555,7 +555,13 @@ impl Step<App> for CopyData {
                     "resuming: {resumed} bytes were transferred before the interruption"
                 ));
             }
-            let calibrated = self.calibrate(cx, &disks, &peer).await?;
+            let (calibrated, calibration_sent) = self.calibrate(cx, &disks, &peer).await?;
+            let grand: u64 = disks
+                .iter()
+                .flat_map(|d| d.leaves.iter().map(Leaf::bytes))
+                .sum();
+            let mut through = 0u64;
+            let mut paused = false;
             // The tree: disk → leaf → transfer/verify.
             let mut nodes: Vec<Vec<LeafNodes>> = Vec::new();
             cx.progress.update(|t| {
@@ -617,6 +623,7 @@ impl Step<App> for CopyData {
                             StepError::failed(format!("flushing {}: {e}", disk.target.volume))
                         })?;
                         at += pb;
+                        through += pb;
                         cx.checkpoint(
                             json!(Mark {
                                 disk: di,
@@ -625,7 +632,10 @@ impl Step<App> for CopyData {
                             })
                             .to_string(),
                         )?;
-                        if at * 2 >= total && total > 0 {
+                        // Test-only: a crash point once half the data is
+                        // sent (and checkpointed) in this run.
+                        if !paused && through * 2 >= grand - resumed.min(grand) {
+                            paused = true;
                             test_pause("vm.copy:copying").await;
                         }
                     }
@@ -665,7 +675,7 @@ impl Step<App> for CopyData {
             }
             let r = measure.rates(calibrated);
             cx.log(format!(
-                "sent {sent} bytes ({resumed} were sent before a restart), verified {verified} bytes, re-sent {resent}; transfer {:.1} MB/s, verify {:.1} MB/s",
+                "sent {sent} bytes (resumed after {resumed} bytes sent before a restart; calibration sent {calibration_sent}), verified {verified} bytes, re-sent {resent}; transfer {:.1} MB/s, verify {:.1} MB/s",
                 r.transfer / 1e6,
                 r.verify / 1e6
             ));
@@ -674,6 +684,7 @@ impl Step<App> for CopyData {
                 "resumed_from": resumed,
                 "verified": verified,
                 "resent": resent,
+                "calibration_sent": calibration_sent,
                 "transfer_bytes_per_sec": r.transfer,
                 "verify_bytes_per_sec": r.verify,
             }))
