@@ -237,7 +237,10 @@ async fn copy(a: &Host, vm: &str, body: Value) -> String {
 /// A volume's bytes, read through a unix-socket export of its host.
 async fn read_volume(h: &Host, volume: &str) -> Vec<u8> {
     let (s, e) = h
-        .post("/v1/exports", json!({ "volume": volume, "name": format!("read-{volume}") }))
+        .post(
+            "/v1/exports",
+            json!({ "volume": volume, "name": format!("read-{volume}") }),
+        )
         .await;
     assert_eq!(s, 201, "{e}");
     let to = h.dir.path().join(format!("read-{volume}.raw"));
@@ -272,7 +275,9 @@ fn summary(op: &Value, word: &str) -> u64 {
         .into_iter()
         .find(|l| l.starts_with("sent "))
         .unwrap_or_else(|| panic!("no summary in {op}"));
-    let at = line.find(word).unwrap_or_else(|| panic!("{word} not in {line}"));
+    let at = line
+        .find(word)
+        .unwrap_or_else(|| panic!("{word} not in {line}"));
     line[at + word.len()..]
         .trim_start()
         .split(|c: char| !c.is_ascii_digit())
@@ -283,7 +288,9 @@ fn summary(op: &Value, word: &str) -> u64 {
 }
 
 fn copied_from_group(op: &Value) -> bool {
-    log_of(op).iter().any(|l| l.contains("copying from snapshot group"))
+    log_of(op)
+        .iter()
+        .any(|l| l.contains("copying from snapshot group"))
 }
 
 /// The names of the children of the node named `name`.
@@ -297,7 +304,12 @@ fn children(op: &Value, name: &str) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| nodes[c.as_u64().unwrap() as usize]["name"].as_str().unwrap().to_string())
+        .map(|c| {
+            nodes[c.as_u64().unwrap() as usize]["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -336,7 +348,12 @@ async fn running_and_stopped_vms_copy_to_a_second_host() {
     let mbr = children(&op, "disk vdc");
     assert_eq!(
         mbr,
-        ["partition 1", "partition 5", "partition 6", "outside partitions"]
+        [
+            "partition 1",
+            "partition 5",
+            "partition 6",
+            "outside partitions"
+        ]
     );
     assert_eq!(children(&op, "disk vda"), ["whole disk"]);
     assert_eq!(children(&op, "partition 2 (full)"), ["transfer", "verify"]);
@@ -348,12 +365,27 @@ async fn running_and_stopped_vms_copy_to_a_second_host() {
             .as_f64()
             .unwrap()
     };
-    assert!(w("partition 2 (full)") >= 16.0 * MIB as f64, "{}", w("partition 2 (full)"));
-    assert!(w("partition 1 (boot)") < 1.0 * MIB as f64, "{}", w("partition 1 (boot)"));
-    // Nothing left behind: no exports on the target, no copy snapshots here.
-    assert!(names(&b, "/v1/exports").await.is_empty());
     assert!(
-        !names(&a, "/v1/snapshots").await.iter().any(|n| n.contains("copy")),
+        w("partition 2 (full)") >= 16.0 * MIB as f64,
+        "{}",
+        w("partition 2 (full)")
+    );
+    assert!(
+        w("partition 1 (boot)") < 1.0 * MIB as f64,
+        "{}",
+        w("partition 1 (boot)")
+    );
+    // Nothing left behind: no exports on the target, no copy snapshots here.
+    let exports = names(&b, "/v1/exports").await;
+    assert!(
+        !exports.iter().any(|e| e.starts_with(".copy-")),
+        "{exports:?}"
+    );
+    assert!(
+        !names(&a, "/v1/snapshots")
+            .await
+            .iter()
+            .any(|n| n.contains("copy")),
         "{:?}",
         names(&a, "/v1/snapshots").await
     );
@@ -361,7 +393,11 @@ async fn running_and_stopped_vms_copy_to_a_second_host() {
     for d in ["gpt", "mbr"] {
         assert!(
             read_volume(&a, &format!("vm1-{d}")).await
-                == read_volume(&b, &format!("vm1-live-vd{}", if d == "gpt" { 'b' } else { 'c' })).await,
+                == read_volume(
+                    &b,
+                    &format!("vm1-live-vd{}", if d == "gpt" { 'b' } else { 'c' })
+                )
+                .await,
             "{d} differs"
         );
     }
@@ -415,15 +451,24 @@ async fn a_cancelled_copy_leaves_nothing_on_the_target() {
         assert!(Instant::now() < deadline, "{op}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (s, v) = a.post(&format!("/v1/operations/{id}/cancel"), json!({})).await;
+    let (s, v) = a
+        .post(&format!("/v1/operations/{id}/cancel"), json!({}))
+        .await;
     assert!(s == 200 || s == 202, "{v}");
     let (op, _) = follow(&a, &id).await;
     assert_eq!(op["state"], "cancelled", "{op}");
-    assert!(names(&b, "/v1/volumes").await.is_empty(), "{:?}", names(&b, "/v1/volumes").await);
+    assert!(
+        names(&b, "/v1/volumes").await.is_empty(),
+        "{:?}",
+        names(&b, "/v1/volumes").await
+    );
     assert!(names(&b, "/v1/exports").await.is_empty());
     assert!(names(&b, "/v1/vms").await.is_empty());
     assert!(
-        !names(&a, "/v1/snapshots").await.iter().any(|n| n.contains("copy")),
+        !names(&a, "/v1/snapshots")
+            .await
+            .iter()
+            .any(|n| n.contains("copy")),
         "{:?}",
         names(&a, "/v1/snapshots").await
     );
@@ -451,7 +496,9 @@ async fn a_copy_resumes_after_kill_9_of_the_source_sending_only_the_rest() {
     let (op, _) = follow(&a, &id).await;
     assert_eq!(op["state"], "succeeded", "{op}");
     let (sent, before) = (summary(&op, "sent"), summary(&op, "resumed after"));
-    println!("resumed copy: sent {sent} after {before} before the kill; an uninterrupted copy sent {whole}");
+    println!(
+        "resumed copy: sent {sent} after {before} before the kill; an uninterrupted copy sent {whole}"
+    );
     assert!(before > 0, "{:?}", log_of(&op));
     assert!(
         sent < whole,
