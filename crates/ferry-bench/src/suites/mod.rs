@@ -10,6 +10,7 @@ mod disk;
 mod nbd;
 mod pool;
 mod snapshot;
+mod vmcopy;
 
 /// Options every suite understands (each uses the ones that apply).
 #[derive(Debug, Clone)]
@@ -53,5 +54,15 @@ pub const SUITES: &[(&str, &str, SuiteFn)] = &[
         "snapshot",
         "group snapshots of running VMs: guest pause, write stall, total time",
         snapshot::run,
+    ),
+    (
+        "progress",
+        "VM copy between two hosts: reported % vs elapsed time, vs naive weightings",
+        vmcopy::progress,
+    ),
+    (
+        "copy",
+        "VM copy of a sparse and a dense disk vs qemu-img convert between the same NBD exports",
+        vmcopy::copy,
     ),
 ];

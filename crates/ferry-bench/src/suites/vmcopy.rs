@@ -1,0 +1,520 @@
+//! `progress` and `copy`: VM copy between two hosts (issue 8).
+//!
+//! Two release `ferryd` on this machine (NBD over TCP on 127.0.0.1), the
+//! second registered as a peer of the first.
+//!
+//! `progress`: a stopped VM with three disks of `--size` each (default
+//! 1G) — GPT with 3 partitions (one nearly empty, one full of random
+//! data, one a quarter full), MBR with a primary and an extended partition
+//! holding 2 logical ones (one full, one nearly empty), and an unpartitioned
+//! disk half full — is copied while the operation is sampled every 50 ms.
+//! For each sample: the reported overall figure, and from the same
+//! sample's tree what a naive average over the disks (each disk counts
+//! alike) and a size-only weighting (disks by nominal size) would have
+//! shown. Reported: the largest gap between each series and the fraction of
+//! elapsed time; the suite fails if Ferry's series ever decreases.
+//!
+//! `copy`: time to copy a sparse disk (GPT, ~10 % data) and a dense disk
+//! (all random) of `--size` to the peer, against `qemu-img convert -n`
+//! between the same two NBD exports (the source volume's, the target's
+//! fresh volume). Ferry's time includes its verify pass; qemu-img's does
+//! not verify.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::report::{Measurement, Report, results_dir, scratch_dir, target_dir};
+use crate::suites::Options;
+
+const MIB: u64 = 1 << 20;
+
+fn ferryd_exe() -> anyhow::Result<PathBuf> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "-p", "ferryd", "--bin", "ferryd"])
+        .env("CARGO_TARGET_DIR", target_dir())
+        .status()
+        .context("run cargo build for ferryd")?;
+    if !status.success() {
+        bail!("cargo build of ferryd failed: {status}");
+    }
+    Ok(target_dir().join("release").join("ferryd"))
+}
+
+/// A ferryd process, killed on drop.
+struct Daemon {
+    child: Child,
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start(exe: &Path, data: &Path, name: &str) -> anyhow::Result<Daemon> {
+        let out = Command::new(exe)
+            .args(["init", "--no-cli-config", "--name", name, "--data-dir"])
+            .arg(data)
+            .output()?;
+        if !out.status.success() {
+            bail!("ferryd init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let token = std::fs::read_to_string(data.join("admin.token"))?
+            .trim()
+            .to_string();
+        let mut child = Command::new(exe)
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data)
+            .env("FERRYD_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let url = loop {
+            let line = lines.next().context("ferryd exited before listening")??;
+            if let Some((_, url)) = line.split_once(" listening on ") {
+                break url.to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Daemon {
+            child,
+            url,
+            token,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> anyhow::Result<Value> {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if !body.is_null() {
+            rb = rb.json(&body);
+        }
+        let r = rb.send().await?;
+        let status = r.status();
+        let text = r.text().await?;
+        if !status.is_success() {
+            bail!("{path}: {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, Value::Null).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    async fn wait_op(&self, id: &str) -> anyhow::Result<Value> {
+        loop {
+            let op = self.get(&format!("/v1/operations/{id}")).await?;
+            let state = op["state"].as_str().unwrap_or("");
+            if ["succeeded", "failed", "cancelled"].contains(&state) {
+                if state != "succeeded" {
+                    bail!("operation {id} {state}: {}", op["error"]);
+                }
+                return Ok(op);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn import(&self, volume: &str, raw: &Path) -> anyhow::Result<()> {
+        let s = self
+            .post(
+                &format!("/v1/volumes/{volume}/import"),
+                json!({ "path": raw }),
+            )
+            .await?;
+        self.wait_op(s["operation"].as_str().context("operation id")?)
+            .await?;
+        std::fs::remove_file(raw)?;
+        Ok(())
+    }
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (n, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1u64 << 30),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    Ok(n.parse::<u64>().context("size")? * mult)
+}
+
+/// Pseudo-random bytes (xorshift), never all zero.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn fill(path: &Path, at: u64, len: u64, seed: u64) -> anyhow::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(16 * MIB);
+        f.write_all_at(&noise(seed + off, n as usize), at + off)?;
+        off += n;
+    }
+    Ok(())
+}
+
+fn sfdisk(path: &Path, size: u64, script: &str) -> anyhow::Result<()> {
+    std::fs::File::create(path)?.set_len(size)?;
+    let mut child = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("sfdisk (util-linux)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(script.replace('@', &path.to_string_lossy()).as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("sfdisk failed on {}", path.display());
+    }
+    Ok(())
+}
+
+/// GPT: p1 1/8 nearly empty, p2 1/4 full, p3 the rest a quarter full.
+fn gpt_image(path: &Path, size: u64) -> anyhow::Result<()> {
+    let s = size / 512;
+    sfdisk(
+        path,
+        size,
+        &format!(
+            "label: gpt\nstart=2048, size={}, name=empty\nsize={}, name=full\nname=quarter\n",
+            s / 8,
+            s / 4
+        ),
+    )?;
+    let p2 = MIB + size / 8;
+    let p3 = p2 + size / 4;
+    fill(path, MIB, 64 << 10, 1)?;
+    fill(path, p2, size / 4, 2)?;
+    fill(path, p3, (size - p3 - MIB) / 4, 3)?;
+    Ok(())
+}
+
+/// MBR: p1 1/8 half full; extended 3/4 with l5 (1/4, full) and l6 (the
+/// rest of the extended, nearly empty).
+fn mbr_image(path: &Path, size: u64) -> anyhow::Result<()> {
+    let s = size / 512;
+    sfdisk(
+        path,
+        size,
+        &format!(
+            "label: dos\n@1: start=2048, size={}, type=83\n@2: size={}, type=5\n@5: size={}, type=83\n@6: type=83\n",
+            s / 8,
+            s * 3 / 4,
+            s / 4
+        ),
+    )?;
+    fill(path, MIB, size / 16, 4)?;
+    // l5 starts 1 MiB into the extended partition (sfdisk's alignment).
+    let l5 = MIB + size / 8 + MIB;
+    fill(path, l5, size / 4, 5)?;
+    fill(path, l5 + size / 4 + 2 * MIB, 64 << 10, 6)?;
+    Ok(())
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    src: Daemon,
+    dst: Daemon,
+    scratch: PathBuf,
+}
+
+async fn pair(suite: &str) -> anyhow::Result<Pair> {
+    let exe = ferryd_exe()?;
+    let dir = scratch_dir(suite)?;
+    let src = Daemon::start(&exe, &dir.path().join("src"), "source")?;
+    let dst = Daemon::start(&exe, &dir.path().join("dst"), "target")?;
+    let t = dst.get("/v1/host/peer-token").await?;
+    src.post(
+        "/v1/peers",
+        json!({ "url": dst.url, "token": t["token"], "name": "target" }),
+    )
+    .await?;
+    let scratch = dir.path().to_path_buf();
+    Ok(Pair {
+        _dir: dir,
+        src,
+        dst,
+        scratch,
+    })
+}
+
+async fn define(d: &Daemon, name: &str, volumes: &[&str]) -> anyhow::Result<()> {
+    d.post(
+        "/v1/vms",
+        json!({
+            "name": name,
+            "disks": volumes,
+            "boot": { "kind": "kernel", "kernel": "/nonexistent", "cmdline": "" },
+            "accel": "tcg",
+        }),
+    )
+    .await?;
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+pub fn progress(opts: &Options) -> anyhow::Result<Report> {
+    runtime()?.block_on(progress_async(opts))
+}
+
+/// One sample: seconds since the request, Ferry's figure, naive average
+/// over disks, size-only weighting.
+type Sample = (f64, f64, f64, f64);
+
+fn alternatives(op: &Value, sizes: &[(String, u64)]) -> Option<(f64, f64)> {
+    let nodes = op["progress"]["nodes"].as_array()?;
+    let data = nodes.iter().find(|n| n["name"] == "copy data")?;
+    let disks: Vec<&Value> = data["children"]
+        .as_array()?
+        .iter()
+        .filter_map(|c| nodes.get(c.as_u64()? as usize))
+        .collect();
+    if disks.is_empty() {
+        return Some((0.0, 0.0));
+    }
+    let fr: Vec<f64> = disks
+        .iter()
+        .map(|d| d["fraction"].as_f64().unwrap_or(0.0))
+        .collect();
+    let naive = fr.iter().sum::<f64>() / fr.len() as f64;
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (d, f) in disks.iter().zip(&fr) {
+        let name = d["name"].as_str().unwrap_or("");
+        let size = sizes
+            .iter()
+            .find(|(dev, _)| name.starts_with(&format!("disk {dev}")))
+            .map_or(1, |(_, s)| *s) as f64;
+        num += size * f;
+        den += size;
+    }
+    Some((naive, num / den))
+}
+
+async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
+    let size = parse_size(&opts.size)?;
+    let p = pair("progress").await?;
+    let gpt = p.scratch.join("gpt.raw");
+    gpt_image(&gpt, size)?;
+    p.src.import("vm-gpt", &gpt).await?;
+    let mbr = p.scratch.join("mbr.raw");
+    mbr_image(&mbr, size)?;
+    p.src.import("vm-mbr", &mbr).await?;
+    let raw = p.scratch.join("raw.raw");
+    std::fs::File::create(&raw)?.set_len(size)?;
+    fill(&raw, 0, size / 2, 7)?;
+    p.src.import("vm-raw", &raw).await?;
+    define(&p.src, "vm", &["vm-gpt", "vm-mbr", "vm-raw"]).await?;
+    let sizes = vec![
+        ("vda".to_string(), size),
+        ("vdb".to_string(), size),
+        ("vdc".to_string(), size),
+    ];
+
+    let t0 = Instant::now();
+    let s = p
+        .src
+        .post("/v1/vms/vm/copy", json!({ "to": "target", "name": "vm-copy" }))
+        .await?;
+    let id = s["operation"].as_str().context("operation id")?.to_string();
+    let mut samples: Vec<Sample> = Vec::new();
+    let op = loop {
+        let op = p.src.get(&format!("/v1/operations/{id}")).await?;
+        let t = t0.elapsed().as_secs_f64();
+        let overall = op["progress"]["overall"].as_f64().unwrap_or(0.0);
+        let (naive, by_size) = alternatives(&op, &sizes).unwrap_or((0.0, 0.0));
+        samples.push((t, overall, naive, by_size));
+        let state = op["state"].as_str().unwrap_or("");
+        if ["succeeded", "failed", "cancelled"].contains(&state) {
+            break op;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if op["state"] != "succeeded" {
+        bail!("the copy {}: {}", op["state"], op["error"]);
+    }
+    let total = t0.elapsed().as_secs_f64();
+    for w in samples.windows(2) {
+        if w[1].1 < w[0].1 {
+            bail!(
+                "progress went back from {:.4} to {:.4} at {:.2}s",
+                w[0].1,
+                w[1].1,
+                w[1].0
+            );
+        }
+    }
+    let gap = |pick: fn(&Sample) -> f64| {
+        samples
+            .iter()
+            .map(|s| (pick(s) - s.0 / total).abs() * 100.0)
+            .fold(0.0, f64::max)
+    };
+    let (g_ferry, g_naive, g_size) = (gap(|s| s.1), gap(|s| s.2), gap(|s| s.3));
+    for l in op["log"].as_array().into_iter().flatten() {
+        eprintln!("  {}", l["msg"].as_str().unwrap_or(""));
+    }
+    std::fs::create_dir_all(results_dir())?;
+    let series = results_dir().join("progress-series.json");
+    std::fs::write(
+        &series,
+        serde_json::to_vec_pretty(&json!({
+            "total_s": total,
+            "samples": samples.iter().map(|s| json!({"t": s.0, "ferry": s.1, "naive": s.2, "size_only": s.3})).collect::<Vec<_>>(),
+        }))?,
+    )?;
+    eprintln!(
+        "{} samples over {total:.1}s; series in {}",
+        samples.len(),
+        series.display()
+    );
+    let mut r = Report::new("progress");
+    r.push(
+        Measurement::new("max-gap-vs-elapsed", "points", g_ferry)
+            .peer("naive-avg-over-disks", g_naive)
+            .peer("size-only", g_size)
+            .lower_is_better(),
+    );
+    r.push(Measurement::new("copy-time", "s", total).lower_is_better());
+    r.push(Measurement::new("samples", "count", samples.len() as f64));
+    let _ = p.dst.get("/v1/host").await?;
+    Ok(r)
+}
+
+pub fn copy(opts: &Options) -> anyhow::Result<Report> {
+    runtime()?.block_on(copy_async(opts))
+}
+
+/// `nbd://host:port/name/secret` → the URI qemu-img takes.
+fn qemu_uri(tcp: &str) -> String {
+    // qemu's nbd:// URI takes the export name as the path; '/' inside it is
+    // literal.
+    tcp.to_string()
+}
+
+async fn export(d: &Daemon, volume: &str) -> anyhow::Result<String> {
+    let e = d
+        .post(
+            "/v1/exports",
+            json!({ "volume": volume, "name": format!("bench-{volume}") }),
+        )
+        .await?;
+    Ok(qemu_uri(e["tcp_uri"].as_str().context("no TCP NBD")?))
+}
+
+async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
+    let size = parse_size(&opts.size)?;
+    let p = pair("copy").await?;
+    let mut r = Report::new("copy");
+    for kind in ["sparse", "dense"] {
+        let raw = p.scratch.join(format!("{kind}.raw"));
+        if kind == "sparse" {
+            sfdisk(
+                &raw,
+                size,
+                "label: gpt\nstart=2048, size=65536, name=a\nname=b\n",
+            )?;
+            fill(&raw, MIB, 16 * MIB, 11)?;
+            fill(&raw, size / 2, size / 16, 12)?;
+        } else {
+            std::fs::File::create(&raw)?.set_len(size)?;
+            fill(&raw, 0, size, 13)?;
+        }
+        let vol = format!("{kind}-disk");
+        p.src.import(&vol, &raw).await?;
+        define(&p.src, kind, &[&vol]).await?;
+        // Ferry: the whole operation, transfer and verify.
+        let t0 = Instant::now();
+        let s = p
+            .src
+            .post(
+                &format!("/v1/vms/{kind}/copy"),
+                json!({ "to": "target", "name": format!("{kind}-ferry") }),
+            )
+            .await?;
+        let op = p
+            .src
+            .wait_op(s["operation"].as_str().context("operation id")?)
+            .await?;
+        let ferry = t0.elapsed().as_secs_f64();
+        for l in op["log"].as_array().into_iter().flatten() {
+            let m = l["msg"].as_str().unwrap_or("");
+            if m.starts_with("sent ") || m.starts_with("calibration") {
+                eprintln!("  {kind}: {m}");
+            }
+        }
+        // qemu-img convert between the same kind of exports: the source
+        // volume's, and a fresh volume on the target.
+        let dst_vol = format!("{kind}-qemu");
+        p.dst
+            .post("/v1/volumes", json!({ "name": dst_vol, "size": size }))
+            .await?;
+        let from = export(&p.src, &vol).await?;
+        let to = export(&p.dst, &dst_vol).await?;
+        let t0 = Instant::now();
+        let st = Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "8"])
+            .arg(&from)
+            .arg(&to)
+            .status()
+            .context("qemu-img")?;
+        if !st.success() {
+            bail!("qemu-img convert failed: {st}");
+        }
+        let qemu = t0.elapsed().as_secs_f64();
+        eprintln!("{kind}: ferry {ferry:.2}s (with verify), qemu-img convert {qemu:.2}s");
+        r.push(
+            Measurement::new(format!("{kind}-copy-time"), "s", ferry)
+                .peer("qemu-img-convert", qemu)
+                .lower_is_better(),
+        );
+    }
+    Ok(r)
+}
