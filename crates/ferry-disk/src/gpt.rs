@@ -85,7 +85,7 @@ fn copy_at<R: ReadAt + ?Sized>(dev: &R, ss: u64, lba: u64, size: u64) -> Result<
     let entries_lba = le64(&h, 72);
     let count = le32(&h, 80) as u64;
     let entry_size = le32(&h, 84) as u64;
-    if entry_size < 128 || entry_size % 8 != 0 {
+    if entry_size < 128 || !entry_size.is_multiple_of(8) {
         return bad(format!("entry size {entry_size}"));
     }
     let len = count * entry_size;

@@ -102,7 +102,12 @@ impl Daemon {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> anyhow::Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
         let mut rb = self
             .http
             .request(method, format!("{}{path}", self.url))
@@ -361,7 +366,10 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let s = p
         .src
-        .post("/v1/vms/vm/copy", json!({ "to": "target", "name": "vm-copy" }))
+        .post(
+            "/v1/vms/vm/copy",
+            json!({ "to": "target", "name": "vm-copy" }),
+        )
         .await?;
     let id = s["operation"].as_str().context("operation id")?.to_string();
     let mut samples: Vec<Sample> = Vec::new();
