@@ -60,8 +60,18 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra `ferryd run` arguments.
     pub(crate) fn start_with(exe: &Path, data: &Path, extra: &[&str]) -> anyhow::Result<Daemon> {
+        Self::start_named(exe, data, "bench", extra)
+    }
+
+    /// Like [`Daemon::start_with`], for a host named `name`.
+    pub(crate) fn start_named(
+        exe: &Path,
+        data: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Daemon> {
         let out = Command::new(exe)
-            .args(["init", "--no-cli-config", "--name", "bench", "--data-dir"])
+            .args(["init", "--no-cli-config", "--name", name, "--data-dir"])
             .arg(data)
             .output()?;
         if !out.status.success() {
@@ -131,5 +141,36 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, Value::Null).await
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    /// Waits for operation `id`; an error unless it succeeded.
+    pub(crate) async fn wait_ok(&self, id: &str) -> anyhow::Result<Value> {
+        let op = self.wait_op(id).await?;
+        if op["state"] != "succeeded" {
+            bail!("operation {id} {}: {}", op["state"], op["error"]);
+        }
+        Ok(op)
+    }
+
+    /// Imports raw image `raw` into a new volume, then removes the file.
+    pub(crate) async fn import(&self, volume: &str, raw: &Path) -> anyhow::Result<()> {
+        let s = self
+            .post(
+                &format!("/v1/volumes/{volume}/import"),
+                serde_json::json!({ "path": raw }),
+            )
+            .await?;
+        self.wait_ok(s["operation"].as_str().context("operation id")?)
+            .await?;
+        std::fs::remove_file(raw)?;
+        Ok(())
     }
 }

@@ -20,145 +20,20 @@
 //! fresh volume). Ferry's time includes its verify pass; qemu-img's does
 //! not verify.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::report::{Measurement, Report, results_dir, scratch_dir, target_dir};
+use crate::report::{Measurement, Report, results_dir, scratch_dir};
 use crate::suites::Options;
+use crate::suites::daemon::{Daemon, ferryd_exe};
 
 const MIB: u64 = 1 << 20;
-
-fn ferryd_exe() -> anyhow::Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-p", "ferryd", "--bin", "ferryd"])
-        .env("CARGO_TARGET_DIR", target_dir())
-        .status()
-        .context("run cargo build for ferryd")?;
-    if !status.success() {
-        bail!("cargo build of ferryd failed: {status}");
-    }
-    Ok(target_dir().join("release").join("ferryd"))
-}
-
-/// A ferryd process, killed on drop.
-struct Daemon {
-    child: Child,
-    url: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(exe: &Path, data: &Path, name: &str) -> anyhow::Result<Daemon> {
-        let out = Command::new(exe)
-            .args(["init", "--no-cli-config", "--name", name, "--data-dir"])
-            .arg(data)
-            .output()?;
-        if !out.status.success() {
-            bail!("ferryd init: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let token = std::fs::read_to_string(data.join("admin.token"))?
-            .trim()
-            .to_string();
-        let mut child = Command::new(exe)
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--nbd-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data)
-            .env("FERRYD_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-        let url = loop {
-            let line = lines.next().context("ferryd exited before listening")??;
-            if let Some((_, url)) = line.split_once(" listening on ") {
-                break url.to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Daemon {
-            child,
-            url,
-            token,
-            http: reqwest::Client::new(),
-        })
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Value,
-    ) -> anyhow::Result<Value> {
-        let mut rb = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token);
-        if !body.is_null() {
-            rb = rb.json(&body);
-        }
-        let r = rb.send().await?;
-        let status = r.status();
-        let text = r.text().await?;
-        if !status.is_success() {
-            bail!("{path}: {status}: {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::GET, path, Value::Null).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::POST, path, body).await
-    }
-
-    async fn wait_op(&self, id: &str) -> anyhow::Result<Value> {
-        loop {
-            let op = self.get(&format!("/v1/operations/{id}")).await?;
-            let state = op["state"].as_str().unwrap_or("");
-            if ["succeeded", "failed", "cancelled"].contains(&state) {
-                if state != "succeeded" {
-                    bail!("operation {id} {state}: {}", op["error"]);
-                }
-                return Ok(op);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn import(&self, volume: &str, raw: &Path) -> anyhow::Result<()> {
-        let s = self
-            .post(
-                &format!("/v1/volumes/{volume}/import"),
-                json!({ "path": raw }),
-            )
-            .await?;
-        self.wait_op(s["operation"].as_str().context("operation id")?)
-            .await?;
-        std::fs::remove_file(raw)?;
-        Ok(())
-    }
-}
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
@@ -267,8 +142,18 @@ struct Pair {
 async fn pair(suite: &str) -> anyhow::Result<Pair> {
     let exe = ferryd_exe()?;
     let dir = scratch_dir(suite)?;
-    let src = Daemon::start(&exe, &dir.path().join("src"), "source")?;
-    let dst = Daemon::start(&exe, &dir.path().join("dst"), "target")?;
+    let src = Daemon::start_named(
+        &exe,
+        &dir.path().join("src"),
+        "source",
+        &["--nbd-listen", "127.0.0.1:0"],
+    )?;
+    let dst = Daemon::start_named(
+        &exe,
+        &dir.path().join("dst"),
+        "target",
+        &["--nbd-listen", "127.0.0.1:0"],
+    )?;
     let t = dst.get("/v1/host/peer-token").await?;
     src.post(
         "/v1/peers",
@@ -489,7 +374,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
             .await?;
         let op = p
             .src
-            .wait_op(s["operation"].as_str().context("operation id")?)
+            .wait_ok(s["operation"].as_str().context("operation id")?)
             .await?;
         let ferry = t0.elapsed().as_secs_f64();
         for l in op["log"].as_array().into_iter().flatten() {
