@@ -81,6 +81,9 @@ pub struct GuestConfig {
     pub incoming: Option<String>,
     /// How long `start` waits for the ready event.
     pub ready_timeout: Duration,
+    /// The QEMU binary (`$FERRY_TEST_QEMU`, else `qemu-system-x86_64` from
+    /// `PATH`).
+    pub qemu_binary: PathBuf,
 }
 
 impl GuestConfig {
@@ -101,6 +104,9 @@ impl GuestConfig {
             qemu_args: Vec::new(),
             incoming: None,
             ready_timeout: Duration::from_secs(60),
+            qemu_binary: std::env::var_os("FERRY_TEST_QEMU")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         }
     }
 
@@ -186,6 +192,31 @@ impl GuestConfig {
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io("resolving", p, e))
+}
+
+/// Where `scripts/install-qemu-new.sh` unpacks QEMU 10 beside the system's
+/// QEMU 7.2 (`$FERRY_QEMU_NEW_DIR` overrides, as for the script).
+pub fn newer_qemu_dir() -> PathBuf {
+    std::env::var_os("FERRY_QEMU_NEW_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/ferry/qemu-10"))
+}
+
+/// The newer QEMU (10.x) for the tests that QEMU 7.2 under TCG cannot pass:
+/// its wrapper script, or an error saying how to get it.
+pub fn newer_qemu() -> Result<PathBuf> {
+    let bin = newer_qemu_dir().join("qemu-system-x86_64");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(Error::new(
+            ErrorKind::Tool,
+            format!(
+                "no newer QEMU at {}: run scripts/install-qemu-new.sh (make deps does)",
+                bin.display()
+            ),
+        ))
+    }
 }
 
 #[cfg(test)]

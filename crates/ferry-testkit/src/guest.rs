@@ -54,6 +54,12 @@ impl GuestBuilder {
         self
     }
 
+    /// The QEMU binary (overrides `$FERRY_TEST_QEMU`).
+    pub fn qemu_binary(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.config.qemu_binary = binary.into();
+        self
+    }
+
     /// QEMU machine type (`q35`, `pc`).
     pub fn machine(mut self, machine: &str) -> Self {
         self.config.machine = Some(machine.to_owned());
@@ -174,6 +180,7 @@ impl TestGuest {
             .map_err(|e| Error::io("writing", &owner, e))?;
         let registry_id = registry::register(&config.name, vec![run_path.clone()]);
         let opts = LaunchOptions {
+            binary: config.qemu_binary.clone(),
             incoming: config.incoming.clone(),
             extra_args: config.qemu_args.clone(),
             ..LaunchOptions::default()

@@ -69,7 +69,7 @@ pub mod guest;
 pub mod image;
 pub mod registry;
 
-pub use config::{Disk, GuestConfig, Workload};
+pub use config::{Disk, GuestConfig, Workload, newer_qemu, newer_qemu_dir};
 pub use error::{Error, ErrorKind, Result};
 pub use ferry_qemu::{ExecOutput, NbdServer, QgaClient, QmpClient};
 pub use guest::{GuestBuilder, TestGuest};
