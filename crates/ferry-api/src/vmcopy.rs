@@ -15,6 +15,17 @@ pub struct VmCopyRequest {
     /// Transfer limit in bytes per second (none: as fast as it goes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<u64>,
+    /// The VM's host, when it is not the host asked: a registered peer.
+    /// The host asked then coordinates: it sends the copy to that host
+    /// and follows it there (none: this host, or the one peer that has
+    /// the VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// An idempotency key: a second request with the same key answers the
+    /// operation the first one started (a coordinator retrying after a
+    /// crash starts no second copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// `POST /v1/peer/copy/hash`: hash ranges of a volume of the answering

@@ -92,6 +92,11 @@ pub enum VmVerb {
         /// Transfer limit per second (bytes, or with a K/M/G suffix).
         #[arg(long, value_name = "LIMIT")]
         bandwidth: Option<String>,
+        /// The VM's host when it is not the one asked (a registered peer):
+        /// the host asked coordinates and shows the progress. Default: this
+        /// host, or the one peer that has the VM.
+        #[arg(long, value_name = "HOST")]
+        from: Option<String>,
         /// Print the operation id and return at once.
         #[arg(long)]
         no_wait: bool,
@@ -251,12 +256,15 @@ pub async fn run(c: &Client, j: bool, verb: VmVerb) -> anyhow::Result<i32> {
             to,
             name,
             bandwidth,
+            from,
             no_wait,
         } => {
             let body = ferry_api::VmCopyRequest {
                 to,
                 name,
                 bandwidth: bandwidth.as_deref().map(parse_size).transpose()?,
+                from,
+                request: None,
             };
             let started: ferry_api::Started = c
                 .post(&format!("/v1/vms/{vm}/copy"), &serde_json::to_value(&body)?)

@@ -110,6 +110,12 @@ impl Daemon {
                 ops: Arc::downgrade(&ops),
             },
         );
+        crate::vmcopy::relay::register(
+            &ops,
+            crate::vmcopy::relay::Env {
+                peers: peers.clone(),
+            },
+        );
         Ok(Arc::new(Daemon {
             cfg,
             dir,

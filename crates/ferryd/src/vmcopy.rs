@@ -1,9 +1,9 @@
 //! VM copy between hosts (flow 2 of DESIGN.md): the `vm.copy` operation.
 //!
-//! The host that gets `POST /v1/vms/{id}/copy` is the VM's host: it is
-//! both the coordinator (it runs the operation and computes its progress
-//! tree) and the source (it sends the data). A third host as coordinator is
-//! not supported yet.
+//! The VM's host runs this operation: it is the source (it sends the data)
+//! and computes the progress tree. When another host got the request, that
+//! host coordinates with [`relay`]: it sends the request here and mirrors
+//! this operation's tree into its own.
 //!
 //! # Steps (each journaled: intent before it acts, result after)
 //! 1. `snapshot` — a running VM is copied from an application-consistent
@@ -29,6 +29,7 @@
 //! 6. `clean up` — deletes the target's exports and the source snapshots.
 //!    Retried after a crash.
 
+pub mod relay;
 mod transfer;
 
 pub use transfer::hash_ranges;
@@ -97,6 +98,9 @@ pub struct Params {
     /// Bytes per second, if limited.
     #[serde(default)]
     pub bandwidth: Option<u64>,
+    /// The coordinator's idempotency key, when a coordinator sent it.
+    #[serde(default)]
+    pub request: Option<String>,
 }
 
 fn short(op_id: &str) -> String {

@@ -512,3 +512,129 @@ async fn a_copy_resumes_after_kill_9_of_the_source_sending_only_the_rest() {
         );
     }
 }
+
+/// The source's operation id, from the coordinator's log.
+fn relayed_op(op: &Value) -> String {
+    let line = log_of(op)
+        .into_iter()
+        .find(|l| l.contains("its operation "))
+        .unwrap_or_else(|| panic!("no relayed operation in {op}"));
+    line.rsplit(' ').next().unwrap().to_string()
+}
+
+fn node_names(op: &Value) -> Vec<String> {
+    op["progress"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_third_host_coordinates_the_copy() {
+    let a = Host::named("source");
+    let b = Host::named("target");
+    let c = Host::named("coord");
+    peer_up(&a, &b).await;
+    // The coordinator knows the source only.
+    let (s, t) = a.get("/v1/host/peer-token").await;
+    assert_eq!(s, 200, "{t}");
+    let (s, p) = c
+        .post(
+            "/v1/peers",
+            json!({ "url": a.url, "token": t["token"], "name": "source" }),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+    let vols = make_volumes(&a, "vm4").await;
+    define(&a, "vm4", &vols, 20.0).await;
+
+    // Without `from`: the coordinator finds the one peer that has the VM.
+    let id = copy(&c, "vm4", json!({ "to": "target", "name": "via-c" })).await;
+    let (op, samples) = follow(&c, &id).await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(op["kind"], "vm.copy.relay");
+    assert_eq!(op["progress"]["overall"], 1.0, "{op}");
+    println!(
+        "coordinated copy: {} progress samples, {:.1} s",
+        samples.len(),
+        samples.last().map_or(0.0, |s| s.0)
+    );
+    // The source ran the copy; the coordinator's tree mirrors its tree
+    // (VM → disk → partition → transfer/verify) node for node.
+    let src_id = relayed_op(&op);
+    let (s, src_op) = a.get(&format!("/v1/operations/{src_id}")).await;
+    assert_eq!(s, 200, "{src_op}");
+    assert_eq!(src_op["kind"], "vm.copy");
+    assert_eq!(src_op["state"], "succeeded");
+    let mirrored = node_names(&op);
+    for n in node_names(&src_op) {
+        assert!(
+            mirrored.contains(&n),
+            "node {n} of the source not mirrored: {mirrored:?}"
+        );
+    }
+    assert!(mirrored.iter().any(|n| n == "verify"), "{mirrored:?}");
+    // The coordinator's key makes a retried request answer the same copy.
+    let again = copy(
+        &a,
+        "vm4",
+        json!({ "to": "target", "name": "via-c", "request": id }),
+    )
+    .await;
+    assert_eq!(again, src_id);
+    for (d, dev) in [("root", 'a'), ("gpt", 'b'), ("mbr", 'c')] {
+        assert!(
+            read_volume(&a, &format!("vm4-{d}")).await
+                == read_volume(&b, &format!("via-c-vd{dev}")).await,
+            "volume {d} differs after the coordinated copy"
+        );
+    }
+    assert!(names(&b, "/v1/vms").await.contains(&"via-c".to_string()));
+    // Nothing of the copy on the coordinator.
+    assert!(names(&c, "/v1/volumes").await.is_empty());
+
+    // An unknown VM: 404 from the coordinator, nothing started.
+    let (s, v) = c
+        .post("/v1/vms/nowhere/copy", json!({ "to": "target" }))
+        .await;
+    assert_eq!(s, 404, "{v}");
+
+    // Cancel at the coordinator reaches the source: nothing left on B.
+    let id = copy(
+        &c,
+        "vm4",
+        json!({ "to": "target", "name": "cancelled", "from": "source", "bandwidth": 4_000_000 }),
+    )
+    .await;
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, op) = c.get(&format!("/v1/operations/{id}")).await;
+        if op["progress"]["overall"].as_f64().unwrap_or(0.0) > 0.1 {
+            break;
+        }
+        assert_eq!(op["state"], "running", "{op}");
+        assert!(Instant::now() < deadline, "{op}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = c
+        .post(&format!("/v1/operations/{id}/cancel"), json!({}))
+        .await;
+    assert!(s == 200 || s == 202, "{v}");
+    let (op, _) = follow(&c, &id).await;
+    assert_eq!(op["state"], "cancelled", "{op}");
+    let (_, src_op) = a.get(&format!("/v1/operations/{}", relayed_op(&op))).await;
+    assert_eq!(src_op["state"], "cancelled", "{src_op}");
+    let vols_b = names(&b, "/v1/volumes").await;
+    assert!(
+        !vols_b.iter().any(|v| v.starts_with("cancelled")),
+        "{vols_b:?}"
+    );
+    assert!(
+        !names(&b, "/v1/vms")
+            .await
+            .contains(&"cancelled".to_string())
+    );
+}

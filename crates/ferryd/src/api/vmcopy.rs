@@ -18,7 +18,29 @@ pub async fn copy(
     Path(id): Path<String>,
     Body(req): Body<VmCopyRequest>,
 ) -> Result<(StatusCode, Json<Started>), Failure> {
+    let accepted = |operation| Ok((StatusCode::ACCEPTED, Json(Started { operation })));
+    // A VM of another host: this host coordinates (`vm.copy.relay`).
+    let from = match (&req.from, d.vms.find(&id)) {
+        (Some(from), _) if *from != d.cfg.name => Some(from.clone()),
+        (None, Err(e)) => Some(locate(&d, &id).await?.ok_or(e)?),
+        _ => None,
+    };
+    if let Some(from) = from {
+        return accepted(relay(&d, id, from, req)?);
+    }
     let vm = d.vms.find(&id)?;
+    if let Some(key) = &req.request {
+        let same = d
+            .ops
+            .journal()
+            .list()?
+            .into_iter()
+            .find(|o| o.kind == vmcopy::KIND && o.params["request"].as_str() == Some(key))
+            .map(|o| o.id);
+        if let Some(operation) = same {
+            return accepted(operation);
+        }
+    }
     if let Err(e) = d.peers.get(&req.to) {
         return Err(bad_field("to", &e.to_string()));
     }
@@ -59,11 +81,61 @@ pub async fn copy(
         to: req.to,
         name,
         bandwidth: req.bandwidth,
+        request: req.request,
     };
     let params = serde_json::to_value(&p)
         .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None))?;
-    let operation = d.ops.start(vmcopy::KIND, params)?;
-    Ok((StatusCode::ACCEPTED, Json(Started { operation })))
+    accepted(d.ops.start(vmcopy::KIND, params)?)
+}
+
+/// The one registered peer that has VM `id` (none has it: `None`; several:
+/// 409 asking for `from`). Unreachable peers are skipped.
+async fn locate(d: &Daemon, id: &str) -> Result<Option<String>, Failure> {
+    let mut found = Vec::new();
+    for peer in d.peers.list() {
+        let Ok(client) = d.peers.client(&peer.name) else {
+            continue;
+        };
+        if client
+            .get::<serde_json::Value>(&format!("/v1/vms/{id}"))
+            .await
+            .is_ok()
+        {
+            found.push(peer.name);
+        }
+    }
+    match found.len() {
+        0 | 1 => Ok(found.pop()),
+        _ => Err(error_response(
+            StatusCode::CONFLICT,
+            &format!(
+                "VM {id} is on hosts {}: say which with \"from\"; nothing was started",
+                found.join(", ")
+            ),
+            None,
+        )),
+    }
+}
+
+/// Starts `vm.copy.relay`: this host coordinates the copy of a VM of host
+/// `from`, which sends the data to the target itself.
+fn relay(d: &Daemon, vm: String, from: String, req: VmCopyRequest) -> Result<String, Failure> {
+    if let Err(e) = d.peers.get(&from) {
+        return Err(bad_field("from", &e.to_string()));
+    }
+    if req.bandwidth == Some(0) {
+        return Err(bad_field("bandwidth", "bandwidth must be above 0 bytes/s"));
+    }
+    let p = vmcopy::relay::Params {
+        vm,
+        from,
+        to: req.to,
+        name: req.name,
+        bandwidth: req.bandwidth,
+    };
+    let params = serde_json::to_value(&p)
+        .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None))?;
+    Ok(d.ops.start(vmcopy::relay::KIND, params)?)
 }
 
 /// Hashes ranges of a volume of this host (BLAKE3 each), for a peer that
