@@ -144,4 +144,17 @@ pub struct RestoreBackup {
     /// supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// Instant restore (operation `backup.instant_restore`): the VM runs at
+    /// once from staging volumes sourced from the backup, then its disks are
+    /// relocated to new pool volumes with no downtime.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub instant: bool,
+    /// Instant restore: the host holding the staging volumes (default: the
+    /// target). Only the target itself is supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// Instant restore: prefetch the backup's read profile first (default
+    /// true; false is for measuring what the profile saves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_profile: Option<bool>,
 }

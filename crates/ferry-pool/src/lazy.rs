@@ -116,6 +116,11 @@ impl Volume {
         Ok(())
     }
 
+    /// True when chunk `c` is present locally (never to be fetched).
+    pub fn is_present(&self, c: u64) -> bool {
+        !self.is_lazy() || self.v.get(c).is_some()
+    }
+
     /// Chunks present locally and the volume's chunk count.
     pub fn presence(&self) -> (u64, u64) {
         (self.v.present_chunks(), self.size().div_ceil(self.sh.chunk))

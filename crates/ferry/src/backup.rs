@@ -1,7 +1,7 @@
 //! Backup repositories and backups:
 //! `ferry repo init|add|list|info|verify|prune|gc`,
 //! `ferry backup VM --repo R` (= `backup create`), `ferry backup list|show|forget`,
-//! `ferry restore BACKUP --to HOST [--name NEW]`.
+//! `ferry restore BACKUP --to HOST [--name NEW] [--instant [--via HOST]]`.
 //!
 //! Where a repository is optional (`--repo`), a host with one repository
 //! uses it, and a backup id is looked up in every repository.
@@ -112,7 +112,7 @@ pub enum BackupVerb {
     },
 }
 
-/// `ferry restore BACKUP --to HOST [--name NEW]`.
+/// `ferry restore BACKUP --to HOST [--name NEW] [--instant [--via HOST]]`.
 #[derive(Args)]
 pub struct RestoreArgs {
     backup: String,
@@ -126,6 +126,14 @@ pub struct RestoreArgs {
     repo: Option<String>,
     #[arg(long)]
     no_wait: bool,
+    /// Instant restore: run the VM at once from staging volumes sourced
+    /// from the backup, then relocate its disks with no downtime.
+    #[arg(long)]
+    instant: bool,
+    /// Instant restore: the host holding the staging volumes (default: the
+    /// target; only the target is supported yet).
+    #[arg(long, requires = "instant")]
+    via: Option<String>,
 }
 
 const VERBS: [&str; 5] = ["create", "list", "show", "forget", "help"];
@@ -438,7 +446,13 @@ pub async fn run_backup(c: &Client, j: bool, verb: BackupVerb) -> anyhow::Result
 
 pub async fn run_restore(c: &Client, j: bool, a: RestoreArgs) -> anyhow::Result<i32> {
     let repo = repo_of(c, a.repo, &a.backup).await?;
-    let body = json!({ "name": a.name, "to": a.to });
+    let mut body = json!({ "name": a.name, "to": a.to });
+    if a.instant {
+        body["instant"] = json!(true);
+    }
+    if let Some(v) = &a.via {
+        body["via"] = json!(v);
+    }
     let s: Started = c
         .post(
             &format!("/v1/repos/{repo}/backups/{}/restore", a.backup),

@@ -33,6 +33,10 @@
 //! 3. `keep base` — record the new base, then delete the older base's
 //!    snapshots. Retried after a crash.
 //!
+//! # `backup.instant_restore`
+//! The VM runs at once from staging volumes sourced from the backup and
+//! is then relocated with no downtime: see [`instant`].
+//!
 //! # `backup.restore`
 //! 1. `create volumes` — `<name>-<device>` per disk (undo deletes them);
 //! 2. `restore data` — parallel fetch into the volumes (retried: the
@@ -41,6 +45,7 @@
 //!    the new volumes (retried: an existing VM of that name on exactly
 //!    those volumes is taken as done; undo deletes it).
 
+pub mod instant;
 mod ops;
 pub mod restore;
 
@@ -135,8 +140,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Registers the operation kinds; returns the layer for the API.
-pub fn register(m: &Arc<Manager<App>>, snaps: Arc<groupsnap::Env>) -> Arc<Backups> {
+/// Registers the operation kinds (and re-attaches the staging volumes of
+/// instant restores); returns the layer for the API.
+pub fn register(
+    m: &Arc<Manager<App>>,
+    snaps: Arc<groupsnap::Env>,
+) -> anyhow::Result<Arc<Backups>> {
     let b = Arc::new(Backups {
         root: snaps.root.clone(),
         host: snaps.host.clone(),
@@ -148,7 +157,8 @@ pub fn register(m: &Arc<Manager<App>>, snaps: Arc<groupsnap::Env>) -> Arc<Backup
     let _ = b.manager.set(Arc::downgrade(m));
     ops::register(m, &b);
     restore::register(m, &b);
-    b
+    instant::register(m, &b)?;
+    Ok(b)
 }
 
 /// 1-64 of `A-Z a-z 0-9 - _ .`, not starting with `.`.

@@ -98,7 +98,7 @@ impl Daemon {
                 host: cfg.name.clone(),
                 root: dir.root.clone(),
             }),
-        );
+        )?;
         crate::vmcopy::register(
             &ops,
             crate::vmcopy::Env {

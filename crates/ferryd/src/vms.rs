@@ -50,6 +50,7 @@ use crate::config::{DataDir, write_atomic};
 use crate::exports::{ExportError, Exports};
 use crate::peers::Peers;
 
+pub mod relocate;
 pub mod remote;
 use remote::RemoteDisk;
 
@@ -884,6 +885,8 @@ impl Vms {
             })??;
         let remote = remote::ensure(&self.peers, &rec.definition, &vm.uuid).await?;
         let spec = self.spec_of(&rec, &vm.uuid, Some(&remote))?;
+        self.remove_relocation_exports(&vm.uuid);
+        self.profile_boot(&rec.definition);
         let p = VmProcess::start(&spec, self.run_dir(&vm.uuid), opts)
             .await
             .map_err(|err| VmError::Qemu {
@@ -988,6 +991,7 @@ impl Vms {
     }
 
     fn remove_files(&self, vm: &Vm) -> Result<(), VmError> {
+        self.remove_relocation_exports(&vm.uuid);
         let n = vm.record().definition.disks.len();
         for i in 0..n {
             match self.exports.remove(&export_name(&vm.uuid, &disk_id(i))) {

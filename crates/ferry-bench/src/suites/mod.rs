@@ -9,6 +9,7 @@ mod daemon;
 mod disk;
 mod nbd;
 mod pool;
+mod restore;
 mod snapshot;
 mod vmcopy;
 
@@ -64,5 +65,10 @@ pub const SUITES: &[(&str, &str, SuiteFn)] = &[
         "copy",
         "VM copy of a sparse and a dense disk vs qemu-img convert between the same NBD exports",
         vmcopy::copy,
+    ),
+    (
+        "restore",
+        "instant restore: time to boot vs local boot and full restore, stalls with/without profile",
+        restore::run,
     ),
 ];

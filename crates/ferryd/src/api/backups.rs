@@ -238,10 +238,26 @@ pub async fn restore(
             ),
         ));
     }
+    if let Some(via) = &req.via
+        && *via != d.cfg.name
+        && via != "local"
+    {
+        return Err(bad_field(
+            "via",
+            &format!(
+                "staging on host {via}: only the target ({}) is supported yet; nothing was restored",
+                d.cfg.name
+            ),
+        ));
+    }
+    if req.via.is_some() && !req.instant {
+        return Err(bad_field("via", "via applies to an instant restore only"));
+    }
     let b = d.backups.clone();
-    let info = run(move || b.show(&repo, &id)).await?;
+    let repo2 = repo.clone();
+    let info = run(move || b.show(&repo2, &id)).await?;
     let name = req.name.unwrap_or_else(|| format!("{}-restored", info.vm));
-    if d.vms.find(&name).is_ok() {
+    if !req.instant && d.vms.find(&name).is_ok() {
         return Err(error_response(
             StatusCode::CONFLICT,
             &format!("a VM named {name} exists already; nothing was restored"),
@@ -259,6 +275,66 @@ pub async fn restore(
                 None,
             )
         })?;
+    if req.instant {
+        let b = d.backups.clone();
+        let entry = run(move || b.entry(&repo)).await?;
+        let p = backups::instant::InstantParams {
+            repo: entry.name,
+            location: entry.location,
+            repo_id: entry.id,
+            key_file: entry.key_file,
+            backup: info.id.clone(),
+            name: name.clone(),
+            disks: info
+                .disks
+                .iter()
+                .map(|x| backups::instant::InstantDisk {
+                    device: x.name.clone(),
+                    staging: format!("{name}-{}-staging", x.name),
+                    target: format!("{name}-{}", x.name),
+                    size: x.size,
+                    profile: x.read_profile.clone(),
+                })
+                .collect(),
+            definition,
+            prefetch_profile: req.prefetch_profile.unwrap_or(true),
+        };
+        // The same restore run again after a failed relocation resumes it:
+        // the VM runs on (some of) its staging volumes.
+        let resume = match d.vms.find(&name) {
+            Ok(vm) => {
+                let def = vm.definition();
+                let mine = def.disks.len() == p.disks.len()
+                    && def.disks.iter().zip(&p.disks).all(|(v, x)| {
+                        v.volume() == Some(x.staging.as_str())
+                            || v.volume() == Some(x.target.as_str())
+                    });
+                if !mine {
+                    return Err(error_response(
+                        StatusCode::CONFLICT,
+                        &format!("a VM named {name} exists already; nothing was restored"),
+                        Some("name"),
+                    ));
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        for x in &p.disks {
+            for vol in [&x.staging, &x.target] {
+                if !resume && d.pool().volume(vol).is_ok() {
+                    return Err(error_response(
+                        StatusCode::CONFLICT,
+                        &format!("volume {vol} exists already; nothing was restored"),
+                        Some("name"),
+                    ));
+                }
+            }
+        }
+        backups::instant::definition(&p, |x| x.staging.clone())
+            .map_err(|e| bad_field("name", &e))?;
+        return start(&d, backups::instant::INSTANT_RESTORE, p);
+    }
     let mut disks = Vec::new();
     for disk in &info.disks {
         let vol = format!("{name}-{}", disk.name);

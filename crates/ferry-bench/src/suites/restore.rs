@@ -1,0 +1,266 @@
+//! `restore`: instant restore (issue 12) against a release `ferryd`.
+//!
+//! For each disk size (1, 4 and 16 GiB by default; `--sizes 1,4`): a
+//! test-kit guest (TCG) on a fresh ext4 disk of that size writing records
+//! boots from a local pool volume, is backed up (the backup holds its boot
+//! profile), then stopped. The disk is large but holds little data (an
+//! empty ext4 plus the records file): what is measured is how restore
+//! time depends on disk *size*. Then, each time from the request to the
+//! guest's first acknowledged record (its workload runs: it booted and
+//! its disk answers):
+//! - `local`: booting the original VM from its local pool volume again;
+//! - `instant`: an instant restore with profile prefetch;
+//! - `instant-noprofile`: the same without the profile (stall baseline);
+//! - `full`: a full restore (`backup.restore`) followed by a boot.
+//!
+//! Stalls are the instant restore's on-demand fetches until the guest
+//! agent answered (the operation's `boot_stalls`). Goals: instant boot
+//! ≤ 1.5× local boot and flat in disk size; ≥ 5× fewer stalls with the
+//! profile than without.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_testkit::console::Console;
+use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload, disk};
+use serde_json::{Value, json};
+
+use crate::report::{Measurement, Report};
+use crate::suites::Options;
+use crate::suites::daemon::{Daemon, ferryd_exe};
+
+const GIB: u64 = 1 << 30;
+
+fn sizes(rest: &[String]) -> Vec<u64> {
+    rest.iter()
+        .position(|a| a == "--sizes")
+        .and_then(|i| rest.get(i + 1))
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16])
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let sizes = sizes(&opts.rest);
+    let exe = ferryd_exe()?;
+    // QEMU's socket paths must stay under 107 bytes: a short directory.
+    let scratch = tempfile::Builder::new().prefix("frest").tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(&exe, scratch.path(), &sizes))
+}
+
+/// Seconds from now until the console at `log` shows a record.
+async fn first_record(log: &Path, t0: Instant) -> anyhow::Result<f64> {
+    let mut c = Console::new(log);
+    loop {
+        c.poll()?;
+        if c.events().iter().any(|e| e.name == "record") {
+            return Ok(t0.elapsed().as_secs_f64());
+        }
+        if let Some(f) = c.fatal() {
+            bail!("guest failed: {f}\n{}", c.tail(20));
+        }
+        if t0.elapsed() > Duration::from_secs(1200) {
+            bail!("no record within 20 minutes: {}", c.tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until VM `name` runs and returns its serial log path.
+async fn serial_of(d: &Daemon, name: &str, t0: Instant) -> anyhow::Result<String> {
+    loop {
+        if let Ok(v) = d.get(&format!("/v1/vms/{name}")).await
+            && v["state"] == "running"
+        {
+            return Ok(v["serial_log"].as_str().unwrap_or("").to_string());
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("VM {name} never ran");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn stop(d: &Daemon, name: &str) -> anyhow::Result<()> {
+    d.post(&format!("/v1/vms/{name}/kill"), json!({})).await?;
+    Ok(())
+}
+
+struct InstantRun {
+    boot_s: f64,
+    stalls: f64,
+    prefetched: f64,
+    relocation_mb_s: f64,
+    total_s: f64,
+}
+
+async fn instant_restore(
+    d: &Daemon,
+    backup: &str,
+    name: &str,
+    profile: bool,
+) -> anyhow::Result<InstantRun> {
+    let t0 = Instant::now();
+    let s = d
+        .post(
+            &format!("/v1/repos/r/backups/{backup}/restore"),
+            json!({ "name": name, "instant": true, "prefetch_profile": profile }),
+        )
+        .await?;
+    let log = serial_of(d, name, t0).await?;
+    let boot_s = first_record(Path::new(&log), t0).await?;
+    let op = d.wait_ok(s["operation"].as_str().context("operation")?).await?;
+    let total_s = t0.elapsed().as_secs_f64();
+    let report = op["steps"]
+        .as_array()
+        .and_then(|s| s.last())
+        .map(|s| s["result"].clone())
+        .unwrap_or(Value::Null);
+    eprintln!("restore: {name}: {report}");
+    stop(d, name).await?;
+    Ok(InstantRun {
+        boot_s,
+        stalls: report["boot_stalls"].as_f64().unwrap_or(f64::NAN),
+        prefetched: report["prefetched_chunks"].as_f64().unwrap_or(f64::NAN),
+        relocation_mb_s: report["relocation_mb_per_s"].as_f64().unwrap_or(f64::NAN),
+        total_s,
+    })
+}
+
+async fn bench(exe: &Path, scratch: &Path, sizes: &[u64]) -> anyhow::Result<Report> {
+    let d = Daemon::start(exe, &scratch.join("data"))?;
+    let image = GuestImage::get().await?;
+    d.post(
+        "/v1/repos",
+        json!({ "location": scratch.join("repo"), "name": "r", "create": true }),
+    )
+    .await?;
+    let mut report = Report::new("restore");
+    for &gib in sizes {
+        let (name, vol) = (format!("g{gib}"), format!("g{gib}-disk"));
+        let raw = scratch.join(format!("{vol}.raw"));
+        disk::make_ext4_disk(&raw, gib * GIB)?;
+        d.import(&vol, &raw).await?;
+        let mut cfg = GuestConfig::new(&name);
+        cfg.workload = Workload::records(10.0);
+        cfg.disks.push(Disk::Nbd {
+            server: NbdServer::Unix("/unused".into()),
+            export: vol.clone(),
+        });
+        d.post(
+            "/v1/vms",
+            json!({
+                "name": name, "vcpus": 1, "memory_mib": 256, "disks": [vol],
+                "boot": {"kind": "kernel", "kernel": image.kernel(), "initrd": image.initramfs(),
+                         "cmdline": cfg.kernel_cmdline()},
+                "guest_agent": true, "accel": "tcg",
+            }),
+        )
+        .await?;
+        // First boot: makes the records file; its profile is recorded.
+        let t0 = Instant::now();
+        let v = d.post(&format!("/v1/vms/{name}/start"), json!({})).await?;
+        let log = v["serial_log"].as_str().unwrap_or("").to_string();
+        first_record(Path::new(&log), t0).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop(&d, &name).await?;
+        // Local boot, measured (this boot's profile is what is backed up).
+        let t0 = Instant::now();
+        d.post(&format!("/v1/vms/{name}/start"), json!({})).await?;
+        let local = first_record(Path::new(&log), t0).await?;
+        eprintln!("restore: {gib} GiB: local boot {local:.1} s");
+        let s = d
+            .post("/v1/repos/r/backups", json!({ "vm": name }))
+            .await?;
+        let op = d.wait_ok(s["operation"].as_str().context("operation")?).await?;
+        let list = d.get("/v1/repos/r/backups").await?;
+        let backup = list
+            .as_array()
+            .and_then(|l| l.iter().rfind(|b| b["config"]["operation"] == op["id"]))
+            .and_then(|b| b["id"].as_str())
+            .context("backup id")?
+            .to_string();
+        stop(&d, &name).await?;
+
+        let with = instant_restore(&d, &backup, &format!("{name}-i"), true).await?;
+        eprintln!("restore: {gib} GiB: instant boot {:.1} s", with.boot_s);
+        let without = instant_restore(&d, &backup, &format!("{name}-n"), false).await?;
+        eprintln!(
+            "restore: {gib} GiB: stalls {} with the profile, {} without",
+            with.stalls, without.stalls
+        );
+
+        // Full restore, then boot.
+        let t0 = Instant::now();
+        let full_name = format!("{name}-f");
+        let s = d
+            .post(
+                &format!("/v1/repos/r/backups/{backup}/restore"),
+                json!({ "name": full_name }),
+            )
+            .await?;
+        d.wait_ok(s["operation"].as_str().context("operation")?).await?;
+        let v = d
+            .post(&format!("/v1/vms/{full_name}/start"), json!({}))
+            .await?;
+        let full = first_record(Path::new(v["serial_log"].as_str().unwrap_or("")), t0).await?;
+        stop(&d, &full_name).await?;
+        eprintln!("restore: {gib} GiB: full restore + boot {full:.1} s");
+
+        report.push(
+            Measurement::new(format!("boot-{gib}GiB"), "s", with.boot_s)
+                .peer("local-boot", local)
+                .peer("full-restore+boot", full)
+                .peer("instant-noprofile", without.boot_s)
+                .lower_is_better(),
+        );
+        report.push(
+            Measurement::new(format!("boot-stalls-{gib}GiB"), "fetches", with.stalls)
+                .peer("no-profile", without.stalls)
+                .lower_is_better(),
+        );
+        report.push(Measurement::new(
+            format!("prefetched-chunks-{gib}GiB"),
+            "chunks",
+            with.prefetched,
+        ));
+        report.push(Measurement::new(
+            format!("relocation-{gib}GiB"),
+            "MB/s",
+            with.relocation_mb_s,
+        ));
+        report.push(
+            Measurement::new(format!("instant-restore-total-{gib}GiB"), "s", with.total_s)
+                .lower_is_better(),
+        );
+        // Free the space before the next size.
+        for v in [
+            format!("{name}-i"),
+            format!("{name}-n"),
+            full_name.clone(),
+            name.clone(),
+        ] {
+            let _ = d
+                .call(reqwest::Method::DELETE, &format!("/v1/vms/{v}"), Value::Null)
+                .await;
+        }
+        for v in [
+            format!("{name}-i-vda"),
+            format!("{name}-n-vda"),
+            format!("{full_name}-vda"),
+        ] {
+            let _ = d
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/volumes/{v}"),
+                    Value::Null,
+                )
+                .await;
+        }
+    }
+    Ok(report)
+}
