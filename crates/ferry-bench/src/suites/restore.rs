@@ -115,10 +115,12 @@ async fn instant_restore(
     let boot_s = first_record(Path::new(&log), t0).await?;
     let op = d.wait_ok(s["operation"].as_str().context("operation")?).await?;
     let total_s = t0.elapsed().as_secs_f64();
-    let report = op["steps"]
+    let report: Value = op["log"]
         .as_array()
-        .and_then(|s| s.last())
-        .map(|s| s["result"].clone())
+        .into_iter()
+        .flatten()
+        .find_map(|l| l["msg"].as_str().and_then(|m| m.strip_prefix("report: ")))
+        .and_then(|r| serde_json::from_str(r).ok())
         .unwrap_or(Value::Null);
     eprintln!("restore: {name}: {report}");
     stop(d, name).await?;

@@ -65,6 +65,9 @@ use crate::daemon::App;
 /// The operation kind.
 pub const INSTANT_RESTORE: &str = "backup.instant_restore";
 
+/// The log line holding the JSON report starts with this.
+pub const REPORT_PREFIX: &str = "report: ";
+
 /// How long the VM may take to boot (TCG guests on a loaded host are slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long a relocation may wait for its mirror to be ready or pivot.
@@ -638,14 +641,21 @@ impl Step<App> for Boot {
             cx.set_fraction(0.2);
             let serial = vms.run_dir(&vm.uuid).join("serial.log");
             let agent = vm.definition().guest_agent;
+            // The first output is watched apart: an agent ping may block.
+            let watcher = tokio::spawn(async move {
+                loop {
+                    if std::fs::metadata(&serial).is_ok_and(|m| m.len() > 0) {
+                        return t0.elapsed().as_secs_f64();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
             let mut first_output = None;
             let mut booted = None;
             let deadline = t0 + BOOT_TIMEOUT;
             while Instant::now() < deadline {
-                if first_output.is_none()
-                    && std::fs::metadata(&serial).is_ok_and(|m| m.len() > 0)
-                {
-                    first_output = Some(t0.elapsed().as_secs_f64());
+                if first_output.is_none() && watcher.is_finished() {
+                    first_output = Some(0.0);
                     cx.set_fraction(0.5);
                 }
                 if !agent {
@@ -674,6 +684,12 @@ impl Step<App> for Boot {
                 stalls += a;
                 prefetched += b;
             }
+            first_output = if watcher.is_finished() {
+                watcher.await.ok()
+            } else {
+                watcher.abort();
+                None
+            };
             cx.log(format!(
                 "first guest output after {}, boot complete after {}; {stalls} on-demand fetches (stalls) and {prefetched} prefetched chunks so far",
                 secs(first_output),
@@ -949,6 +965,9 @@ impl Step<App> for CleanUp {
             cx.log(format!(
                 "restore report: {stalls} on-demand fetches (stalls) vs {prefetched} prefetched chunks; relocation {bytes} bytes in {secs:.1} s"
             ));
+            // The machine-readable report (the step's result stays in the
+            // journal; the API shows the log).
+            cx.log(format!("{REPORT_PREFIX}{report}"));
             Ok(report)
         })
     }
