@@ -142,10 +142,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Registers the operation kinds (and re-attaches the staging volumes of
 /// instant restores); returns the layer for the API.
-pub fn register(
-    m: &Arc<Manager<App>>,
-    snaps: Arc<groupsnap::Env>,
-) -> anyhow::Result<Arc<Backups>> {
+pub fn register(m: &Arc<Manager<App>>, snaps: Arc<groupsnap::Env>) -> anyhow::Result<Arc<Backups>> {
     let b = Arc::new(Backups {
         root: snaps.root.clone(),
         host: snaps.host.clone(),

@@ -114,7 +114,11 @@ impl Guest {
                 return s;
             }
             if let Some(f) = self.console.fatal() {
-                panic!("{}: guest failed: {f}\n{}", self.name, self.console.tail(30));
+                panic!(
+                    "{}: guest failed: {f}\n{}",
+                    self.name,
+                    self.console.tail(30)
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -248,10 +252,7 @@ async fn instant_restore(fault: Fault) {
     let (backup, before) = backed_up_guest(&a, &repo_dir).await;
     a.kill9();
 
-    let pause = [(
-        "FERRY_OPS_TEST_PAUSE",
-        "backup.instant_restore:relocating",
-    )];
+    let pause = [("FERRY_OPS_TEST_PAUSE", "backup.instant_restore:relocating")];
     let lines = match fault {
         Fault::None => None,
         _ => {
@@ -338,12 +339,21 @@ async fn instant_restore(fault: Fault) {
         .map(|r| serde_json::from_str(r).unwrap())
         .unwrap_or_else(|| panic!("no report in the log: {op}"));
     println!("report: {report}");
-    assert!(report["boot_complete_s"].as_f64().is_some() || fault != Fault::None, "{report}");
+    assert!(
+        report["boot_complete_s"].as_f64().is_some() || fault != Fault::None,
+        "{report}"
+    );
     assert!(report["relocated_bytes"].as_u64().is_some(), "{report}");
     let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["stage", "boot", "profile prefetch", "relocate vda", "clean up"]
+        [
+            "stage",
+            "boot",
+            "profile prefetch",
+            "relocate vda",
+            "clean up"
+        ]
     );
 
     // The VM now runs on the new volume; staging is gone.

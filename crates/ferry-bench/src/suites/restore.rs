@@ -3,9 +3,9 @@
 //! For each disk size (1, 4 and 16 GiB by default; `--sizes 1,4`): a
 //! test-kit guest (TCG) on a fresh ext4 disk of that size writing records
 //! boots from a local pool volume, is backed up (the backup holds its boot
-//! profile), then stopped. The disk is large but holds little data (an
-//! empty ext4 plus the records file): what is measured is how restore
-//! time depends on disk *size*. Then, each time from the request to the
+//! profile), then stopped. The disk is large but holds little data (ext4
+//! with one file of `--data-mib` random MiB, default 256, plus the records
+//! file): what is measured is how restore time depends on disk *size*. Then, each time from the request to the
 //! guest's first acknowledged record (its workload runs: it booted and
 //! its disk answers):
 //! - `local`: booting the original VM from its local pool volume again;
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ferry_testkit::console::Console;
-use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload, disk};
+use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload};
 use serde_json::{Value, json};
 
 use crate::report::{Measurement, Report};
@@ -49,15 +49,29 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(bench(&exe, scratch.path(), &sizes))
+    let fill: u64 = opts
+        .rest
+        .iter()
+        .position(|a| a == "--data-mib")
+        .and_then(|i| opts.rest.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    rt.block_on(bench(&exe, scratch.path(), &sizes, fill))
 }
 
-/// Seconds from now until the console at `log` shows a record.
-async fn first_record(log: &Path, t0: Instant) -> anyhow::Result<f64> {
+fn records_in(log: &Path) -> usize {
+    let mut c = Console::new(log);
+    let _ = c.poll();
+    c.events().iter().filter(|e| e.name == "record").count()
+}
+
+/// Seconds since `t0` until the console at `log` shows more than `before`
+/// records (a serial log may hold an earlier boot's).
+async fn first_record_after(log: &Path, t0: Instant, before: usize) -> anyhow::Result<f64> {
     let mut c = Console::new(log);
     loop {
         c.poll()?;
-        if c.events().iter().any(|e| e.name == "record") {
+        if c.events().iter().filter(|e| e.name == "record").count() > before {
             return Ok(t0.elapsed().as_secs_f64());
         }
         if let Some(f) = c.fatal() {
@@ -68,6 +82,10 @@ async fn first_record(log: &Path, t0: Instant) -> anyhow::Result<f64> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn first_record(log: &Path, t0: Instant) -> anyhow::Result<f64> {
+    first_record_after(log, t0, 0).await
 }
 
 /// Waits until VM `name` runs and returns its serial log path.
@@ -113,7 +131,9 @@ async fn instant_restore(
         .await?;
     let log = serial_of(d, name, t0).await?;
     let boot_s = first_record(Path::new(&log), t0).await?;
-    let op = d.wait_ok(s["operation"].as_str().context("operation")?).await?;
+    let op = d
+        .wait_ok(s["operation"].as_str().context("operation")?)
+        .await?;
     let total_s = t0.elapsed().as_secs_f64();
     let report: Value = op["log"]
         .as_array()
@@ -133,7 +153,28 @@ async fn instant_restore(
     })
 }
 
-async fn bench(exe: &Path, scratch: &Path, sizes: &[u64]) -> anyhow::Result<Report> {
+/// A sparse raw disk of `size` bytes with an ext4 filesystem holding the
+/// files of `fill` (`mkfs.ext4 -d`).
+fn make_disk(path: &Path, size: u64, fill: &Path) -> anyhow::Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    drop(f);
+    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("mkfs.ext4");
+    let out = std::process::Command::new(mkfs)
+        .args(["-F", "-q", "-d"])
+        .arg(fill)
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!("mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+async fn bench(exe: &Path, scratch: &Path, sizes: &[u64], fill_mib: u64) -> anyhow::Result<Report> {
     let d = Daemon::start(exe, &scratch.join("data"))?;
     let image = GuestImage::get().await?;
     d.post(
@@ -141,11 +182,25 @@ async fn bench(exe: &Path, scratch: &Path, sizes: &[u64]) -> anyhow::Result<Repo
         json!({ "location": scratch.join("repo"), "name": "r", "create": true }),
     )
     .await?;
+    // The same data in every disk (the repository deduplicates it).
+    let fill_dir = scratch.join("fill");
+    std::fs::create_dir_all(&fill_dir)?;
+    {
+        use std::io::{Read, Write};
+        let mut r = std::fs::File::open("/dev/urandom")?;
+        let mut f = std::fs::File::create(fill_dir.join("data.bin"))?;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..fill_mib {
+            r.read_exact(&mut buf)?;
+            f.write_all(&buf)?;
+        }
+    }
     let mut report = Report::new("restore");
+    report.push(Measurement::new("data-per-disk", "MiB", fill_mib as f64));
     for &gib in sizes {
         let (name, vol) = (format!("g{gib}"), format!("g{gib}-disk"));
         let raw = scratch.join(format!("{vol}.raw"));
-        disk::make_ext4_disk(&raw, gib * GIB)?;
+        make_disk(&raw, gib * GIB, &fill_dir)?;
         d.import(&vol, &raw).await?;
         let mut cfg = GuestConfig::new(&name);
         cfg.workload = Workload::records(10.0);
@@ -171,14 +226,15 @@ async fn bench(exe: &Path, scratch: &Path, sizes: &[u64]) -> anyhow::Result<Repo
         tokio::time::sleep(Duration::from_secs(5)).await;
         stop(&d, &name).await?;
         // Local boot, measured (this boot's profile is what is backed up).
+        let before = records_in(Path::new(&log));
         let t0 = Instant::now();
         d.post(&format!("/v1/vms/{name}/start"), json!({})).await?;
-        let local = first_record(Path::new(&log), t0).await?;
+        let local = first_record_after(Path::new(&log), t0, before).await?;
         eprintln!("restore: {gib} GiB: local boot {local:.1} s");
-        let s = d
-            .post("/v1/repos/r/backups", json!({ "vm": name }))
+        let s = d.post("/v1/repos/r/backups", json!({ "vm": name })).await?;
+        let op = d
+            .wait_ok(s["operation"].as_str().context("operation")?)
             .await?;
-        let op = d.wait_ok(s["operation"].as_str().context("operation")?).await?;
         let list = d.get("/v1/repos/r/backups").await?;
         let backup = list
             .as_array()
@@ -205,7 +261,8 @@ async fn bench(exe: &Path, scratch: &Path, sizes: &[u64]) -> anyhow::Result<Repo
                 json!({ "name": full_name }),
             )
             .await?;
-        d.wait_ok(s["operation"].as_str().context("operation")?).await?;
+        d.wait_ok(s["operation"].as_str().context("operation")?)
+            .await?;
         let v = d
             .post(&format!("/v1/vms/{full_name}/start"), json!({}))
             .await?;
@@ -247,7 +304,11 @@ async fn bench(exe: &Path, scratch: &Path, sizes: &[u64]) -> anyhow::Result<Repo
             name.clone(),
         ] {
             let _ = d
-                .call(reqwest::Method::DELETE, &format!("/v1/vms/{v}"), Value::Null)
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/vms/{v}"),
+                    Value::Null,
+                )
                 .await;
         }
         for v in [

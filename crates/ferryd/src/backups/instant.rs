@@ -199,8 +199,7 @@ fn open_reader(r: &StagingRecord) -> Result<DiskReader, String> {
             r.repo_id
         ));
     }
-    repo.open_disk(&r.backup, &r.disk)
-        .map_err(|e| chain(&e))
+    repo.open_disk(&r.backup, &r.disk).map_err(|e| chain(&e))
 }
 
 fn hydrator_options(r: &StagingRecord) -> HydratorOptions {
@@ -269,7 +268,11 @@ impl Staging {
             prefetched: AtomicU64::new(0),
         });
         v.attach_source(source.clone()).map_err(|e| e.to_string())?;
-        tracing::info!("staging volume {}: hydrating from {}", rec.volume, rec.backup);
+        tracing::info!(
+            "staging volume {}: hydrating from {}",
+            rec.volume,
+            rec.backup
+        );
         let hydrator = Some(Hydrator::start(&v, hydrator_options(rec)));
         lock(&self.live).insert(rec.volume.clone(), Live { source, hydrator });
         Ok(())
@@ -396,7 +399,9 @@ pub fn register(m: &Arc<Manager<App>>, b: &Arc<Backups>) -> anyhow::Result<()> {
         b.root.join("instant-restore.json"),
     )?);
     let b = b.clone();
-    m.register(INSTANT_RESTORE, move |p| plan(b.clone(), staging.clone(), p));
+    m.register(INSTANT_RESTORE, move |p| {
+        plan(b.clone(), staging.clone(), p)
+    });
     Ok(())
 }
 
@@ -445,7 +450,10 @@ fn plan(b: Arc<Backups>, s: Arc<Staging>, params: &Value) -> Result<Plan<App>, S
             d.size.max(1) as f64,
         ));
     }
-    steps.push((Box::new(CleanUp { b, s, p: p.clone() }), bytes as f64 * 0.01));
+    steps.push((
+        Box::new(CleanUp { b, s, p: p.clone() }),
+        bytes as f64 * 0.01,
+    ));
     Ok(Plan::new(
         &format!(
             "instant restore of backup {} from repository {} as VM {}",
@@ -629,7 +637,10 @@ impl Step<App> for Boot {
                         .map_err(StepError::failed)?
                 }
             };
-            cx.log(format!("VM {} ({}) on the staging volumes", vm.name, vm.uuid));
+            cx.log(format!(
+                "VM {} ({}) on the staging volumes",
+                vm.name, vm.uuid
+            ));
             if running(&vms, &vm).await {
                 cx.log("the VM runs already (an interrupted run started it)");
                 return Ok(json!({ "vm": vm.name, "uuid": vm.uuid.to_string() }));
@@ -637,7 +648,9 @@ impl Step<App> for Boot {
             let t0 = Instant::now();
             vms.start(&vm).await.map_err(StepError::failed)?;
             let started_s = t0.elapsed().as_secs_f64();
-            cx.log(format!("VM started in {started_s:.2} s; waiting for it to boot"));
+            cx.log(format!(
+                "VM started in {started_s:.2} s; waiting for it to boot"
+            ));
             cx.set_fraction(0.2);
             let serial = vms.run_dir(&vm.uuid).join("serial.log");
             let agent = vm.definition().guest_agent;
@@ -808,15 +821,14 @@ impl Step<App> for ProfilePrefetch {
                     break;
                 }
                 if self.b.vms.find(&self.p.name).is_err() {
-                    return Err(StepError::failed(format!(
-                        "VM {} is gone",
-                        self.p.name
-                    )));
+                    return Err(StepError::failed(format!("VM {} is gone", self.p.name)));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let s = t0.elapsed().as_secs_f64();
-            cx.log(format!("{total} profile chunks staged ({s:.2} s after boot)"));
+            cx.log(format!(
+                "{total} profile chunks staged ({s:.2} s after boot)"
+            ));
             Ok(json!({ "profile_chunks": total, "after_boot_s": s }))
         })
     }

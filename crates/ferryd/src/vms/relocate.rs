@@ -81,7 +81,9 @@ impl Vms {
             )));
         };
         let (cur, new) = (
-            self.pool.volume(current).map_err(|e| other(e.to_string()))?,
+            self.pool
+                .volume(current)
+                .map_err(|e| other(e.to_string()))?,
             self.pool.volume(target).map_err(|e| other(e.to_string()))?,
         );
         if new.size() < cur.size() {
@@ -144,9 +146,7 @@ impl Vms {
             let prefix = format!("{id}-mi");
             for n in graph.nodes.keys() {
                 if n.starts_with(&prefix) && !used.contains(&n.as_str()) {
-                    let _ = qmp
-                        .execute("blockdev-del", json!({ "node-name": n }))
-                        .await;
+                    let _ = qmp.execute("blockdev-del", json!({ "node-name": n })).await;
                 }
             }
             let server = NbdServer::Unix(self.nbd_socket.clone());
