@@ -293,9 +293,14 @@ async fn migrate_guest_once(name: &str, postcopy: bool, qemu: Option<PathBuf>) -
         "tcg,thread=single"
     };
     let accel = std::env::var("FERRY_TEST_ACCEL").unwrap_or_else(|_| default_accel.into());
-    let binary = qemu.unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
-    let mut src = TestGuest::builder(&format!("{name}-src"))
-        .qemu_binary(&binary)
+    let builder = |side: &str| {
+        let b = TestGuest::builder(&format!("{name}-{side}"));
+        match &qemu {
+            Some(q) => b.qemu_binary(q),
+            None => b,
+        }
+    };
+    let mut src = builder("src")
         .accel(&accel)
         .cmdline("clocksource=hpet")
         .disk(shared.clone())
@@ -303,8 +308,7 @@ async fn migrate_guest_once(name: &str, postcopy: bool, qemu: Option<PathBuf>) -
         .start()
         .await?;
     records_advance(&mut src, 10).await?;
-    let mut dst = TestGuest::builder(&format!("{name}-dst"))
-        .qemu_binary(&binary)
+    let mut dst = builder("dst")
         .accel(&accel)
         .cmdline("clocksource=hpet")
         .disk(shared)
