@@ -4,6 +4,7 @@
 
 pub mod backups;
 pub mod migrate;
+pub mod migrate_precopy;
 pub mod peers;
 pub mod progress;
 pub mod resources;
@@ -13,6 +14,7 @@ pub mod vmsnaps;
 
 pub use backups::*;
 pub use migrate::*;
+pub use migrate_precopy::*;
 pub use peers::*;
 pub use progress::{Node, NodeId, ProgressView};
 pub use resources::*;

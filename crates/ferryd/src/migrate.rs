@@ -36,6 +36,7 @@
 //! in step 3), and from switchover on this host's QEMU writes nothing.
 
 pub mod inbound;
+pub mod precopy;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,8 +103,8 @@ pub struct Params {
 
 fn plan(env: Arc<Env>, params: &Value) -> Result<Plan<App>, String> {
     let p: Params = serde_json::from_value(params.clone()).map_err(|e| e.to_string())?;
-    if p.mode != MigrateMode::Ondemand {
-        return Err(format!("mode {} is not implemented", p.mode));
+    if p.mode == MigrateMode::Precopy {
+        return precopy::plan(env, p);
     }
     let mut progress = ProgressTree::new(format!("migrate VM {} to {} ({})", p.name, p.to, p.mode));
     let prepare = progress.add(ProgressTree::ROOT, "prepare", 1.0);

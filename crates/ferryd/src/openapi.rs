@@ -443,10 +443,10 @@ fn build() -> Doc {
         "post",
         "/v1/vms/{id}/migrate",
         "vms",
-        "Live-migrate a running VM to a peer (a vm.migrate operation): on demand, the VM runs there at switchover and its disks hydrate in the background.",
+        "Live-migrate a running VM to a peer (a vm.migrate operation): on demand (default), the VM runs there at switchover and its disks hydrate in the background; precopy, the disks are mirrored there first.",
         r,
         (202, started.clone()),
-        &[400, 404, 409, 501],
+        &[400, 404, 409],
     );
     let r = d.schema::<ferry_api::VmCopyRequest>();
     d.op(
@@ -635,6 +635,37 @@ fn build() -> Doc {
         None,
         (204, None),
         &[409],
+    );
+    let (r, s) = (
+        d.schema::<ferry_api::PrecopyRequest>(),
+        d.schema::<ferry_api::PrecopyReady>(),
+    );
+    d.op(
+        "post",
+        "/v1/peer/migrate-precopy",
+        "peer",
+        "Peer endpoint (pre-copy migration destination): create empty volumes, define the VM on them, start QEMU with -incoming; answers the NBD exports the source mirrors each disk to.",
+        r,
+        (201, s),
+        &[400, 409],
+    );
+    d.op(
+        "delete",
+        "/v1/peer/migrate-precopy/{uuid}",
+        "peer",
+        "Peer endpoint: remove a VM arriving by pre-copy that did not switch over (QEMU, definition, the volumes made for it).",
+        None,
+        (204, None),
+        NF_CONFLICT,
+    );
+    d.op(
+        "post",
+        "/v1/peer/migrate-precopy/{uuid}/finish",
+        "peer",
+        "Peer endpoint: after a pre-copy switchover, wait for the VM to run here and end its arrival.",
+        None,
+        (204, None),
+        NF_CONFLICT,
     );
     d
 }

@@ -273,10 +273,124 @@ async fn a_writing_guest_migrates_on_demand_then_again_before_hydration_ends() {
     let b = Host::named("host-b");
     let c = Host::named("host-c");
     let _reaper = Reaper(vec![a.data(), b.data(), c.data()]);
-    register(&a, &b).await;
+    chain(&a, &b, &c).await;
+}
+
+/// Three network namespaces on one bridge, each with its own address;
+/// removed on drop (the test's failure included). The test process
+/// reaches them through the bridge's own address.
+struct Netns {
+    bridge: String,
+    spaces: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {} (network namespaces need root and iproute2)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// Namespaces `<tag>a`, `<tag>b`, ... with addresses `10.<n>.<m>.1`,
+    /// `.2`, ...; returns (namespace, address) pairs.
+    fn new(hosts: usize) -> (Netns, Vec<(String, String)>) {
+        let pid = std::process::id();
+        let tag = format!("fm{pid}");
+        let net = format!("10.{}.{}", 200 + (pid >> 8) % 50, pid % 256);
+        let mut me = Netns {
+            bridge: format!("{tag}br"),
+            spaces: Vec::new(),
+        };
+        ip(&["link", "add", &me.bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{net}.254/24"), "dev", &me.bridge]);
+        ip(&["link", "set", &me.bridge, "up"]);
+        let mut out = Vec::new();
+        for i in 0..hosts {
+            let ns = format!("{tag}{}", (b'a' + i as u8) as char);
+            let veth = format!("{tag}v{i}");
+            ip(&["netns", "add", &ns]);
+            me.spaces.push(ns.clone());
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            ip(&["link", "set", &veth, "master", &me.bridge, "up"]);
+            let addr = format!("{net}.{}", i + 1);
+            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            out.push((ns, addr));
+        }
+        (me, out)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // A namespace's veth goes with it, and its peer on the bridge.
+        for ns in &self.spaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// The namespace of process `pid` (the target of /proc/pid/ns/net).
+fn netns_of(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn on_demand_chain_between_hosts_in_network_namespaces() {
+    // Dropped last: the hosts and their QEMUs go first.
+    let (_netns, spaces) = Netns::new(3);
+    let a = Host::in_netns("host-a", &spaces[0].0, &spaces[0].1);
+    let b = Host::in_netns("host-b", &spaces[1].0, &spaces[1].1);
+    let c = Host::in_netns("host-c", &spaces[2].0, &spaces[2].1);
+    let _reaper = Reaper(vec![a.data(), b.data(), c.data()]);
+    for (h, (_, addr)) in [&a, &b, &c].iter().zip(&spaces) {
+        assert!(h.url.contains(addr.as_str()), "{} not on {addr}", h.url);
+        assert!(h.nbd.starts_with(addr.as_str()), "{} not on {addr}", h.nbd);
+    }
+    let names: Vec<String> = spaces.iter().map(|s| s.0.clone()).collect();
+    chain_checked(&a, &b, &c, Some(&names)).await;
+}
+
+/// Every QEMU of `h` runs in network namespace `ns`.
+fn assert_qemus_in(h: &Host, ns: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let want = format!(
+        "net:[{}]",
+        std::fs::metadata(format!("/run/netns/{ns}")).unwrap().ino()
+    );
+    let pids = qemus_of(&h.data());
+    assert!(!pids.is_empty(), "no QEMU of {}", h.url);
+    for pid in pids {
+        assert_eq!(netns_of(pid), want, "QEMU {pid} of {} is not in {ns}", h.url);
+    }
+}
+
+async fn chain(a: &Host, b: &Host, c: &Host) {
+    chain_checked(a, b, c, None).await
+}
+
+/// A→B on demand, then B→C before B's hydration ends; records verify on
+/// C and every source volume is released.
+async fn chain_checked(a: &Host, b: &Host, c: &Host, netns: Option<&[String]>) {
+    register(a, b).await;
     register(&b, &c).await;
     import_disk(&a, "data", 256 << 20).await;
-    let mut con_a = start_guest(&a, &["data"]).await;
+    let mut con_a = start_guest(a, &["data"]).await;
+    if let Some(ns) = netns {
+        assert_qemus_in(a, &ns[0]);
+    }
 
     // A → B on demand.
     let t = Instant::now();
@@ -318,8 +432,11 @@ async fn a_writing_guest_migrates_on_demand_then_again_before_hydration_ends() {
     assert_released(&b, "data").await;
     let (_, v) = c.get("/v1/volumes/data").await;
     println!("on C: {v}");
+    if let Some(ns) = netns {
+        assert_qemus_in(c, &ns[2]);
+    }
     let acked = last_record(&mut con_c).unwrap();
-    stop_and_verify(&c, "data", acked).await;
+    stop_and_verify(c, "data", acked).await;
 }
 
 async fn vm_uuid(h: &Host) -> String {
@@ -553,4 +670,88 @@ async fn assert_same_bulk(a: &Host, b: &Host) {
         "bulk differs: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// Waits for an operation like [`wait_op`], checking that its overall
+/// progress never goes backwards.
+async fn wait_op_monotonic(h: &Host, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut last = 0.0f64;
+    let mut last_print = Instant::now();
+    loop {
+        let (s, op) = h.get(&format!("/v1/operations/{id}")).await;
+        assert_eq!(s, 200, "{op}");
+        let f = op["progress"]["fraction"].as_f64().unwrap_or(0.0);
+        assert!(f + 1e-9 >= last, "progress went back from {last} to {f}: {op}");
+        last = f;
+        let state = op["state"].as_str().unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&state) {
+            return op;
+        }
+        if last_print.elapsed() > Duration::from_secs(10) {
+            println!("op {id}: {state} {f:.3}");
+            last_print = Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation {id} still {state}: {op}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_writing_guest_migrates_in_precopy_mode() {
+    let a = Host::named("host-a");
+    let b = Host::named("host-b");
+    let _reaper = Reaper(vec![a.data(), b.data()]);
+    register(&a, &b).await;
+    import_disk(&a, "data", 128 << 20).await;
+    import_random(&a, "bulk", 64).await;
+    let mut con_a = start_guest(&a, &["data", "bulk"]).await;
+
+    let t = Instant::now();
+    let op = migrate(&a, "host-b", json!({ "mode": "precopy" })).await;
+    let op = wait_op_monotonic(&a, &op).await;
+    print_log(&op);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let steps: Vec<&str> = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["prepare", "mirror", "memory", "switchover", "release"],
+        "{op}"
+    );
+    println!("precopy A→B done {:.1?} after the request", t.elapsed());
+
+    // The guest writes on B, on plain volumes that owe nothing to A.
+    let before = last_record(&mut con_a);
+    let mut con_b = console_on(&b).await;
+    let mut seq = wait_record_after(&mut con_b, before);
+    for _ in 0..3 {
+        seq = wait_record_after(&mut con_b, Some(seq));
+    }
+    println!("the guest writes on B (record {seq}, last seen on A {before:?})");
+    for v in ["data", "bulk"] {
+        let (s, info) = b.get(&format!("/v1/volumes/{v}")).await;
+        assert_eq!(s, 200, "{info}");
+        assert_eq!(info["lazy"], false, "{info}");
+    }
+    // Nothing of the arrival is left to abort on B.
+    let uuid = vm_uuid(&b).await;
+    let (s, r) = b
+        .delete(&format!("/v1/peer/migrate-precopy/{uuid}"))
+        .await;
+    assert_eq!(s, 404, "{r}");
+    assert_released(&a, "data").await;
+    let (s, v) = a.get("/v1/volumes/bulk").await;
+    assert_eq!(s, 404, "{v}");
+    assert!(qemus_of(&a.data()).is_empty(), "a QEMU is left on A");
+    let acked = last_record(&mut con_b).unwrap();
+    stop_and_verify(&b, "data", acked).await;
+    assert_same_bulk(&a, &b).await;
 }

@@ -7,6 +7,7 @@ mod backup;
 mod crash;
 mod daemon;
 mod disk;
+mod migrate;
 mod nbd;
 mod pool;
 mod restore;
@@ -70,5 +71,10 @@ pub const SUITES: &[(&str, &str, SuiteFn)] = &[
         "restore",
         "instant restore: time to boot vs local boot and full restore, stalls with/without profile",
         restore::run,
+    ),
+    (
+        "migrate",
+        "live migration ondemand vs precopy: time to running, downtime, hydration vs NBD copy",
+        migrate::run,
     ),
 ];

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use ferry_api::{
-    IncomingReady, IncomingRequest, IncomingStatus, MigrateMode, MigrateVm, Started, VmState,
+    IncomingReady, IncomingRequest, IncomingStatus, MigrateVm, Started, VmState,
 };
 use serde_json::json;
 
@@ -36,13 +36,6 @@ pub async fn migrate(
     Body(req): Body<MigrateVm>,
 ) -> Result<(StatusCode, Json<Started>), Failure> {
     let vm = d.vms.find(&id)?;
-    if req.mode == MigrateMode::Precopy {
-        return Err(error_response(
-            StatusCode::NOT_IMPLEMENTED,
-            "mode precopy is not implemented yet; use ondemand",
-            Some("mode"),
-        ));
-    }
     let peer = d
         .peers
         .get(&req.to)

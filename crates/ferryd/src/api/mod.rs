@@ -5,6 +5,7 @@ mod backups;
 mod exports;
 mod host;
 mod migrate;
+mod migrate_precopy;
 mod ops;
 mod peers;
 mod vmcopy;
@@ -81,6 +82,15 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .route("/v1/peer/migrate/{uuid}/hydrate", post(migrate::hydrate))
         .route("/v1/peer/migrate/{uuid}/finish", post(migrate::finish))
+        .route("/v1/peer/migrate-precopy", post(migrate_precopy::incoming))
+        .route(
+            "/v1/peer/migrate-precopy/{uuid}",
+            axum::routing::delete(migrate_precopy::abort),
+        )
+        .route(
+            "/v1/peer/migrate-precopy/{uuid}/finish",
+            post(migrate_precopy::finish),
+        )
         .route("/v1/vms/{id}/copy", post(vmcopy::copy))
         .route("/v1/peer/copy/hash", post(vmcopy::hash))
         .route("/v1/vm-snapshots", get(vmsnaps::list).post(vmsnaps::create))

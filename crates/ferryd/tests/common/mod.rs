@@ -20,6 +20,8 @@ pub struct Host {
     pub nbd: String,
     /// Addresses for the next start (`127.0.0.1:0` unless pinned).
     listen: (String, String),
+    /// The network namespace ferryd (and so its QEMU processes) runs in.
+    netns: Option<String>,
 }
 
 fn ferryd() -> Command {
@@ -33,6 +35,16 @@ impl Host {
 
     /// A host whose configured name is `name` (several hosts in one test).
     pub fn named(name: &str) -> Host {
+        Host::named_at(name, None, "127.0.0.1")
+    }
+
+    /// A host named `name` whose ferryd runs in network namespace `netns`
+    /// (`ip netns exec`), listening on `ip` (an address of that namespace).
+    pub fn in_netns(name: &str, netns: &str, ip: &str) -> Host {
+        Host::named_at(name, Some(netns.to_string()), ip)
+    }
+
+    fn named_at(name: &str, netns: Option<String>, ip: &str) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let out = ferryd()
             .args(["init", "--no-cli-config", "--name", name, "--data-dir"])
@@ -54,7 +66,8 @@ impl Host {
             url: String::new(),
             token,
             nbd: String::new(),
-            listen: ("127.0.0.1:0".into(), "127.0.0.1:0".into()),
+            listen: (format!("{ip}:0"), format!("{ip}:0")),
+            netns,
         };
         h.start();
         h
@@ -158,7 +171,16 @@ impl Host {
     /// (e.g. the test-only `FERRY_OPS_TEST_PAUSE`); every stderr line is
     /// sent to the returned channel.
     pub fn start_watched(&mut self, env: &[(&str, &str)]) -> std::sync::mpsc::Receiver<String> {
-        let mut cmd = ferryd();
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs ferryd: the child's pid is ferryd's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(env!("CARGO_BIN_EXE_ferryd"));
+                c
+            }
+            None => ferryd(),
+        };
         cmd.args([
             "run",
             "--listen",
