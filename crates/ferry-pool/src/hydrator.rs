@@ -9,7 +9,7 @@
 //! hydrator is stopped; they never poison the volume.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -163,6 +163,11 @@ impl Drop for Hydrator {
     }
 }
 
+/// Fetches in flight. A fetch is a round trip or two to the source (an
+/// allocation query, then the read): one at a time leaves the link idle
+/// most of the time, so several workers take the next chunks of the order.
+const WORKERS: usize = 4;
+
 fn run(vol: &Volume, sh: &Shared, opts: &HydratorOptions) -> Result<()> {
     let total = vol.size().div_ceil(vol.chunk_size());
     let mut order: Vec<u64> = Vec::with_capacity(total as usize);
@@ -174,53 +179,23 @@ fn run(vol: &Volume, sh: &Shared, opts: &HydratorOptions) -> Result<()> {
             }
         }
     }
+    // The priority chunks go one at a time, strictly in their order; the
+    // rest with several in flight.
+    let mut head = order.len();
     order.extend((0..total).filter(|c| !queued[*c as usize]));
     drop(queued);
     let mut backoff = Duration::from_millis(20);
-    let mut since_commit = 0u64;
+    let since_commit = AtomicU64::new(0);
+    let base = vol.v.lazy.fetched_bytes.load(Ordering::Relaxed);
     loop {
-        let mut failed = Vec::new();
-        for &c in &order {
-            if sh.stop.load(Ordering::Acquire) {
-                return vol.settle().map(|_| ());
-            }
-            {
-                let mut p = lock(&sh.paused);
-                while *p && !sh.stop.load(Ordering::Acquire) {
-                    p = sh.cv.wait(p).unwrap_or_else(|e| e.into_inner());
-                }
-            }
-            if vol.v.get(c).is_some() {
-                continue;
-            }
-            let before = vol.v.lazy.fetched_bytes.load(Ordering::Relaxed);
-            match vol.fetch(c) {
-                Ok(_) => {
-                    let got = vol
-                        .v
-                        .lazy
-                        .fetched_bytes
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(before);
-                    let bytes = sh.bytes.fetch_add(got, Ordering::Relaxed) + got;
-                    since_commit += 1;
-                    if since_commit >= opts.commit_every {
-                        since_commit = 0;
-                        vol.settle()?;
-                    }
-                    if let Some(rate) = opts.rate_limit.filter(|r| *r > 0) {
-                        let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
-                        let el = sh.started.elapsed();
-                        if due > el {
-                            std::thread::sleep(due - el);
-                        }
-                    }
-                }
-                Err(e) => {
-                    *lock(&sh.last_error) = Some(e.to_string());
-                    failed.push(c);
-                }
-            }
+        let (first, rest) = order.split_at(head);
+        let mut failed = pass(vol, sh, opts, first, 1, &since_commit, base)?;
+        head = failed.len();
+        if !sh.stop.load(Ordering::Acquire) {
+            failed.extend(pass(vol, sh, opts, rest, WORKERS, &since_commit, base)?);
+        }
+        if sh.stop.load(Ordering::Acquire) {
+            return vol.settle().map(|_| ());
         }
         if failed.is_empty() {
             if vol.settle()? {
@@ -240,4 +215,86 @@ fn run(vol: &Volume, sh: &Shared, opts: &HydratorOptions) -> Result<()> {
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// One pass over `order` by `workers` threads (each takes the next chunk
+/// of the order, so the order holds up to the chunks in flight); returns
+/// the chunks that failed, in order. Stops early when asked to.
+fn pass(
+    vol: &Volume,
+    sh: &Shared,
+    opts: &HydratorOptions,
+    order: &[u64],
+    workers: usize,
+    since_commit: &AtomicU64,
+    base: u64,
+) -> Result<Vec<u64>> {
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    let commit_err = Mutex::new(None);
+    let quit = AtomicBool::new(false);
+    let worker = || {
+        loop {
+            if sh.stop.load(Ordering::Acquire) || quit.load(Ordering::Acquire) {
+                return;
+            }
+            {
+                let mut p = lock(&sh.paused);
+                while *p && !sh.stop.load(Ordering::Acquire) {
+                    p = sh.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&c) = order.get(i) else {
+                return;
+            };
+            if vol.v.get(c).is_some() {
+                continue;
+            }
+            match vol.fetch(c) {
+                Ok(_) => {
+                    // Bytes from the source since the start (the VM's own
+                    // reads of missing chunks included).
+                    let bytes = vol
+                        .v
+                        .lazy
+                        .fetched_bytes
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(base);
+                    sh.bytes.store(bytes, Ordering::Relaxed);
+                    if since_commit.fetch_add(1, Ordering::Relaxed) + 1 >= opts.commit_every {
+                        since_commit.store(0, Ordering::Relaxed);
+                        if let Err(e) = vol.settle() {
+                            *lock(&commit_err) = Some(e);
+                            quit.store(true, Ordering::Release);
+                            return;
+                        }
+                    }
+                    if let Some(rate) = opts.rate_limit.filter(|r| *r > 0) {
+                        let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+                        let el = sh.started.elapsed();
+                        if due > el {
+                            std::thread::sleep(due - el);
+                        }
+                    }
+                }
+                Err(e) => {
+                    *lock(&sh.last_error) = Some(e.to_string());
+                    lock(&failed).push((i, c));
+                }
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..workers {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    if let Some(e) = commit_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    let mut failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
+    failed.sort_unstable();
+    Ok(failed.into_iter().map(|(_, c)| c).collect())
 }

@@ -538,6 +538,11 @@ fn missing(st: &Value) -> u64 {
 /// `bulk`) and B, and migrates A→B with hydration capped at 8 MiB/s;
 /// returns once hydration has started and fetched something.
 async fn migrating_pair() -> (Host, Host, String, String) {
+    migrating_pair_with(json!({})).await
+}
+
+/// [`migrating_pair`] with extra migration parameters.
+async fn migrating_pair_with(extra: Value) -> (Host, Host, String, String) {
     let mut a = Host::named("host-a");
     let mut b = Host::named("host-b");
     // They restart on the same ports: B's lazy volumes hold A's NBD
@@ -549,7 +554,11 @@ async fn migrating_pair() -> (Host, Host, String, String) {
     import_random(&a, "bulk", 128).await;
     start_guest(&a, &["data", "bulk"]).await;
     let uuid = vm_uuid(&a).await;
-    let op = migrate(&a, "host-b", json!({ "bandwidth": 8 << 20 })).await;
+    let mut params = json!({ "bandwidth": 8 << 20 });
+    for (k, v) in extra.as_object().unwrap() {
+        params[k] = v.clone();
+    }
+    let op = migrate(&a, "host-b", params).await;
     wait_step(&a, &op, "hydration").await;
     let deadline = Instant::now() + T;
     loop {
@@ -754,4 +763,85 @@ async fn a_writing_guest_migrates_in_precopy_mode() {
     let acked = last_record(&mut con_b).unwrap();
     stop_and_verify(&b, "data", acked).await;
     assert_same_bulk(&a, &b).await;
+}
+
+/// Reads all of `volume` on `h` through a new export; the error output of
+/// `qemu-img` when the read fails.
+async fn read_volume(h: &Host, volume: &str, export: &str) -> Result<(), String> {
+    let (s, e) = h
+        .post("/v1/exports", json!({ "volume": volume, "name": export }))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let out = h.dir.path().join(format!("{export}.raw"));
+    let r = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(e["unix_uri"].as_str().unwrap())
+        .arg(&out)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&out);
+    let (s, e) = h.delete(&format!("/v1/exports/{export}")).await;
+    assert_eq!(s, 204, "{e}");
+    if r.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&r.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn on_missing_error_fails_reads_of_missing_chunks_while_the_source_is_down() {
+    let (mut a, b, uuid, op) = migrating_pair_with(json!({ "on_missing": "error" })).await;
+    let _reaper = Reaper(vec![a.data(), b.data()]);
+    // The guest's own disk first: only `bulk` should be left to fetch.
+    let deadline = Instant::now() + T;
+    loop {
+        let st = incoming(&b, &uuid).await;
+        let data_done = st["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["volume"] == "data" && d["done"] == true);
+        if data_done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.kill9();
+    let deadline = Instant::now() + T;
+    let st = loop {
+        let st = incoming(&b, &uuid).await;
+        let said = st["disks"].as_array().unwrap().iter().any(|d| {
+            d["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unreachable"))
+        });
+        if said {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!("A down: {st}");
+    assert!(missing(&st) > 0, "{st}");
+    // A read of the missing chunks fails at once (no waiting for A).
+    let t = Instant::now();
+    let err = read_volume(&b, "bulk", "bulk-read-1")
+        .await
+        .expect_err("a read of chunks B does not have succeeded while A is down");
+    println!("read failed after {:.1?}: {err}", t.elapsed());
+    assert!(err.contains("Input/output error"), "{err}");
+
+    a.start();
+    let op = wait_op(&a, &op).await;
+    print_log(&op);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    read_volume(&b, "bulk", "bulk-read-2").await.unwrap();
+    assert_same_bulk(&a, &b).await;
+    let mut con = console_on(&b).await;
+    let seq = last_record(&mut con);
+    wait_record_after(&mut con, seq);
+    let acked = last_record(&mut con).unwrap();
+    stop_and_verify(&b, "data", acked).await;
 }
