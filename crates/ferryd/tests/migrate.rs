@@ -319,7 +319,15 @@ impl Netns {
             ]);
             ip(&["link", "set", &veth, "master", &me.bridge, "up"]);
             let addr = format!("{net}.{}", i + 1);
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             out.push((ns, addr));
@@ -373,7 +381,12 @@ fn assert_qemus_in(h: &Host, ns: &str) {
     let pids = qemus_of(&h.data());
     assert!(!pids.is_empty(), "no QEMU of {}", h.url);
     for pid in pids {
-        assert_eq!(netns_of(pid), want, "QEMU {pid} of {} is not in {ns}", h.url);
+        assert_eq!(
+            netns_of(pid),
+            want,
+            "QEMU {pid} of {} is not in {ns}",
+            h.url
+        );
     }
 }
 
@@ -691,7 +704,10 @@ async fn wait_op_monotonic(h: &Host, id: &str) -> Value {
         let (s, op) = h.get(&format!("/v1/operations/{id}")).await;
         assert_eq!(s, 200, "{op}");
         let f = op["progress"]["fraction"].as_f64().unwrap_or(0.0);
-        assert!(f + 1e-9 >= last, "progress went back from {last} to {f}: {op}");
+        assert!(
+            f + 1e-9 >= last,
+            "progress went back from {last} to {f}: {op}"
+        );
         last = f;
         let state = op["state"].as_str().unwrap();
         if ["succeeded", "failed", "cancelled"].contains(&state) {
@@ -752,9 +768,7 @@ async fn a_writing_guest_migrates_in_precopy_mode() {
     }
     // Nothing of the arrival is left to abort on B.
     let uuid = vm_uuid(&b).await;
-    let (s, r) = b
-        .delete(&format!("/v1/peer/migrate-precopy/{uuid}"))
-        .await;
+    let (s, r) = b.delete(&format!("/v1/peer/migrate-precopy/{uuid}")).await;
     assert_eq!(s, 404, "{r}");
     assert_released(&a, "data").await;
     let (s, v) = a.get("/v1/volumes/bulk").await;
@@ -825,7 +839,7 @@ async fn on_missing_error_fails_reads_of_missing_chunks_while_the_source_is_down
     };
     println!("A down: {st}");
     assert!(missing(&st) > 0, "{st}");
-    // A read of the missing chunks fails at once (no waiting for A).
+    // A read of the missing chunks fails (it does not wait for A).
     let t = Instant::now();
     let err = read_volume(&b, "bulk", "bulk-read-1")
         .await

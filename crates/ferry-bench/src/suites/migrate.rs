@@ -105,10 +105,7 @@ struct Run {
 }
 
 fn step_seconds(op: &Value, name: &str) -> Option<f64> {
-    let s = op["steps"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == name)?;
+    let s = op["steps"].as_array()?.iter().find(|s| s["name"] == name)?;
     let (a, b) = (s["started_ms"].as_u64()?, s["finished_ms"].as_u64()?);
     Some(b.saturating_sub(a) as f64 / 1000.0)
 }
@@ -129,7 +126,13 @@ fn downtime(op: &Value) -> Option<f64> {
     })
 }
 
-async fn migrate(from: &Daemon, to: &Daemon, vm: &str, mode: &str, peer: &str) -> anyhow::Result<Run> {
+async fn migrate(
+    from: &Daemon,
+    to: &Daemon,
+    vm: &str,
+    mode: &str,
+    peer: &str,
+) -> anyhow::Result<Run> {
     let t0 = Instant::now();
     let s = from
         .post(
@@ -233,8 +236,12 @@ async fn nbd_copy(from: &Daemon, to: &Daemon, vm: &str, peer: &str) -> anyhow::R
         .context("vm.copy logged no transfer rate")?;
     // Free the space for the next size.
     let v = to.get(&format!("/v1/vms/{copy}")).await?;
-    to.call(reqwest::Method::DELETE, &format!("/v1/vms/{copy}"), Value::Null)
-        .await?;
+    to.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/vms/{copy}"),
+        Value::Null,
+    )
+    .await?;
     for d in v["disks"].as_array().into_iter().flatten() {
         if let Some(vol) = d["volume"].as_str() {
             to.call(
@@ -327,8 +334,12 @@ async fn bench(sizes: &[u64]) -> anyhow::Result<Report> {
             ));
         }
         // Free the space for the next size.
-        a.call(reqwest::Method::DELETE, &format!("/v1/vms/{vm}"), Value::Null)
-            .await?;
+        a.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/vms/{vm}"),
+            Value::Null,
+        )
+        .await?;
         a.call(
             reqwest::Method::DELETE,
             &format!("/v1/volumes/{vol}"),

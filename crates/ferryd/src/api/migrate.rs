@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use ferry_api::{
-    IncomingReady, IncomingRequest, IncomingStatus, MigrateVm, Started, VmState,
-};
+use ferry_api::{IncomingReady, IncomingRequest, IncomingStatus, MigrateVm, Started, VmState};
 use serde_json::json;
 
 use super::{Failure, bad_field, error_response};

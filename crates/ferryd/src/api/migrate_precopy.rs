@@ -96,10 +96,7 @@ pub async fn incoming(
             ));
         };
         if !req.disks.iter().any(|x| x.volume == v) {
-            return Err(bad_field(
-                "disks",
-                &format!("no size given for volume {v}"),
-            ));
+            return Err(bad_field("disks", &format!("no size given for volume {v}")));
         }
     }
     let ip = d
@@ -132,7 +129,8 @@ pub async fn incoming(
             }
         }
         let names: Vec<String> = disks.iter().map(|x| x.volume.clone()).collect();
-        a.record(&u, &names).map_err(|e| internal(format!("{e:#}")))?;
+        a.record(&u, &names)
+            .map_err(|e| internal(format!("{e:#}")))?;
         for (i, x) in disks.iter().enumerate() {
             if let Err(e) = pool.create_volume(&x.volume, x.size) {
                 for y in &disks[..i] {

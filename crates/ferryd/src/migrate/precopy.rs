@@ -369,8 +369,8 @@ impl Step<App> for Mirror {
                         Ok(j) => j,
                         Err(e) => {
                             for m in mirrors {
-                                let _ = ferry_qemu::MirrorJob::cancel(m, Duration::from_secs(60))
-                                    .await;
+                                let _ =
+                                    ferry_qemu::MirrorJob::cancel(m, Duration::from_secs(60)).await;
                             }
                             return Err(StepError::failed(format!(
                                 "mirroring disk {device} to {}: {e}",
@@ -378,7 +378,9 @@ impl Step<App> for Mirror {
                             )));
                         }
                     };
-                out.push(json!({ "job": job.job, "device": device, "target_node": job.target_node }));
+                out.push(
+                    json!({ "job": job.job, "device": device, "target_node": job.target_node }),
+                );
                 mirrors.push(job);
             }
             let mut streams: Vec<_> = mirrors.iter().map(|m| m.progress(JOB_POLL)).collect();
@@ -429,9 +431,7 @@ impl Step<App> for Mirror {
                         }
                     }
                 }
-                let (done, len) = bytes
-                    .iter()
-                    .fold((0, 0), |(d, l), (o, n)| (d + o, l + n));
+                let (done, len) = bytes.iter().fold((0, 0), |(d, l), (o, n)| (d + o, l + n));
                 cx.set_fraction(total.update(done, len).min(0.99));
                 if ready_flags.iter().all(|r| *r) {
                     break;
@@ -557,7 +557,9 @@ impl Memory {
             }
             qmp.execute("blockdev-del", json!({ "node-name": target }))
                 .await
-                .map_err(|e| StepError::failed(format!("closing the mirror target {target}: {e}")))?;
+                .map_err(|e| {
+                    StepError::failed(format!("closing the mirror target {target}: {e}"))
+                })?;
         }
         Ok(t.elapsed())
     }
@@ -638,11 +640,9 @@ impl Step<App> for Memory {
                         match self.complete_disks(cx, &qmp).await {
                             Ok(d) => sync = Some(d),
                             Err(e) => {
-                                let _ = ferry_qemu::migration::cancel(
-                                    &qmp,
-                                    Duration::from_secs(60),
-                                )
-                                .await;
+                                let _ =
+                                    ferry_qemu::migration::cancel(&qmp, Duration::from_secs(60))
+                                        .await;
                                 return Err(e);
                             }
                         }
