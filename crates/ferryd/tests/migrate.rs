@@ -398,8 +398,8 @@ async fn chain(a: &Host, b: &Host, c: &Host) {
 /// C and every source volume is released.
 async fn chain_checked(a: &Host, b: &Host, c: &Host, netns: Option<&[String]>) {
     register(a, b).await;
-    register(&b, &c).await;
-    import_disk(&a, "data", 256 << 20).await;
+    register(b, c).await;
+    import_disk(a, "data", 256 << 20).await;
     let mut con_a = start_guest(a, &["data"]).await;
     if let Some(ns) = netns {
         assert_qemus_in(a, &ns[0]);
@@ -407,27 +407,27 @@ async fn chain_checked(a: &Host, b: &Host, c: &Host, netns: Option<&[String]>) {
 
     // A → B on demand.
     let t = Instant::now();
-    let op_ab = migrate(&a, "host-b", json!({})).await;
-    wait_step(&a, &op_ab, "hydration").await;
+    let op_ab = migrate(a, "host-b", json!({})).await;
+    wait_step(a, &op_ab, "hydration").await;
     println!(
         "A→B: hydration started {:.1?} after the request",
         t.elapsed()
     );
     let before = last_record(&mut con_a);
-    let mut con_b = console_on(&b).await;
+    let mut con_b = console_on(b).await;
     let seq = wait_record_after(&mut con_b, before);
     println!("A→B: the guest writes on B (record {seq}, last on A {before:?})");
 
     // B → C at once, while B still fetches from A.
     let (_, st) = b
-        .get(&format!("/v1/peer/migrate/{}", vm_uuid(&b).await))
+        .get(&format!("/v1/peer/migrate/{}", vm_uuid(b).await))
         .await;
     println!("B's hydration when B→C starts: {st}");
-    let op_bc = migrate(&b, "host-c", json!({})).await;
-    let op = wait_op(&b, &op_bc).await;
+    let op_bc = migrate(b, "host-c", json!({})).await;
+    let op = wait_op(b, &op_bc).await;
     print_log(&op);
     assert_eq!(op["state"], "succeeded", "{op}");
-    let op = wait_op(&a, &op_ab).await;
+    let op = wait_op(a, &op_ab).await;
     print_log(&op);
     assert_eq!(op["state"], "succeeded", "{op}");
     println!(
@@ -436,13 +436,13 @@ async fn chain_checked(a: &Host, b: &Host, c: &Host, netns: Option<&[String]>) {
     );
 
     let before = last_record(&mut con_b);
-    let mut con_c = console_on(&c).await;
+    let mut con_c = console_on(c).await;
     let mut seq = wait_record_after(&mut con_c, before);
     for _ in 0..3 {
         seq = wait_record_after(&mut con_c, Some(seq));
     }
-    assert_released(&a, "data").await;
-    assert_released(&b, "data").await;
+    assert_released(a, "data").await;
+    assert_released(b, "data").await;
     let (_, v) = c.get("/v1/volumes/data").await;
     println!("on C: {v}");
     if let Some(ns) = netns {
