@@ -122,8 +122,8 @@ impl GuestConfig {
             "panic=0",
             "no_timer_check",
         ]
-            .map(String::from)
-            .to_vec();
+        .map(String::from)
+        .to_vec();
         if self.agent {
             args.push("ferry.agent=1".into());
         }
