@@ -3,6 +3,7 @@
 //! small helpers.
 
 pub mod backups;
+pub mod batch;
 pub mod migrate;
 pub mod migrate_precopy;
 pub mod peers;
@@ -13,6 +14,7 @@ pub mod vms;
 pub mod vmsnaps;
 
 pub use backups::*;
+pub use batch::*;
 pub use migrate::*;
 pub use migrate_precopy::*;
 pub use peers::*;

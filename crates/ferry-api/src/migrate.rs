@@ -63,6 +63,10 @@ pub struct MigrateVm {
     /// Reads of missing chunks while the source is down: wait or error.
     #[serde(default)]
     pub on_missing: OnMissing,
+    /// The batch this migration belongs to (set by `migrate.batch`): the
+    /// destination keeps durable records of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
 
 /// One disk of an incoming VM: a lazy volume to create on the
@@ -94,6 +98,10 @@ pub struct IncomingRequest {
     /// Background hydration cap, bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<u64>,
+    /// The batch this migration belongs to: the destination keeps its
+    /// durable records (see `ferry_api::batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
 
 /// The answer: where the destination QEMU listens.

@@ -4,6 +4,7 @@
 
 mod backup;
 mod client;
+mod migrate;
 mod output;
 mod peer;
 mod vm;
@@ -80,6 +81,11 @@ enum Noun {
     Vm {
         #[command(subcommand)]
         verb: vm::VmVerb,
+    },
+    /// Batch migration of many VMs to one host: batch, status, recover, list.
+    Migrate {
+        #[command(subcommand)]
+        verb: migrate::MigrateVerb,
     },
     /// Group snapshots of running VMs (`snapshot create --vm ...` too).
     VmSnapshot {
@@ -523,6 +529,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         },
         Noun::Peer { verb } => peer::run(&c, j, verb).await?,
         Noun::Vm { verb } => return vm::run(&c, j, verb).await,
+        Noun::Migrate { verb } => return migrate::run(&c, j, verb).await,
         Noun::VmSnapshot { verb } => return vmsnap::run(&c, j, verb).await,
         Noun::Repo { verb } => return backup::run_repo(&c, j, verb).await,
         Noun::Backup { verb } => return backup::run_backup(&c, j, verb).await,

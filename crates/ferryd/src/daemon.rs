@@ -36,6 +36,8 @@ pub struct Daemon {
     pub inbound: Arc<crate::migrate::Inbound>,
     /// Backup repositories and the backup operations.
     pub backups: Arc<crate::backups::Backups>,
+    /// Batch migrations: coordinator and destination records.
+    pub batches: Arc<crate::batch::Env>,
     pub started: Instant,
 }
 
@@ -116,6 +118,16 @@ impl Daemon {
                 peers: peers.clone(),
             },
         );
+        let batches = Arc::new(crate::batch::Env {
+            peers: peers.clone(),
+            host: cfg.name.clone(),
+            records: Arc::new(crate::migrate::records::Records::open(
+                dir.root.join("migrations"),
+            )?),
+            peer_token: peer_token.clone(),
+            self_url: std::sync::OnceLock::new(),
+        });
+        crate::batch::register(&ops, batches.clone());
         Ok(Arc::new(Daemon {
             cfg,
             dir,
@@ -127,6 +139,7 @@ impl Daemon {
             peers,
             inbound,
             backups,
+            batches,
             started: Instant::now(),
         }))
     }

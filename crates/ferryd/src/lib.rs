@@ -14,6 +14,8 @@
 //!   directories (see [`vms`]);
 //! - `D/migrate-in.json` — lazy volumes of VMs migrating here and where
 //!   their chunks come from (mode 0600: export secrets; see [`migrate`]);
+//! - `D/migrations/<batch>.json` — durable records of batch migrations
+//!   to this host (see [`migrate::records`], [`batch`]);
 //! - `D/exports.json` — the NBD exports and their secrets (mode 0600);
 //! - `D/ferryd.toml` — the configuration, written last: its presence marks
 //!   a complete data directory.
@@ -26,6 +28,7 @@
 pub mod api;
 pub mod auth;
 pub mod backups;
+pub mod batch;
 pub mod body;
 pub mod config;
 pub mod daemon;

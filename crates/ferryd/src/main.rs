@@ -155,6 +155,15 @@ async fn serve(dir: DataDir, cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    let self_ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    let _ = daemon.batches.self_url.set(format!(
+        "http://{}",
+        std::net::SocketAddr::new(self_ip, addr.port())
+    ));
     // Scripts and tests read this line to learn the port.
     eprintln!("ferryd {} listening on http://{addr}", daemon.cfg.name);
     let app = ferryd::api::router(daemon.clone());

@@ -37,6 +37,7 @@
 
 pub mod inbound;
 pub mod precopy;
+pub mod records;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,6 +100,10 @@ pub struct Params {
     pub on_missing: OnMissing,
     /// The VM's volumes, in disk order (`vda`, ...).
     pub volumes: Vec<String>,
+    /// The batch this migration belongs to (`migrate.batch`): the
+    /// destination keeps its durable records ([`records`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
 
 fn plan(env: Arc<Env>, params: &Value) -> Result<Plan<App>, String> {
@@ -274,6 +279,7 @@ impl Step<App> for Prepare {
                 on_missing: p.on_missing,
                 from: env.host.clone(),
                 rate_limit: p.bandwidth,
+                batch: p.batch.clone(),
             };
             let client = peer(env, p)?;
             let ready: IncomingReady = client
@@ -368,11 +374,19 @@ impl Step<App> for Memory {
                 ferry_qemu::migration::migrate(&q2, &uri, &params, Some(tx)).await
             });
             let started = Instant::now();
+            let mut held = false;
             loop {
                 tokio::select! {
                     msg = rx.recv() => match msg {
                         Some(m) => {
                             cx.set_fraction(m.fraction.min(0.99));
+                            if !held && m.stats.status == "active" && m.stats.transferred > 0 {
+                                // Test-only: hold while memory moves (the
+                                // migration task blocks on its progress
+                                // channel, so post-copy does not start).
+                                held = true;
+                                ferry_ops::test_pause("vm.migrate:memory").await;
+                            }
                             if switched(&m.stats.status) {
                                 cx.log(format!(
                                     "switchover ({}) after {:.1?}: {} bytes of memory sent",

@@ -536,6 +536,7 @@ fn build() -> Doc {
     );
 
     backups(&mut d, &started);
+    batches(&mut d);
 
     let s = d.schema::<Vec<PeerInfo>>();
     d.op(
@@ -668,6 +669,81 @@ fn build() -> Doc {
         NF_CONFLICT,
     );
     d
+}
+
+/// Batch migration (coordinator and destination records).
+fn batches(d: &mut Doc) {
+    let r = d.schema::<BatchRequest>();
+    let s = d.schema::<BatchStarted>();
+    d.op(
+        "post",
+        "/v1/migrations/batches",
+        "migrations",
+        "Migrate many VMs (on this host or its peers) to one destination: a migrate.batch operation on this host, which runs vm.migrate on each VM's source host, `parallel` at a time.",
+        r,
+        (202, s),
+        &[400, 409],
+    );
+    let s = d.schema::<Vec<BatchSummary>>();
+    d.op(
+        "get",
+        "/v1/migrations/batches",
+        "migrations",
+        "Batches this host coordinates or holds records of as a destination.",
+        None,
+        (200, s),
+        &[],
+    );
+    let s = d.schema::<BatchStatus>();
+    d.op(
+        "get",
+        "/v1/migrations/batches/{id}",
+        "migrations",
+        "Status of each VM of a batch (not started / in progress / migrated / failed), decided from the destination's durable records and the live state of both sides. Query `dest=HOST` asks that destination for the member list when this host has no journal of the batch.",
+        None,
+        (200, s),
+        &[400, 404, 502],
+    );
+    let s = d.schema::<Started>();
+    d.op(
+        "post",
+        "/v1/migrations/batches/{id}/recover",
+        "migrations",
+        "Finish the VMs of a batch past switchover and roll back the others (a migrate.batch.recover operation); every VM ends running on exactly one host. Query `dest=HOST` as for the status.",
+        None,
+        (202, s),
+        &[400, 404, 409, 502],
+    );
+    let r = d.schema::<BatchManifest>();
+    d.op(
+        "post",
+        "/v1/peer/migrations/batches",
+        "peer",
+        "Peer endpoint (batch destination): store a batch's manifest (members, sources) durably before any VM moves.",
+        r,
+        (204, None),
+        &[400, 409],
+    );
+    let s = d.schema::<BatchRecords>();
+    d.op(
+        "get",
+        "/v1/peer/migrations/records",
+        "peer",
+        "Peer endpoint (batch destination): the durable records of batch `?batch=ID` (manifest; per VM: started, placeholder, rolled back, completed).",
+        None,
+        (200, s),
+        &[400],
+    );
+    let r = d.schema::<crate::api::CompleteRequest>();
+    d.op(
+        "post",
+        "/v1/peer/migrations/complete",
+        "peer",
+        "Peer endpoint (batch destination): record the completed event of a VM that runs here after switchover (recovery).",
+        r,
+        (204, None),
+        &[400, 404, 409],
+    );
 }
 
 /// Backup repositories and backups.

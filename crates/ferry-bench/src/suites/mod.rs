@@ -8,6 +8,7 @@ mod crash;
 mod daemon;
 mod disk;
 mod migrate;
+mod faults;
 mod nbd;
 mod pool;
 mod restore;
@@ -61,6 +62,11 @@ pub const SUITES: &[(&str, &str, SuiteFn)] = &[
         "progress",
         "VM copy between two hosts: reported % vs elapsed time, vs naive weightings",
         vmcopy::progress,
+    ),
+    (
+        "faults",
+        "batch migration: phases × faults (kill -9 of ferryd/QEMU, lost coordinator), status then recover",
+        faults::run,
     ),
     (
         "copy",

@@ -44,6 +44,11 @@ pub async fn migrate(
             &format!("peer {} serves no NBD over TCP", req.to),
         ));
     }
+    if let Some(b) = &req.batch
+        && !crate::migrate::records::valid_batch_id(b)
+    {
+        return Err(bad_field("batch", "not a valid batch id"));
+    }
     let info = d.vms.info(&vm).await;
     if !matches!(info.state, VmState::Running | VmState::Paused) {
         return Err(conflict(format!(
@@ -92,6 +97,7 @@ pub async fn migrate(
         keep_source: req.keep_source,
         on_missing: req.on_missing,
         volumes,
+        batch: req.batch,
     };
     let id = d
         .ops
@@ -122,6 +128,23 @@ pub async fn incoming(
         .unwrap_or_else(|p| p.into_inner())
         .map(|a| a.ip())
         .ok_or_else(|| internal("this host serves no NBD over TCP"))?;
+    // Batch: the *migration started* record, durable before anything moves.
+    if let Some(b) = &req.batch {
+        ferry_ops::test_pause("migrate.in:before-record").await;
+        let (recs, b2, u, n, f) = (
+            d.batches.records.clone(),
+            b.clone(),
+            uuid.clone(),
+            req.definition.name.clone(),
+            req.from.clone(),
+        );
+        let vols: Vec<String> = req.disks.iter().map(|x| x.volume.clone()).collect();
+        tokio::task::spawn_blocking(move || recs.started(&b2, &u, &n, &f, &vols))
+            .await
+            .map_err(internal)?
+            .map_err(conflict)?;
+        ferry_ops::test_pause("migrate.in:recorded").await;
+    }
     let (inbound, u, from, disks, on_missing, rate) = (
         d.inbound.clone(),
         uuid.clone(),
@@ -134,13 +157,18 @@ pub async fn incoming(
         .await
         .map_err(internal)?
         .map_err(conflict)?;
+    let batch = req.batch.clone();
     let cleanup = |d: Arc<Daemon>, u: String| async move {
         let inbound = d.inbound.clone();
         if let Ok(vm) = d.vms.find(&u) {
             let _ = d.vms.kill(&vm).await;
             let _ = d.vms.delete(&vm).await;
         }
-        let _ = tokio::task::spawn_blocking(move || inbound.abort(&u)).await;
+        let u2 = u.clone();
+        let _ = tokio::task::spawn_blocking(move || inbound.abort(&u2)).await;
+        if let Some(b) = &batch {
+            let _ = d.batches.records.rolled_back(b, &u, "the incoming VM could not be prepared");
+        }
     };
     let vms = d.vms.clone();
     let def = req.definition.clone();
@@ -155,6 +183,15 @@ pub async fn incoming(
             return Err(internal(e));
         }
     };
+    // Batch: the definition is the *placeholder* (same UUID, not running).
+    if let Some(b) = &req.batch {
+        let (recs, b2, u) = (d.batches.records.clone(), b.clone(), uuid.clone());
+        let r = tokio::task::spawn_blocking(move || recs.placeholder(&b2, &u)).await;
+        if let Err(e) = r.map_err(|e| e.to_string()).and_then(|r| r) {
+            cleanup(d.clone(), uuid).await;
+            return Err(internal(e));
+        }
+    }
     let (vms, v, postcopy) = (d.vms.clone(), vm.clone(), req.postcopy);
     let r = tokio::spawn(async move { vms.start_incoming(&v, ip, postcopy).await }).await;
     match r {
@@ -207,11 +244,27 @@ pub async fn hydrate(
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        ferry_ops::test_pause("migrate.in:switched").await;
         let (inbound, u) = (d.inbound.clone(), uuid.clone());
         tokio::task::spawn_blocking(move || inbound.start_hydration(&u))
             .await
             .map_err(internal)?
             .map_err(|e| internal(format!("{e:#}")))?;
+    }
+    // Batch: the *migration completed* event, once the VM runs here and
+    // its disks hydrate from the source (idempotent).
+    if let Some((b, _)) = d.batches.records.open_record_of(&uuid) {
+        let (recs, u) = (d.batches.records.clone(), uuid.clone());
+        tokio::task::spawn_blocking(move || {
+            recs.completed(
+                &b,
+                &u,
+                "switchover confirmed: the source's memory migration completed, the VM runs here, its disks are attached and hydrating",
+            )
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
     }
     status(State(d), Path(uuid)).await
 }
@@ -242,7 +295,9 @@ pub async fn abort(
     State(d): State<Arc<Daemon>>,
     Path(uuid): Path<String>,
 ) -> Result<StatusCode, Failure> {
-    if !d.inbound.has(&uuid) {
+    // A batch record without lazy volumes (a crash between the record and
+    // them, or a placeholder left alone) is rolled back too.
+    if !d.inbound.has(&uuid) && d.batches.records.open_record_of(&uuid).is_none() {
         return Err(error_response(
             StatusCode::NOT_FOUND,
             &format!("no incoming VM {uuid}"),
@@ -272,6 +327,15 @@ pub async fn abort(
         .await
         .map_err(internal)?
         .map_err(internal)?;
+    if let Some((b, _)) = d.batches.records.open_record_of(&uuid) {
+        let (recs, u) = (d.batches.records.clone(), uuid.clone());
+        tokio::task::spawn_blocking(move || {
+            recs.rolled_back(&b, &u, "placeholder, QEMU and lazy volumes removed before switchover")
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    }
     tracing::info!("incoming VM {uuid} removed: its migration did not switch over");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -2,6 +2,7 @@
 //! to the pool.
 
 mod backups;
+mod batch;
 mod exports;
 mod host;
 mod migrate;
@@ -14,6 +15,7 @@ mod vmsnaps;
 mod volumes;
 
 pub(crate) use volumes::revert_volume;
+pub use batch::CompleteRequest;
 pub use volumes::{ExportRequest, ImportRequest};
 
 use std::sync::Arc;
@@ -91,6 +93,15 @@ pub fn router(d: Arc<Daemon>) -> Router {
             "/v1/peer/migrate-precopy/{uuid}/finish",
             post(migrate_precopy::finish),
         )
+        .route(
+            "/v1/migrations/batches",
+            get(batch::list).post(batch::start),
+        )
+        .route("/v1/migrations/batches/{id}", get(batch::show))
+        .route("/v1/migrations/batches/{id}/recover", post(batch::recover))
+        .route("/v1/peer/migrations/batches", post(batch::register))
+        .route("/v1/peer/migrations/records", get(batch::records))
+        .route("/v1/peer/migrations/complete", post(batch::complete))
         .route("/v1/vms/{id}/copy", post(vmcopy::copy))
         .route("/v1/peer/copy/hash", post(vmcopy::hash))
         .route("/v1/vm-snapshots", get(vmsnaps::list).post(vmsnaps::create))
