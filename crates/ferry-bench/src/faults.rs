@@ -248,10 +248,6 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Node {
-    fn new(exe: &Path, name: &str) -> anyhow::Result<Node> {
-        Node::new_at(exe, name, "127.0.0.1", None)
-    }
-
     /// A node listening on `ip`, in network namespace `netns` if given.
     fn new_at(exe: &Path, name: &str, ip: &str, netns: Option<&str>) -> anyhow::Result<Node> {
         let dir = tempfile::tempdir()?;
@@ -369,10 +365,6 @@ impl Node {
 
     async fn get(&self, path: &str) -> (u16, Value) {
         self.call(reqwest::Method::GET, path, Value::Null).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call(reqwest::Method::POST, path, body).await
     }
 
     async fn ok(&self, method: reqwest::Method, path: &str, body: Value) -> anyhow::Result<Value> {
@@ -507,7 +499,7 @@ async fn start_guest(a: &Node, name: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + T;
     loop {
         con.poll()?;
-        if con.find(0, |e| e.name == "record").is_some() {
+        if con.events().iter().any(|e| e.name == "record") {
             return Ok(uuid);
         }
         if let Some(f) = con.fatal() {
