@@ -200,7 +200,9 @@ impl Site {
             inside: inside.clone(),
             outside: outside.clone(),
         };
-        sh(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+        sh(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ])?;
         sh(&["ip", "link", "set", &inner, "netns", &ns])?;
         sh(&["ip", "addr", "add", &format!("{outside}/30"), "dev", &outer])?;
         sh(&["ip", "link", "set", &outer, "up"])?;
@@ -305,9 +307,7 @@ impl Node {
         let mut child = cmd.spawn()?;
         let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
         let url = loop {
-            let line = lines
-                .next()
-                .context("ferryd exited before listening")??;
+            let line = lines.next().context("ferryd exited before listening")??;
             if let Some((_, url)) = line.split_once(" listening on ") {
                 break url.to_string();
             }
@@ -734,7 +734,8 @@ async fn trial_inner(exe: &Path, t: &mut Trial) -> anyhow::Result<()> {
         let (_, ops) = a.get("/v1/operations").await;
         let busy = ops.as_array().into_iter().flatten().any(|o| {
             o["kind"] == "vm.migrate"
-                && !["succeeded", "failed", "cancelled"].contains(&o["state"].as_str().unwrap_or(""))
+                && !["succeeded", "failed", "cancelled"]
+                    .contains(&o["state"].as_str().unwrap_or(""))
         });
         if !busy {
             break;
@@ -794,7 +795,8 @@ async fn trial_inner(exe: &Path, t: &mut Trial) -> anyhow::Result<()> {
         .wait_op(r["operation"].as_str().context("operation")?)
         .await?;
     if op["state"] != "succeeded" {
-        t.notes.push(format!("recover {}: {}", op["state"], op["error"]));
+        t.notes
+            .push(format!("recover {}: {}", op["state"], op["error"]));
     }
     // Every VM on exactly one host, records good, nothing left.
     for (i, u) in uuids.iter().enumerate() {
@@ -831,10 +833,8 @@ async fn trial_inner(exe: &Path, t: &mut Trial) -> anyhow::Result<()> {
                 .await;
             if recs["records"][u.as_str()]["completed"].is_null() {
                 t.orphans += 1;
-                t.notes.push(format!(
-                    "{}: runs on B without a completed event",
-                    VMS[i]
-                ));
+                t.notes
+                    .push(format!("{}: runs on B without a completed event", VMS[i]));
             }
         }
         if let Err(e) = verify_records(holder, u, &vol).await {

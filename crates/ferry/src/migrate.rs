@@ -55,7 +55,9 @@ pub enum MigrateVerb {
 }
 
 fn query(dest: &Option<String>) -> String {
-    dest.as_ref().map(|d| format!("?dest={d}")).unwrap_or_default()
+    dest.as_ref()
+        .map(|d| format!("?dest={d}"))
+        .unwrap_or_default()
 }
 
 fn status_rows(s: &BatchStatus) -> String {

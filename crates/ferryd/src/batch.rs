@@ -104,7 +104,9 @@ pub struct Params {
 pub fn register(m: &Manager<App>, env: Arc<Env>) {
     let e = env.clone();
     m.register(KIND, move |params| plan(e.clone(), params));
-    m.register(RECOVER_KIND, move |params| recover::plan(env.clone(), params));
+    m.register(RECOVER_KIND, move |params| {
+        recover::plan(env.clone(), params)
+    });
 }
 
 fn plan(env: Arc<Env>, params: &Value) -> Result<Plan<App>, String> {
@@ -263,7 +265,8 @@ impl Migrate {
                 batch: Some(p.batch.clone()),
             };
             let path = format!("/v1/vms/{}/migrate", m.vm);
-            let r: Result<Started, String> = patient("starting vm.migrate", || c.post(&path, &req)).await;
+            let r: Result<Started, String> =
+                patient("starting vm.migrate", || c.post(&path, &req)).await;
             let id = match r {
                 Ok(s) => s.operation,
                 Err(e) => {

@@ -313,7 +313,10 @@ pub async fn complete(
         .get(&req.batch)
         .map_err(|e| bad_field("batch", &e))?;
     let rec = recs.records.get(&req.vm).ok_or_else(|| {
-        not_found(format!("batch {} has no record of VM {}", req.batch, req.vm))
+        not_found(format!(
+            "batch {} has no record of VM {}",
+            req.batch, req.vm
+        ))
     })?;
     if rec.completed.is_some() {
         return Ok(StatusCode::NO_CONTENT);

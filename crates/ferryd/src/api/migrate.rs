@@ -167,7 +167,10 @@ pub async fn incoming(
         let u2 = u.clone();
         let _ = tokio::task::spawn_blocking(move || inbound.abort(&u2)).await;
         if let Some(b) = &batch {
-            let _ = d.batches.records.rolled_back(b, &u, "the incoming VM could not be prepared");
+            let _ = d
+                .batches
+                .records
+                .rolled_back(b, &u, "the incoming VM could not be prepared");
         }
     };
     let vms = d.vms.clone();
@@ -330,7 +333,11 @@ pub async fn abort(
     if let Some((b, _)) = d.batches.records.open_record_of(&uuid) {
         let (recs, u) = (d.batches.records.clone(), uuid.clone());
         tokio::task::spawn_blocking(move || {
-            recs.rolled_back(&b, &u, "placeholder, QEMU and lazy volumes removed before switchover")
+            recs.rolled_back(
+                &b,
+                &u,
+                "placeholder, QEMU and lazy volumes removed before switchover",
+            )
         })
         .await
         .map_err(internal)?

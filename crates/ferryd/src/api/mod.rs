@@ -14,8 +14,8 @@ mod vms;
 mod vmsnaps;
 mod volumes;
 
-pub(crate) use volumes::revert_volume;
 pub use batch::CompleteRequest;
+pub(crate) use volumes::revert_volume;
 pub use volumes::{ExportRequest, ImportRequest};
 
 use std::sync::Arc;

@@ -62,7 +62,10 @@ fn ok_404<T>(r: Result<T, PeerError>) -> Result<Option<T>, PeerError> {
 }
 
 fn runs(s: &str) -> bool {
-    matches!(s, "running" | "paused" | "postmigrate" | "finish-migrate" | "inmigrate") || s.starts_with("postcopy")
+    matches!(
+        s,
+        "running" | "paused" | "postmigrate" | "finish-migrate" | "inmigrate"
+    ) || s.starts_with("postcopy")
 }
 
 impl RecoverStep {
@@ -145,8 +148,7 @@ impl RecoverStep {
             }
             let vols = rec.as_ref().map(|r| r.volumes.clone()).unwrap_or_default();
             for v in &vols {
-                ok_404(src.delete(&format!("/v1/volumes/{v}")).await)
-                    .map_err(|e| e.to_string())?;
+                ok_404(src.delete(&format!("/v1/volumes/{v}")).await).map_err(|e| e.to_string())?;
             }
             let path = format!("/v1/peer/migrate/{uuid}/finish");
             ok_404(

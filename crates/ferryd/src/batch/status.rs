@@ -192,7 +192,15 @@ pub async fn member(
             .map(|o| (o.id, !o.state.is_finished())),
         Err(_) => None,
     };
-    decide(m, rec, source, destination, hydrating, incoming.is_some(), op)
+    decide(
+        m,
+        rec,
+        source,
+        destination,
+        hydrating,
+        incoming.is_some(),
+        op,
+    )
 }
 
 /// The status of a batch.
@@ -264,20 +272,48 @@ mod tests {
             from: "a".into(),
         };
         let d = decide(&m, None, s("running"), s("absent"), false, false, None);
-        assert_eq!((d.state, d.side.as_str()), (BatchVmState::NotStarted, "source"));
+        assert_eq!(
+            (d.state, d.side.as_str()),
+            (BatchVmState::NotStarted, "source")
+        );
         let r = rec(false, false);
         let d = decide(&m, Some(&r), s("running"), s("absent"), false, false, None);
         assert_eq!((d.state, d.side.as_str()), (BatchVmState::Failed, "source"));
         let r = rec(true, false);
-        let d = decide(&m, Some(&r), s("running"), s("inmigrate"), false, false, None);
-        assert_eq!((d.side.as_str(), d.action.as_str()), ("source", "roll back"));
-        let d = decide(&m, Some(&r), s("postmigrate"), s("running"), false, false, None);
-        assert_eq!((d.side.as_str(), d.action.as_str()), ("destination", "finish"));
+        let d = decide(
+            &m,
+            Some(&r),
+            s("running"),
+            s("inmigrate"),
+            false,
+            false,
+            None,
+        );
+        assert_eq!(
+            (d.side.as_str(), d.action.as_str()),
+            ("source", "roll back")
+        );
+        let d = decide(
+            &m,
+            Some(&r),
+            s("postmigrate"),
+            s("running"),
+            false,
+            false,
+            None,
+        );
+        assert_eq!(
+            (d.side.as_str(), d.action.as_str()),
+            ("destination", "finish")
+        );
         // The source's QEMU died after switchover: the destination runs it.
         let d = decide(&m, Some(&r), s("crashed"), s("running"), false, false, None);
         assert_eq!(d.side, "destination");
         let r = rec(true, true);
         let d = decide(&m, Some(&r), s("absent"), s("running"), false, false, None);
-        assert_eq!((d.state, d.action.as_str()), (BatchVmState::Migrated, "none"));
+        assert_eq!(
+            (d.state, d.action.as_str()),
+            (BatchVmState::Migrated, "none")
+        );
     }
 }
