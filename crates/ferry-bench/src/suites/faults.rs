@@ -78,11 +78,18 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
                 }
                 trials.push(t);
                 std::fs::write(&detail, serde_json::to_string_pretty(&trials)? + "\n")?;
+                // An interrupted run keeps its counts.
+                summarize(&trials).write()?;
             }
         }
     }
+    Ok(summarize(&trials))
+}
+
+/// The per-cell counts of `trials`.
+fn summarize(trials: &[Trial]) -> Report {
     let mut cells: BTreeMap<(usize, usize), [u32; 7]> = BTreeMap::new();
-    for t in &trials {
+    for t in trials {
         let key = (
             Phase::ALL.iter().position(|p| *p == t.phase).unwrap_or(0),
             Fault::ALL.iter().position(|f| *f == t.fault).unwrap_or(0),
@@ -130,5 +137,5 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         let m = Measurement::new(*n, "count", totals[i] as f64);
         report.push(if i == 0 { m } else { m.lower_is_better() });
     }
-    Ok(report)
+    report
 }
