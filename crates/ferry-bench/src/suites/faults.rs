@@ -7,7 +7,8 @@
 //! counts of wrong statuses, lost VMs, duplicated VMs, orphans, records
 //! that did not verify and harness errors; `faults-trials.json` (rewritten
 //! after every trial, so an interrupted run keeps what it did) holds every
-//! trial with its notes.
+//! trial with its notes. `FERRY_BENCH_FERRYD=PATH` uses that `ferryd`
+//! instead of building the release one.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,11 @@ use crate::suites::Options;
 use crate::suites::daemon::ferryd_exe;
 
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
-    let exe = ferryd_exe()?;
+    // FERRY_BENCH_FERRYD: an already built ferryd (e.g. a debug build).
+    let exe = match std::env::var_os("FERRY_BENCH_FERRYD") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => ferryd_exe()?,
+    };
     let mut phases: Vec<Phase> = Vec::new();
     let mut faults: Vec<Fault> = Vec::new();
     let mut it = opts.rest.iter();
