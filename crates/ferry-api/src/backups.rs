@@ -140,8 +140,9 @@ pub struct RestoreBackup {
     /// `<name>-<device>`; it gets a new UUID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// The host to restore to (default: this host). Only this host is
-    /// supported.
+    /// The host to restore to (default: this host): this host's name,
+    /// `local`, or a registered peer, which gets the new volumes (written
+    /// over NBD by this host, which reads the repository) and the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
     /// Instant restore (operation `backup.instant_restore`): the VM runs at
@@ -157,4 +158,34 @@ pub struct RestoreBackup {
     /// true; false is for measuring what the profile saves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch_profile: Option<bool>,
+}
+
+/// `POST /v1/volumes/{name}/read-profile`: start recording which chunks the
+/// volume reads (a VM's boot reads, for instant restore to fetch first), or
+/// set the profile. Give exactly one of `reads`, `seconds`, `ranges`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetReadProfile {
+    /// Record the chunks read by this many reads from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reads: Option<u64>,
+    /// Record the chunks read during this many seconds from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<u64>,
+    /// Set the profile to these byte ranges (rounded out to the pool's
+    /// chunks), in this order, instead of recording.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<Vec<[u64; 2]>>,
+}
+
+/// A volume's read profile (`GET /v1/volumes/{name}/read-profile`). A
+/// backup of a VM stores its volumes' profiles; a restore gives them to the
+/// new volumes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct ReadProfile {
+    pub volume: String,
+    /// True while it is still recording.
+    pub recording: bool,
+    /// Byte ranges in first-read order.
+    pub ranges: Vec<[u64; 2]>,
 }

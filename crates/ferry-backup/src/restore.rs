@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use ferry_pool::{ChunkSource, Extent, ExtentKind};
 
@@ -86,6 +86,16 @@ impl Repository {
     /// Restore disk `disk` of backup `backup` into `target` with `threads`
     /// fetchers, then flush it. Holes are written as zeroes only when
     /// `write_holes` (a fresh volume already reads zeroes there).
+    ///
+    /// The index is cut into runs of consecutive data blocks of up to
+    /// [`WRITE_BATCH`] bytes; each fetcher takes a run, fetches, checks,
+    /// decrypts and decompresses its blocks into one buffer and writes it
+    /// with one call. Every [`FLUSH_EVERY`] bytes written, a flusher thread
+    /// flushes the target while the fetchers go on, so the disk writes the
+    /// restored data back meanwhile instead of all of it at the final flush
+    /// (which makes it all durable). A restore that fails or is interrupted
+    /// leaves the target partly written; running it again rewrites every
+    /// block (writes are idempotent).
     pub fn restore_disk(
         &self,
         backup: &str,
@@ -98,65 +108,100 @@ impl Repository {
         let r = self.open_disk(backup, disk)?;
         let ix = &r.index;
         let bs = ix.block_size as u64;
+        let runs = plan_runs(ix, write_holes, (WRITE_BATCH / bs).max(1) as usize);
         let next = AtomicUsize::new(0);
         let done = AtomicU64::new(0);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         let fetched = AtomicU64::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    loop {
-                        if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-                            break;
-                        }
-                        let b = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&id) = ix.chunks.get(b) else { break };
-                        let off = b as u64 * bs;
-                        let len = bs.min(ix.size - off);
-                        let res = if id == ChunkId::HOLE {
-                            if write_holes {
-                                target.write_zeroes(off, len).map_err(|e| {
-                                    Error::with_source(
-                                        ErrorKind::Disk,
-                                        format!("write restore target at offset {off}"),
-                                        e,
-                                    )
-                                })
-                            } else {
-                                Ok(())
-                            }
-                        } else {
-                            fetched.fetch_add(1, Ordering::Relaxed);
-                            self.read_chunk(id).and_then(|data| {
-                                if data.len() as u64 != len {
-                                    return Err(Error::new(
-                                        ErrorKind::Corrupt,
-                                        format!("{}: block {b} has the wrong length", r.what),
-                                    ));
-                                }
-                                target.write_at(off, &data).map_err(|e| {
-                                    Error::with_source(
-                                        ErrorKind::Disk,
-                                        format!("write restore target at offset {off}"),
-                                        e,
-                                    )
-                                })
-                            })
-                        };
-                        if let Err(e) = res {
-                            failed
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(e);
-                            break;
-                        }
-                        let n = done.fetch_add(len, Ordering::Relaxed) + len;
-                        if let Some(p) = progress {
-                            p(n, ix.size);
-                        }
-                    }
-                });
+        let flusher = Flusher::default();
+        let fail = |e: Error| {
+            failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(e);
+        };
+        let disk_err = |off: u64| {
+            move |e: io::Error| {
+                Error::with_source(
+                    ErrorKind::Disk,
+                    format!("write restore target at offset {off}"),
+                    e,
+                )
             }
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                if let Err(e) = flusher.run(target) {
+                    fail(Error::with_source(
+                        ErrorKind::Disk,
+                        format!("restore of {}: flush target", r.what),
+                        e,
+                    ));
+                }
+            });
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut buf: Vec<u8> = Vec::new();
+                        loop {
+                            if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                                break;
+                            }
+                            let k = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(run) = runs.get(k) else { break };
+                            let off = run.first * bs;
+                            let len = (run.count as u64 * bs).min(ix.size - off);
+                            let res = if run.hole {
+                                target.write_zeroes(off, len).map_err(disk_err(off))
+                            } else {
+                                buf.clear();
+                                let mut res = Ok(());
+                                for b in run.first..run.first + run.count as u64 {
+                                    let blen = bs.min(ix.size - b * bs);
+                                    fetched.fetch_add(1, Ordering::Relaxed);
+                                    res = self.read_chunk(ix.chunks[b as usize]).and_then(|d| {
+                                        if d.len() as u64 != blen {
+                                            return Err(Error::new(
+                                                ErrorKind::Corrupt,
+                                                format!(
+                                                    "{}: block {b} has the wrong length",
+                                                    r.what
+                                                ),
+                                            ));
+                                        }
+                                        if buf.is_empty() {
+                                            buf = d;
+                                            buf.reserve(len as usize - blen as usize);
+                                        } else {
+                                            buf.extend_from_slice(&d);
+                                        }
+                                        Ok(())
+                                    });
+                                    if res.is_err() {
+                                        break;
+                                    }
+                                }
+                                res.and_then(|()| target.write_at(off, &buf).map_err(disk_err(off)))
+                            };
+                            if let Err(e) = res {
+                                fail(e);
+                                break;
+                            }
+                            if !run.hole {
+                                flusher.wrote(len);
+                            }
+                            let n = done.fetch_add(len, Ordering::Relaxed) + len;
+                            if let Some(p) = progress {
+                                p(n, ix.size);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                let _ = w.join();
+            }
+            flusher.finish();
         });
         if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
             return Err(Error::with_source(
@@ -172,12 +217,95 @@ impl Repository {
                 e,
             )
         })?;
-        let chunks_fetched = fetched.into_inner();
+        if let Some(p) = progress {
+            p(ix.size, ix.size);
+        }
         Ok(RestoreStats {
             bytes: ix.size,
-            chunks_fetched,
+            chunks_fetched: fetched.into_inner(),
             holes: ix.chunks.iter().filter(|c| **c == ChunkId::HOLE).count() as u64,
         })
+    }
+}
+
+/// Bytes of consecutive data blocks a restore fetcher writes at once.
+pub const WRITE_BATCH: u64 = 8 << 20;
+
+/// Bytes a restore writes between two background flushes of the target.
+pub const FLUSH_EVERY: u64 = 256 << 20;
+
+/// Consecutive blocks a restore handles as one: all data, or all holes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    first: u64,
+    count: usize,
+    hole: bool,
+}
+
+/// Cut an index into runs of up to `max` data blocks; holes become runs
+/// (of any length) only when `write_holes`.
+fn plan_runs(ix: &Index, write_holes: bool, max: usize) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for (b, id) in ix.chunks.iter().enumerate() {
+        let hole = *id == ChunkId::HOLE;
+        if hole && !write_holes {
+            continue;
+        }
+        match out.last_mut() {
+            Some(r)
+                if r.hole == hole
+                    && r.first + r.count as u64 == b as u64
+                    && (hole || r.count < max) =>
+            {
+                r.count += 1
+            }
+            _ => out.push(Run {
+                first: b as u64,
+                count: 1,
+                hole,
+            }),
+        }
+    }
+    out
+}
+
+/// Flushes a restore target in the background every [`FLUSH_EVERY`]
+/// bytes written, until told to finish.
+#[derive(Default)]
+struct Flusher {
+    state: Mutex<(u64, bool)>,
+    cv: Condvar,
+}
+
+impl Flusher {
+    fn wrote(&self, n: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 += n;
+        if st.0 >= FLUSH_EVERY {
+            self.cv.notify_one();
+        }
+    }
+
+    fn finish(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_one();
+    }
+
+    fn run(&self, target: &dyn DiskTarget) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.1 {
+                return Ok(());
+            }
+            if st.0 >= FLUSH_EVERY {
+                st.0 = 0;
+                drop(st);
+                target.flush()?;
+                st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
@@ -286,5 +414,41 @@ impl ChunkSource for DiskReader {
             o = e;
         }
         Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_group_consecutive_data_blocks_and_skip_holes() {
+        let d = ChunkId([7; 32]);
+        let h = ChunkId::HOLE;
+        let ix = Index {
+            size: 9 << 20,
+            block_size: 1 << 20,
+            chunks: vec![d, d, d, h, h, d, d, h, d],
+        };
+        let r = |first, count, hole| Run { first, count, hole };
+        assert_eq!(
+            plan_runs(&ix, false, 2),
+            vec![
+                r(0, 2, false),
+                r(2, 1, false),
+                r(5, 2, false),
+                r(8, 1, false)
+            ]
+        );
+        assert_eq!(
+            plan_runs(&ix, true, 8),
+            vec![
+                r(0, 3, false),
+                r(3, 2, true),
+                r(5, 2, false),
+                r(7, 1, true),
+                r(8, 1, false)
+            ]
+        );
     }
 }

@@ -105,6 +105,33 @@ impl Volume {
         }
     }
 
+    /// Replace the volume's profile by `ranges` of chunks, in that order
+    /// (chunks past the end and repeats are dropped), and stop any
+    /// recording. Persisted at the next flush. A restored volume gets its
+    /// backup's profile this way.
+    pub fn set_read_profile(&self, ranges: &[Range<u64>]) {
+        let chunks = self.size().div_ceil(self.chunk_size());
+        {
+            let mut st = lock(&self.v.profile.st);
+            self.v.profile.active.store(false, Ordering::Relaxed);
+            *st = State {
+                dirty: true,
+                ..State::default()
+            };
+            for r in ranges {
+                for c in r.start..r.end.min(chunks) {
+                    if st.seen.insert(c) {
+                        st.order.push(c);
+                    }
+                }
+            }
+        }
+        let mut list = lock(&self.sh.profiling);
+        if !list.iter().any(|v| v.id == self.v.id) {
+            list.push(self.v.clone());
+        }
+    }
+
     /// True while a read profile is recording.
     pub fn read_profile_active(&self) -> bool {
         self.v.profile.active.load(Ordering::Relaxed)

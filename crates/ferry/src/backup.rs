@@ -116,7 +116,8 @@ pub enum BackupVerb {
 #[derive(Args)]
 pub struct RestoreArgs {
     backup: String,
-    /// The host to restore to (this host; other hosts are not supported yet).
+    /// The host to restore to: this host's name, `local`, or a registered
+    /// peer (the volumes and the VM are created there).
     #[arg(long)]
     to: String,
     /// The new VM's name (default: `<vm>-restored`).

@@ -124,10 +124,10 @@ fn repo_backup_restore_verify_prune_gc() {
     assert!(read_volume(&d, "vm-2-vda") == read_volume(&d, "disk-1"));
     let vm = d.json(&["vm", "show", "vm-2"]);
     assert_eq!(vm["state"], "defined");
-    // Another host is refused.
+    // A host that is not a registered peer is refused.
     let o = d.ferry(&["restore", id, "--to", "elsewhere", "--name", "vm-3"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("only this host"), "{}", text(&o));
+    assert!(text(&o).contains("no peer named elsewhere"), "{}", text(&o));
 
     let o = d.ferry(&["repo", "verify", "main"]);
     assert!(o.status.success(), "{}", text(&o));

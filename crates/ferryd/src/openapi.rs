@@ -853,10 +853,30 @@ fn backups(d: &mut Doc, started: &Option<Schema>) {
         "post",
         "/v1/repos/{repo}/backups/{id}/restore",
         "backups",
-        "Restore a backup into new volumes and a new VM (an operation).",
+        "Restore a backup into new volumes and a new VM, on this host or a peer (an operation).",
         r,
         (202, started.clone()),
         BAD_NF_CONFLICT,
+    );
+    let s = d.schema::<ReadProfile>();
+    d.op(
+        "get",
+        "/v1/volumes/{name}/read-profile",
+        "backups",
+        "A volume's read profile: the byte ranges it read first, in order (backups store it).",
+        None,
+        (200, s.clone()),
+        NF,
+    );
+    let r = d.schema::<SetReadProfile>();
+    d.op(
+        "post",
+        "/v1/volumes/{name}/read-profile",
+        "backups",
+        "Start recording a volume's read profile (reads or seconds), or set it (ranges).",
+        r,
+        (200, s),
+        BAD_NF,
     );
 }
 

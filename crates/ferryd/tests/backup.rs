@@ -753,3 +753,162 @@ async fn gc_during_a_backup_loses_nothing() {
     copy_out(&h, "volume", "vm-g2-vda", &b).await;
     assert!(same_files(&a, &b), "restored volume differs from the disk");
 }
+
+/// Reads `len` bytes at `off` of a volume through an export (qemu-io).
+async fn read_volume(h: &Host, volume: &str, off: u64, len: u64) {
+    let (s, e) = h.post("/v1/exports", json!({ "volume": volume })).await;
+    assert_eq!(s, 201, "{e}");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("read {off} {len}"))
+        .arg(e["unix_uri"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (s, e) = h
+        .delete(&format!("/v1/exports/{}", e["name"].as_str().unwrap()))
+        .await;
+    assert!(s == 204 || s == 200, "{e}");
+}
+
+/// Where chunk-aligned byte range containing `off` sits in a profile.
+fn position_of(ranges: &Value, off: u64) -> Option<usize> {
+    ranges
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| r[0].as_u64().unwrap() <= off && off < r[1].as_u64().unwrap())
+}
+
+/// The read profile the pool records for a VM's volume is stored by
+/// `vm.backup`, and a restore gives it to the new volume — on this host and
+/// on a peer. A restore to a peer (`to`): this host reads the repository
+/// and writes new volumes in the peer's pool over NBD, then defines the VM
+/// there; the peer's volume equals the backed-up disk, no export is left,
+/// and a second restore to a taken name fails and leaves nothing behind.
+#[tokio::test]
+async fn restore_to_a_peer_keeps_the_read_profile() {
+    let a = Host::named("backup-host");
+    let b = Host::named("peer-host");
+    let _reapers = (Reaper(a.data()), Reaper(b.data()));
+    let raw = a.dir.path().join("disk.raw");
+    random_image(&raw, 12, 40);
+    import_raw(&a, "disk-p", &raw).await;
+    define_stopped(&a, "vm-p", "disk-p").await;
+
+    // Record which chunks the next reads touch: 3 MiB first, then 1 MiB.
+    let (s, p) = a
+        .post("/v1/volumes/disk-p/read-profile", json!({ "reads": 100 }))
+        .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["recording"], true, "{p}");
+    read_volume(&a, "disk-p", 3 * MIB, 4096).await;
+    read_volume(&a, "disk-p", MIB, 4096).await;
+    let (s, p) = a.get("/v1/volumes/disk-p/read-profile").await;
+    assert_eq!(s, 200, "{p}");
+    println!("recorded profile: {p}");
+    let (p3, p1) = (
+        position_of(&p["ranges"], 3 * MIB).expect("3 MiB read recorded"),
+        position_of(&p["ranges"], MIB).expect("1 MiB read recorded"),
+    );
+    assert!(p3 < p1, "first-read order kept: {p}");
+    let (s, e) = a
+        .post(
+            "/v1/volumes/disk-p/read-profile",
+            json!({ "reads": 1, "seconds": 1 }),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+
+    let key = a.dir.path().join("repo.key");
+    let loc = a.dir.path().join("repo");
+    let repo = add_repo(
+        &a,
+        json!({ "location": loc, "create": true, "encrypt": true, "key_file": key }),
+    )
+    .await;
+    let bk = backup(&a, &repo, "vm-p").await;
+    assert_eq!(
+        bk["disks"][0]["read_profile"], p["ranges"],
+        "the backup stores the volume's read profile"
+    );
+    let id = bk["id"].as_str().unwrap();
+
+    // Local restore: the new volume has the profile.
+    let op = run_op(
+        &a,
+        &format!("/v1/repos/{repo}/backups/{id}/restore"),
+        json!({ "name": "vm-p-local" }),
+    )
+    .await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let (s, lp) = a.get("/v1/volumes/vm-p-local-vda/read-profile").await;
+    assert_eq!(s, 200, "{lp}");
+    assert_eq!(lp["ranges"], p["ranges"], "{lp}");
+
+    // Restore to the peer.
+    let (s, t) = b.get("/v1/host/peer-token").await;
+    assert_eq!(s, 200, "{t}");
+    let (s, r) = a
+        .post(
+            "/v1/peers",
+            json!({ "url": b.url, "token": t["token"], "name": "peer-b" }),
+        )
+        .await;
+    assert_eq!(s, 201, "{r}");
+    let t0 = Instant::now();
+    let op = run_op(
+        &a,
+        &format!("/v1/repos/{repo}/backups/{id}/restore"),
+        json!({ "name": "vm-p-copy", "to": "peer-b" }),
+    )
+    .await;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    println!("restore to the peer took {:?}", t0.elapsed());
+    assert_eq!(op["progress"]["overall"].as_f64(), Some(1.0), "{op}");
+    let (s, vm) = b.get("/v1/vms/vm-p-copy").await;
+    assert_eq!(s, 200, "{vm}");
+    assert_eq!(
+        vm["definition"]["disks"][0]["volume"], "vm-p-copy-vda",
+        "{vm}"
+    );
+    let (s, _) = a.get("/v1/vms/vm-p-copy").await;
+    assert_eq!(s, 404, "the VM is defined on the peer, not here");
+    let (s, _) = a.get("/v1/volumes/vm-p-copy-vda").await;
+    assert_eq!(s, 404, "the volumes are in the peer's pool, not here");
+    let on_peer = a.dir.path().join("on-peer.raw");
+    copy_out(&b, "volume", "vm-p-copy-vda", &on_peer).await;
+    assert!(
+        same_files(&raw, &on_peer),
+        "the peer's volume differs from the backed-up disk"
+    );
+    let (s, pp) = b.get("/v1/volumes/vm-p-copy-vda/read-profile").await;
+    assert_eq!(s, 200, "{pp}");
+    assert_eq!(pp["ranges"], p["ranges"], "{pp}");
+    let (s, ex) = b.get("/v1/exports").await;
+    assert_eq!(s, 200, "{ex}");
+    assert_eq!(ex.as_array().map(Vec::len), Some(0), "exports left: {ex}");
+
+    // A taken name on the peer: the restore fails and leaves nothing.
+    let op = run_op(
+        &a,
+        &format!("/v1/repos/{repo}/backups/{id}/restore"),
+        json!({ "name": "vm-p-copy", "to": "peer-b" }),
+    )
+    .await;
+    assert_eq!(op["state"], "failed", "{op}");
+    assert!(
+        op["error"].as_str().unwrap_or("").contains("already has"),
+        "{op}"
+    );
+    let (_, vols) = b.get("/v1/volumes").await;
+    assert_eq!(vols.as_array().map(Vec::len), Some(1), "{vols}");
+    // An unknown peer is refused up front.
+    let (s, e) = a
+        .post(
+            &format!("/v1/repos/{repo}/backups/{id}/restore"),
+            json!({ "to": "nowhere" }),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+}

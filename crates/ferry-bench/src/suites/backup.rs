@@ -244,7 +244,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     eprintln!("backup: full restore (ferry)");
     let dst = pool.create_volume("restored", size)?;
     let t = Instant::now();
-    repo.restore_disk(&m2.id, "disk", &VolumeTarget(dst.clone()), 4, false, None)?;
+    repo.restore_disk(&m2.id, "disk", &VolumeTarget(dst.clone()), 8, false, None)?;
     let ferry_restore = t.elapsed().as_secs_f64();
     // Check it, outside the timing.
     let mut a = vec![0u8; MIB as usize];

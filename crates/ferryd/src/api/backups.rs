@@ -226,14 +226,26 @@ pub async fn restore(
     Path((repo, id)): Path<(String, String)>,
     Body(req): Body<RestoreBackup>,
 ) -> Result<(StatusCode, Json<Started>), Failure> {
-    if let Some(to) = &req.to
-        && *to != d.cfg.name
-        && to != "local"
-    {
+    // Another host: a registered peer, which gets the volumes and the VM.
+    let to = match &req.to {
+        Some(to) if *to != d.cfg.name && to != "local" => {
+            if d.peers.get(to).is_err() {
+                return Err(bad_field(
+                    "to",
+                    &format!(
+                        "restore to host {to}: no peer named {to} is registered on this host (`ferry peer add`); nothing was restored"
+                    ),
+                ));
+            }
+            Some(to.clone())
+        }
+        _ => None,
+    };
+    if to.is_some() && req.instant {
         return Err(bad_field(
             "to",
             &format!(
-                "restore to host {to}: only this host ({}) is supported yet; nothing was restored",
+                "instant restore to another host: only this host ({}) is supported yet; nothing was restored",
                 d.cfg.name
             ),
         ));
@@ -257,7 +269,7 @@ pub async fn restore(
     let repo2 = repo.clone();
     let info = run(move || b.show(&repo2, &id)).await?;
     let name = req.name.unwrap_or_else(|| format!("{}-restored", info.vm));
-    if !req.instant && d.vms.find(&name).is_ok() {
+    if !req.instant && to.is_none() && d.vms.find(&name).is_ok() {
         return Err(error_response(
             StatusCode::CONFLICT,
             &format!("a VM named {name} exists already; nothing was restored"),
@@ -338,7 +350,7 @@ pub async fn restore(
     let mut disks = Vec::new();
     for disk in &info.disks {
         let vol = format!("{name}-{}", disk.name);
-        if d.pool().volume(&vol).is_ok() {
+        if to.is_none() && d.pool().volume(&vol).is_ok() {
             return Err(error_response(
                 StatusCode::CONFLICT,
                 &format!("volume {vol} exists already; nothing was restored"),
@@ -353,6 +365,7 @@ pub async fn restore(
         name,
         disks,
         definition,
+        to,
     };
     backups::restore::new_definition(&p).map_err(|e| bad_field("name", &e))?;
     start(&d, backups::RESTORE, p)

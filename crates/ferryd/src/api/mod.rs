@@ -9,6 +9,7 @@ mod migrate;
 mod migrate_precopy;
 mod ops;
 mod peers;
+mod profiles;
 mod vmcopy;
 mod vms;
 mod vmsnaps;
@@ -130,6 +131,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route(
             "/v1/repos/{repo}/backups/{id}/restore",
             post(backups::restore),
+        )
+        .route(
+            "/v1/volumes/{name}/read-profile",
+            get(profiles::show).post(profiles::set),
         )
         .route("/metrics", get(host::metrics))
         .layer(middleware::from_fn_with_state(d.clone(), require_token));
