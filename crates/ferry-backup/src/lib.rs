@@ -51,8 +51,10 @@
 //! renamed into place, so an object is either absent or whole: a chunk
 //! present under its name always holds its full content, and dedup can
 //! trust it. A backup stores its chunks (several threads), then its
-//! indexes, then `syncfs` makes all of them durable, and only then is the
-//! manifest written (the commit point) and synced. A crash before the
+//! indexes, then fsyncs every directory it added to (or in which it found
+//! and touched a chunk, which another writer may not have synced yet), so
+//! all of them are durable, and only then is the manifest written (the
+//! commit point) and synced. A crash before the
 //! manifest leaves unreferenced chunks and indexes and a writer marker,
 //! nothing else: the backup does not exist, the next `gc` removes them
 //! (markers go stale after a day). On S3 a PUT is atomic and durable when
@@ -68,7 +70,10 @@
 //! [`DiskReader`] reads a backup's disk at any offset, fetching and caching
 //! decompressed blocks; it implements the pool's [`ferry_pool::ChunkSource`]
 //! so a lazy volume can be served from a backup (instant restore).
-//! [`Repository::restore_disk`] restores a whole disk with parallel fetch.
+//! [`Repository::restore_disk`] restores a whole disk with parallel fetch:
+//! runs of consecutive blocks fetched, checked and decompressed by several
+//! threads and written at once, the target flushed in the background as it
+//! fills and once at the end.
 //!
 //! # Example
 //!
