@@ -89,6 +89,13 @@ impl Pool {
         })
     }
 
+    /// What opening found in the stage logs: changes of acknowledged but
+    /// unflushed writes replayed after the previous process was killed,
+    /// logs dropped because the machine rebooted since.
+    pub fn recovery(&self) -> &crate::Recovery {
+        &self.sh.recovery
+    }
+
     /// Bytes per chunk.
     pub fn chunk_size(&self) -> u64 {
         self.sh.chunk

@@ -1,9 +1,19 @@
 //! The crash-test harness: a child process (`ferry-pool-crashchild`) runs a
-//! deterministic workload and prints a marker after each acknowledged
-//! flush; the parent SIGKILLs it at a random moment, reopens the pool,
-//! rebuilds the expected state by replaying the workload from the same
-//! seed, and checks that everything acknowledged is there and that
+//! deterministic workload and prints a marker before each op and after each
+//! acknowledged flush; the parent SIGKILLs it at a random moment, reopens
+//! the pool, rebuilds the expected state by replaying the workload from the
+//! same seed, and checks that everything acknowledged is there and that
 //! `verify` is clean. Used by the crate's tests and the `crash` bench suite.
+//!
+//! Two kinds of trial:
+//! - [`Crash::Process`]: only the process died, the page cache lived on.
+//!   Every op that returned must be there, flushed or not (the stage logs
+//!   are replayed); only the op running at the kill may be missing.
+//! - [`Crash::Machine`]: the machine is taken to have crashed: before the
+//!   reopen the stage logs are stamped with another boot id, so they are
+//!   dropped. Everything acknowledged by a flush must be there. (The page
+//!   cache is not really lost here; what this checks is that dropping the
+//!   logs leaves a consistent pool with every flushed write.)
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -68,9 +78,21 @@ pub fn child_main(dir: &Path, seed: u64, ops: usize) -> Result<()> {
     Ok(())
 }
 
+/// What the kill stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Crash {
+    /// The process was killed; the machine (and its page cache) lived on.
+    #[default]
+    Process,
+    /// The machine crashed: unflushed writes may be lost.
+    Machine,
+}
+
 /// What one trial found.
 #[derive(Debug, Clone, Default)]
 pub struct TrialResult {
+    /// What the kill stood for.
+    pub crash: Crash,
     /// Index of the last acknowledged flush (None: only the setup was).
     pub last_flush: Option<usize>,
     /// Ops the child started.
@@ -93,6 +115,7 @@ pub fn trial(
     seed: u64,
     ops: usize,
     kill_after: Duration,
+    crash: Crash,
 ) -> std::io::Result<TrialResult> {
     let mut child = Command::new(child_exe)
         .arg(dir)
@@ -127,7 +150,10 @@ pub fn trial(
     let _ = child.wait()?;
     let _ = reader.join();
     lines.extend(rx.try_iter());
-    let mut r = TrialResult::default();
+    let mut r = TrialResult {
+        crash,
+        ..TrialResult::default()
+    };
     if !lines.iter().any(|l| l == "READY") {
         r.problems.push("child died before READY".into());
         return Ok(r);
@@ -154,9 +180,16 @@ pub fn trial(
         m.apply(&op);
         models.push(m.clone());
     }
-    let base = r.last_flush.map(|k| k + 1).unwrap_or(0);
+    let base = match crash {
+        // Every op before the last one started has returned.
+        Crash::Process => r.ops_started.saturating_sub(1),
+        Crash::Machine => r.last_flush.map(|k| k + 1).unwrap_or(0),
+    };
     let versions = &models[base..];
     let check = (|| -> Result<()> {
+        if crash == Crash::Machine {
+            crate::stagelog::restamp_for_test(dir)?;
+        }
         let pool = Pool::open(dir)?;
         let (lost, problems) = check_after_crash(&pool, versions)?;
         r.lost = lost;

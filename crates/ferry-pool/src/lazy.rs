@@ -203,7 +203,7 @@ impl Volume {
                 own: true,
             }),
         );
-        self.sh.stage((self.v.id, c, epoch), Some(phys), None);
+        self.sh.stage((self.v.id, c, epoch), Some(phys), None)?;
         self.v.lazy.fetched_chunks.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -11,6 +11,8 @@
 //! - `data`: a sparse file of fixed-size chunks (64 KiB by default, set at
 //!   creation); physical chunk `p` lives at byte `p × chunk_size`. Freed
 //!   chunks are punched out (`FALLOC_FL_PUNCH_HOLE`) and reused.
+//! - `stage.<seq>.log`: metadata changes staged since the last commit
+//!   (see `stagelog.rs`).
 //! - `meta.redb`: the metadata in redb, an embedded copy-on-write B-tree
 //!   store with ACID transactions (tables described in `meta.rs`). The mapping
 //!   is `(lineage, chunk, epoch) → physical chunk | ZERO`.
@@ -82,11 +84,18 @@
 //!    and snapshot deletion commits before its chunks become exclusive, so
 //!    in-place writes never touch data a durable snapshot references.
 //!
-//! So a crash can leave: writes after the last flush lost or present (each
-//! 512-byte sector old or new), chunks allocated after the last commit
-//! unreferenced (they are free again on open), a lazy volume's fetched but
-//! uncommitted chunks missing (fetched again). Nothing acknowledged by a
-//! flush is lost; [`Pool::verify`] checks every invariant.
+//! Staged changes are also appended to a **stage log** (see `stagelog.rs`)
+//! before the write that made them returns; a pool reopened after its
+//! process was killed (same boot of the machine) replays them, so *every
+//! write that returned* is there, flushed or not — which is what an NBD
+//! client that reconnects and repeats its flush (QEMU) relies on.
+//!
+//! So a machine crash can leave: writes after the last flush lost or
+//! present (each 512-byte sector old or new), chunks allocated after the
+//! last commit unreferenced (they are free again on open), a lazy volume's
+//! fetched but uncommitted chunks missing (fetched again). A process kill
+//! loses only the write that was running. Nothing acknowledged by a flush
+//! is ever lost; [`Pool::verify`] checks every invariant.
 //!
 //! # Damaged metadata
 //!
@@ -125,6 +134,7 @@ mod meta;
 mod pool;
 mod profile;
 mod snapshot;
+mod stagelog;
 mod verify;
 mod volume;
 pub mod workload;
@@ -211,7 +221,7 @@ pub use control::{Pool, SnapshotInfo, VolumeInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use hydrator::{HydrationProgress, Hydrator, HydratorOptions};
 pub use lazy::ChunkSource;
-pub use pool::{DATA_FILE, META_FILE, PoolOptions};
+pub use pool::{DATA_FILE, META_FILE, PoolOptions, Recovery};
 pub use profile::ProfileLimit;
 pub use snapshot::Snapshot;
 pub use verify::{PoolUsage, VolumeSpace};

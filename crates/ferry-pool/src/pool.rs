@@ -13,12 +13,16 @@ use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 use crate::error::{Ctx, Error, ErrorKind, Result};
 use crate::format::{FORMAT_VERSION, HEADER_FILE, Header, sync_dir};
 use crate::meta::{self, COUNTERS, MAP, PROFILES, SNAPSHOTS, SnapRec, VOLUMES, VolumeRec, ZERO};
+use crate::stagelog::{self, BootId, StageLog};
 use crate::volume::{Slot, VolInner};
 
 /// Name of the data file inside the pool directory.
 pub const DATA_FILE: &str = "data";
 /// Name of the metadata database inside the pool directory.
 pub const META_FILE: &str = "meta.redb";
+
+/// Counter: the newest stage log whose changes are committed.
+const LOG_COMMITTED: &str = "log_committed";
 
 /// Parameters of a new pool.
 #[derive(Debug, Clone)]
@@ -49,11 +53,31 @@ pub(crate) struct Alloc {
 }
 
 /// Metadata changes not yet committed: map entries (None = delete) and the
-/// chunks they free, which may be reused only once the commit is durable.
-#[derive(Debug, Default)]
+/// chunks they free, which may be reused only once the commit is durable;
+/// and the stage log holding them on disk (see [`crate::stagelog`]).
+#[derive(Default)]
 pub(crate) struct Pending {
     pub ops: BTreeMap<(u64, u64, u64), Option<u64>>,
     pub frees: Vec<u64>,
+    /// The log changes are appended to; created at the first change after
+    /// a commit.
+    pub log: Option<StageLog>,
+    /// Sequence number of the next log.
+    pub next_log: u64,
+    /// Logs whose commit failed: their changes are back in `ops`, and the
+    /// files stay until a commit covers them.
+    pub retired: Vec<u64>,
+}
+
+/// What opening the pool found in its stage logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Staged changes of acknowledged writes replayed from the logs of a
+    /// process that ended without a flush.
+    pub replayed: usize,
+    /// Logs not replayed, and why (written before the machine rebooted:
+    /// their writes were never flushed and are lost, as allowed).
+    pub dropped: Vec<String>,
 }
 
 /// Names and records of everything in the pool.
@@ -83,6 +107,10 @@ pub(crate) struct Shared {
     pub catalog: RwLock<Catalog>,
     /// Volumes recording a read profile (persisted at each commit).
     pub profiling: Mutex<Vec<Arc<VolInner>>>,
+    /// The running kernel's boot id, written in each stage log.
+    pub boot: BootId,
+    /// What the stage logs held when the pool was opened.
+    pub recovery: Recovery,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +126,43 @@ impl Shared {
         self.data
             .read_exact_at(buf, self.data_at(phys) + within)
             .ctx(|| format!("read physical chunk {phys} of pool {}", self.dir.display()))
+    }
+
+    /// The same read only if the page cache holds it all (`RWF_NOWAIT`):
+    /// `None` means it would wait for the disk (or the file system cannot
+    /// tell); `buf` may then be partly filled.
+    pub fn pread_nowait(&self, phys: u64, within: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        let fd = self.data.as_raw_fd();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let off = (self.data_at(phys) + within + done as u64) as libc::off_t;
+            // SAFETY: `iov` describes `rest`, writable bytes borrowed mutably
+            // for the duration of the call; the fd is open as long as `self`.
+            let n = unsafe { libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
+            if n > 0 {
+                done += n as usize;
+                continue;
+            }
+            if n == 0 {
+                return None;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => return None,
+                Some(libc::EINTR) => {}
+                _ => {
+                    return Some(Err(e).ctx(|| {
+                        format!("read physical chunk {phys} of pool {}", self.dir.display())
+                    }));
+                }
+            }
+        }
+        Some(Ok(()))
     }
 
     pub fn pwrite(&self, phys: u64, within: u64, buf: &[u8]) -> Result<()> {
@@ -184,15 +249,32 @@ impl Shared {
         a.free.insert(phys);
     }
 
-    /// Record a metadata change to commit at the next flush.
-    pub fn stage(&self, key: (u64, u64, u64), value: Option<u64>, freed: Option<u64>) {
+    /// Record a metadata change to commit at the next flush, and append it
+    /// to the stage log so that it survives the death of the process. The
+    /// caller has written the data first and changed its in-memory map; on
+    /// an error the change is still staged (memory and metadata agree) but
+    /// the write that made it must not be acknowledged.
+    pub fn stage(
+        &self,
+        key: (u64, u64, u64),
+        value: Option<u64>,
+        freed: Option<u64>,
+    ) -> Result<()> {
         let mut p = lock(&self.pending);
         p.ops.insert(key, value);
-        if let Some(f) = freed
-            && f != ZERO
-        {
+        let freed = freed.filter(|f| *f != ZERO);
+        if let Some(f) = freed {
             p.frees.push(f);
         }
+        if p.log.is_none() {
+            let seq = p.next_log;
+            p.next_log += 1;
+            p.log = Some(StageLog::create(&self.dir, seq, &self.boot)?);
+        }
+        p.log
+            .as_mut()
+            .expect("created above")
+            .append(&self.dir, (key, value, freed))
     }
 
     /// Make every write acknowledged before the call durable.
@@ -221,9 +303,17 @@ impl Shared {
         extra: impl FnOnce(&WriteTransaction, &mut Vec<u64>) -> Result<()>,
     ) -> Result<()> {
         let target = self.write_gen.load(Ordering::SeqCst);
-        let (ops, mut frees) = {
+        // Changes staged from now on go to a new log; this commit covers
+        // the current one and any whose commit failed.
+        let (ops, mut frees, covered) = {
             let mut p = lock(&self.pending);
-            (std::mem::take(&mut p.ops), std::mem::take(&mut p.frees))
+            let log = p.log.take();
+            let covered = log.map(|l| l.seq()).or(p.retired.last().copied());
+            (
+                std::mem::take(&mut p.ops),
+                std::mem::take(&mut p.frees),
+                covered,
+            )
         };
         let profiles: Vec<(u64, Vec<u8>)> = lock(&self.profiling)
             .iter()
@@ -239,7 +329,7 @@ impl Shared {
                 }
                 synced.ctx(|| format!("fdatasync data file of pool {}", self.dir.display()))?;
             }
-            if !always_txn && ops.is_empty() && profiles.is_empty() {
+            if !always_txn && ops.is_empty() && profiles.is_empty() && covered.is_none() {
                 // Only in-place overwrites since the last commit: the
                 // fdatasync above made them durable.
                 return Ok(());
@@ -264,6 +354,12 @@ impl Shared {
                     pt.insert(*id, json.as_slice())
                         .ctx(|| format!("store read profile of volume {id}"))?;
                 }
+                if let Some(seq) = covered {
+                    txn.open_table(COUNTERS)
+                        .ctx(|| "open counters".into())?
+                        .insert(LOG_COMMITTED, seq)
+                        .ctx(|| "store committed stage log".into())?;
+                }
             }
             extra(&txn, &mut frees)?;
             txn.commit().ctx(|| "commit metadata".into())
@@ -272,11 +368,23 @@ impl Shared {
             Ok(()) => {
                 self.release(frees);
                 **durable = target;
+                if let Some(seq) = covered {
+                    let retired = std::mem::take(&mut lock(&self.pending).retired);
+                    for s in retired.into_iter().chain([seq]) {
+                        let _ = std::fs::remove_file(stagelog::path(&self.dir, s));
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
-                // Nothing became durable: keep the changes for the next try.
+                // Nothing became durable: keep the changes for the next try
+                // (their log file stays until a commit covers it).
                 let mut p = lock(&self.pending);
+                if let Some(seq) = covered
+                    && p.retired.last() != Some(&seq)
+                {
+                    p.retired.push(seq);
+                }
                 for (k, v) in ops {
                     p.ops.entry(k).or_insert(v);
                 }
@@ -382,6 +490,8 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
         .ctx(|| format!("open data file of pool {}", dir.display()))?;
     let db = Database::open(dir.join(META_FILE))
         .ctx(|| format!("open metadata of pool {}", dir.display()))?;
+    let boot = stagelog::boot_id();
+    let (recovery, replay_frees, next_log) = replay_stage_logs(dir, &db, &data, chunk, &boot)?;
     let mut cat = Catalog::default();
     let mut alloc = Alloc::default();
     let mut profiles: HashMap<u64, Vec<u64>> = HashMap::new();
@@ -443,6 +553,12 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
                 used.insert(phys);
             }
         }
+        // Chunks freed by replayed changes: give their space back.
+        for p in replay_frees {
+            if !used.contains(&p) {
+                punch_hole(&data, p * chunk, chunk);
+            }
+        }
         alloc.hw = used.last().map(|m| m + 1).unwrap_or(0);
         alloc.used = used.len() as u64;
         alloc.free = (0..alloc.hw).filter(|p| !used.contains(p)).collect();
@@ -471,13 +587,103 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
         data,
         db,
         alloc: Mutex::new(alloc),
-        pending: Mutex::new(Pending::default()),
+        pending: Mutex::new(Pending {
+            next_log,
+            ..Pending::default()
+        }),
         data_dirty: AtomicBool::new(false),
         write_gen: AtomicU64::new(0),
         commit: Mutex::new(0),
         catalog: RwLock::new(cat),
         profiling: Mutex::new(Vec::new()),
+        boot,
+        recovery,
     }))
+}
+
+/// Replay the stage logs a killed process left (see [`crate::stagelog`]):
+/// their changes are committed in one transaction after an fdatasync of
+/// the data file, and the logs removed. Returns what was found, the chunks
+/// the replayed changes free, and the sequence number of the next log.
+fn replay_stage_logs(
+    dir: &Path,
+    db: &Database,
+    data: &File,
+    chunk: u64,
+    boot: &BootId,
+) -> Result<(Recovery, Vec<u64>, u64)> {
+    let committed = {
+        let txn = db.begin_read().ctx(|| "read metadata".into())?;
+        let counters = txn.open_table(COUNTERS).ctx(|| "open counters".into())?;
+        counters
+            .get(LOG_COMMITTED)
+            .ctx(|| "read committed stage log".into())?
+            .map(|g| g.value())
+            .unwrap_or(0)
+    };
+    let mut found = stagelog::scan(dir, committed, boot)?;
+    let max_seq = found.max_seq().max(committed);
+    let mut recovery = Recovery {
+        replayed: 0,
+        dropped: std::mem::take(&mut found.dropped),
+    };
+    let mut frees = Vec::new();
+    if !found.changes.is_empty() || max_seq > committed {
+        let data_chunks = data
+            .metadata()
+            .ctx(|| format!("stat data file of pool {}", dir.display()))?
+            .len()
+            .div_ceil(chunk);
+        // The page cache held the logged chunks' data; make it durable
+        // before metadata points at it.
+        data.sync_data()
+            .ctx(|| format!("fdatasync data file of pool {}", dir.display()))?;
+        let txn = db.begin_write().ctx(|| "begin stage log replay".into())?;
+        {
+            let vols = txn.open_table(VOLUMES).ctx(|| "open volumes".into())?;
+            // Only changes of existing volumes pointing inside the data
+            // file; anything else is damage and ends the replay there.
+            let mut valid = 0;
+            for &((lineage, _, _), value, freed) in &found.changes {
+                let exists = vols
+                    .get(lineage)
+                    .ctx(|| "read volume record".into())?
+                    .is_some();
+                let inside = |p: Option<u64>| p.is_none_or(|p| p == ZERO || p < data_chunks);
+                if !exists || !inside(value) || !inside(freed) {
+                    recovery.dropped.push(format!(
+                        "a change of volume {lineage} in the stage logs of pool {} does not fit the pool; it and the changes after it were not replayed",
+                        dir.display()
+                    ));
+                    break;
+                }
+                valid += 1;
+            }
+            found.changes.truncate(valid);
+            let (ops, f) = found.merged();
+            frees = f;
+            let mut map = txn.open_table(MAP).ctx(|| "open map".into())?;
+            let mut ep = txn.open_table(meta::EPOCHS).ctx(|| "open epochs".into())?;
+            for (k, v) in &ops {
+                match v {
+                    Some(p) => meta::put_entry(&mut map, &mut ep, *k, *p)?,
+                    None => {
+                        meta::del_entry(&mut map, &mut ep, *k)?;
+                    }
+                }
+            }
+            txn.open_table(COUNTERS)
+                .ctx(|| "open counters".into())?
+                .insert(LOG_COMMITTED, max_seq)
+                .ctx(|| "store committed stage log".into())?;
+            recovery.replayed = found.changes.len();
+        }
+        txn.commit().ctx(|| "commit stage log replay".into())?;
+    }
+    for (_, p) in &found.files {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok((recovery, frees, max_seq + 1))
 }
 
 impl Drop for Shared {

@@ -263,7 +263,9 @@ impl Volume {
         self.check("read", off, buf.len() as u64)?;
         let mut pieces = self.pieces(off, buf.len() as u64).peekable();
         while let Some((c, within, n, at)) = pieces.next() {
-            let run = self.read_run(c, within, n, at, &mut pieces, buf)?;
+            let run = self
+                .read_run(c, within, n, at, &mut pieces, buf, false)?
+                .expect("a blocking read always completes");
             for k in 0..run {
                 self.v.profile.record(c + k);
             }
@@ -271,10 +273,38 @@ impl Volume {
         Ok(())
     }
 
+    /// The same read, only if it needs neither the disk (the page cache
+    /// holds the data) nor a fetch from a lazy volume's source: `None`
+    /// means "call [`Volume::read_at`] where blocking is fine"; `buf` may
+    /// then be partly filled. Lets an async server answer cached reads
+    /// without a thread hop.
+    pub fn try_read_at(&self, off: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        if let Err(e) = self.check("read", off, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        let mut pieces = self.pieces(off, buf.len() as u64).peekable();
+        let mut read = Vec::new();
+        while let Some((c, within, n, at)) = pieces.next() {
+            match self.read_run(c, within, n, at, &mut pieces, buf, true) {
+                Ok(Some(run)) => read.push((c, run)),
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        for (c, run) in read {
+            for k in 0..run {
+                self.v.profile.record(c + k);
+            }
+        }
+        Some(Ok(()))
+    }
+
     /// Read the piece of chunk `c`; when the next chunks of the request
     /// follow it in the data file, read them with the same pread. Returns
     /// the number of chunks read. Further shards are only *tried* (never
-    /// waited for), so holding several read locks cannot deadlock.
+    /// waited for), so holding several read locks cannot deadlock. With
+    /// `nowait`, `None` when the read would wait for the disk or a fetch.
+    #[allow(clippy::too_many_arguments)]
     fn read_run(
         &self,
         c: u64,
@@ -283,7 +313,8 @@ impl Volume {
         at: usize,
         pieces: &mut std::iter::Peekable<impl Iterator<Item = (u64, u64, usize, usize)>>,
         buf: &mut [u8],
-    ) -> Result<u64> {
+        nowait: bool,
+    ) -> Result<Option<u64>> {
         loop {
             {
                 let first = self.v.shard(c).read().unwrap_or_else(|e| e.into_inner());
@@ -307,17 +338,25 @@ impl Volume {
                             k += 1;
                             pieces.next();
                         }
-                        self.sh.pread(s.phys, within, &mut buf[at..at + len])?;
-                        return Ok(k);
+                        let dst = &mut buf[at..at + len];
+                        if nowait {
+                            return match self.sh.pread_nowait(s.phys, within, dst) {
+                                Some(r) => r.map(|()| Some(k)),
+                                None => Ok(None),
+                            };
+                        }
+                        self.sh.pread(s.phys, within, dst)?;
+                        return Ok(Some(k));
                     }
                     Some(_) => {
                         buf[at..at + n].fill(0);
-                        return Ok(1);
+                        return Ok(Some(1));
                     }
                     None if !self.v.lazy.is_lazy() => {
                         buf[at..at + n].fill(0);
-                        return Ok(1);
+                        return Ok(Some(1));
                     }
+                    None if nowait => return Ok(None),
                     None => {}
                 }
             }
@@ -431,8 +470,11 @@ impl Volume {
             }
             return Err(e);
         }
+        // Every chunk is installed even when staging one fails (memory
+        // and metadata must agree); the first error fails the write.
+        let mut staged = Ok(());
         for (i, old) in (0..got).zip(&olds) {
-            self.install(
+            let r = self.install(
                 st,
                 c + i,
                 *old,
@@ -442,7 +484,11 @@ impl Volume {
                     own: true,
                 },
             );
+            if staged.is_ok() {
+                staged = r;
+            }
         }
+        staged?;
         // Chunks the allocator could not fit in the run (pool limit): one
         // at a time, which fails cleanly with NoSpace when nothing is left.
         for i in got..k {
@@ -503,14 +549,19 @@ impl Volume {
                 epoch: st.epoch,
                 own: true,
             },
-        );
-        Ok(())
+        )
     }
 
     /// Replace chunk `c`'s slot by `new` and stage the metadata change;
     /// an old entry no snapshot sees is removed and its chunk freed once the
     /// change is durable.
-    pub(crate) fn install(&self, st: &VolState, c: u64, old: Option<Slot>, new: Slot) {
+    pub(crate) fn install(
+        &self,
+        st: &VolState,
+        c: u64,
+        old: Option<Slot>,
+        new: Slot,
+    ) -> Result<()> {
         self.v.set_slot(c, Some(new));
         let id = self.v.id;
         let mut freed = None;
@@ -519,12 +570,12 @@ impl Volume {
             && st.exclusive(o.epoch)
         {
             if o.epoch != new.epoch {
-                self.sh.stage((id, c, o.epoch), None, Some(o.phys));
+                self.sh.stage((id, c, o.epoch), None, Some(o.phys))?;
             } else {
                 freed = Some(o.phys);
             }
         }
-        self.sh.stage((id, c, new.epoch), Some(new.phys), freed);
+        self.sh.stage((id, c, new.epoch), Some(new.phys), freed)
     }
 
     /// Discard `[off, off+len)`: whole chunks are freed, partial ones zeroed.
@@ -558,7 +609,7 @@ impl Volume {
                     }
                     self.write_chunk_locked(&st, c, within, &zeroes[..n])?;
                 } else {
-                    self.trim_chunk_locked(&st, c);
+                    self.trim_chunk_locked(&st, c)?;
                 }
             }
             Ok(())
@@ -567,7 +618,7 @@ impl Volume {
         result
     }
 
-    fn trim_chunk_locked(&self, st: &VolState, c: u64) {
+    fn trim_chunk_locked(&self, st: &VolState, c: u64) -> Result<()> {
         let slot = self.v.get(c);
         let lazy = self.v.lazy.is_lazy();
         match slot {
@@ -576,7 +627,7 @@ impl Volume {
             Some(s) if s.own && st.snaps.is_empty() && st.parent.is_none() && !lazy => {
                 // The chunk's only entry: drop it, the chunk is a hole again.
                 self.v.set_slot(c, None);
-                self.sh.stage((self.v.id, c, s.epoch), None, Some(s.phys));
+                self.sh.stage((self.v.id, c, s.epoch), None, Some(s.phys))?;
             }
             _ => self.install(
                 st,
@@ -587,8 +638,9 @@ impl Volume {
                     epoch: st.epoch,
                     own: true,
                 },
-            ),
+            )?,
         }
+        Ok(())
     }
 
     /// What `[off, off+len)` holds, as merged extents.
