@@ -100,6 +100,14 @@ impl Export for VolumeExport {
         count(&IO.read_ops, Some((&IO.read_bytes, n)), r)
     }
 
+    /// Cached reads are answered on the connection's task, without a
+    /// thread hop; misses (disk, lazy fetch) go to a blocking thread.
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let n = buf.len() as u64;
+        let r = self.volume.try_read_at(offset, buf)?.map_err(io_err);
+        Some(count(&IO.read_ops, Some((&IO.read_bytes, n)), r))
+    }
+
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let r = self
             .volume
@@ -161,6 +169,19 @@ impl Export for VolumeExport {
             .filter(|s| s.volume == name)
             .map(|s| format!("{CHANGED_PREFIX}{}", s.name))
             .collect()
+    }
+
+    /// The allocation map is in memory; change tracking reads metadata.
+    fn try_block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Option<io::Result<Vec<Extent>>> {
+        if context.starts_with(CHANGED_PREFIX) {
+            return None;
+        }
+        Some(self.block_status(context, offset, len))
     }
 
     fn block_status(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
