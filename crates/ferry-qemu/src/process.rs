@@ -249,6 +249,13 @@ impl VmProcess {
     }
 
     /// Lists the run directories under `parent` whose QEMU is alive.
+    /// The pid of the live QEMU of run directory `dir`, if one runs there
+    /// (attached to or not).
+    pub fn running_pid(dir: impl AsRef<Path>) -> Option<i32> {
+        let paths = RunPaths::new(dir.as_ref());
+        read_pid(&paths).filter(|pid| is_our_qemu(*pid, &paths))
+    }
+
     pub fn find_running(parent: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         let parent = parent.as_ref();
         let ctx = format!("looking for QEMU run directories in {}", parent.display());

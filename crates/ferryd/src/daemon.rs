@@ -51,6 +51,16 @@ impl Daemon {
     pub fn open(dir: DataDir, cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         let pool = Pool::open(dir.pool())
             .with_context(|| format!("cannot open the pool in {}", dir.pool().display()))?;
+        let rec = pool.recovery();
+        if rec.replayed > 0 {
+            tracing::info!(
+                "pool: replayed {} staged change(s) of writes acknowledged before the previous ferryd ended without a flush",
+                rec.replayed
+            );
+        }
+        for d in &rec.dropped {
+            tracing::warn!("pool: stage log not replayed: {d}");
+        }
         let journal = Arc::new(Journal::open(dir.journal())?);
         let admin_token = std::fs::read_to_string(dir.token())
             .with_context(|| format!("cannot read {}", dir.token().display()))?

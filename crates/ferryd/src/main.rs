@@ -144,13 +144,15 @@ fn main() -> anyhow::Result<()> {
 async fn serve(dir: DataDir, cfg: Config) -> anyhow::Result<()> {
     let listen = cfg.listen;
     let daemon = Daemon::open(dir, cfg)?;
+    serve_nbd(&daemon).await?;
+    // After NBD is up: re-attached VMs reconnect their disks to it.
+    daemon.vms.reattach_all().await;
+    // After the re-attach: a resumed step that stops or deletes a VM must
+    // see the QEMU that outlived the previous ferryd.
     let recovered = daemon.ops.recover()?;
     if !recovered.is_empty() {
         tracing::info!("recovering {} unfinished operation(s)", recovered.len());
     }
-    serve_nbd(&daemon).await?;
-    // After NBD is up: re-attached VMs reconnect their disks to it.
-    daemon.vms.reattach_all().await;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

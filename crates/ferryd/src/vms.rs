@@ -973,6 +973,13 @@ impl Vms {
             }
             slot.process = None;
             vm.set_live(None);
+        } else if let Some(pid) = VmProcess::running_pid(self.run_dir(&vm.uuid)) {
+            // Its QEMU outlived a ferryd that has not re-attached to it
+            // (yet): deleting the definition would orphan the process.
+            return Err(VmError::Conflict(format!(
+                "VM {}: its QEMU (pid {pid}) runs but this ferryd is not attached to it; nothing was deleted",
+                vm.name
+            )));
         }
         let (me, v) = (self.clone(), vm.clone());
         tokio::task::spawn_blocking(move || me.remove_files(&v))

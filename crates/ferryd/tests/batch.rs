@@ -58,3 +58,16 @@ async fn source_qemu_killed_after_the_record() {
 async fn coordinator_database_lost_after_the_event() {
     trial(Phase::AfterEvent, Fault::LoseCoordinator).await;
 }
+
+#[tokio::test]
+async fn network_cut_between_the_sites_during_memory_transfer() {
+    trial(Phase::DuringMemory, Fault::NetCut).await;
+}
+
+/// The source ferryd killed while it releases the VM: at its restart it
+/// must re-attach to the source QEMU before the release resumes, so that
+/// the QEMU is stopped with its definition (an orphan QEMU before).
+#[tokio::test]
+async fn source_ferryd_killed_after_the_event() {
+    trial(Phase::AfterEvent, Fault::KillSource).await;
+}
