@@ -169,13 +169,16 @@ async fn pair(suite: &str) -> anyhow::Result<Pair> {
     })
 }
 
+/// Defines a (never started) VM: its kernel must be a file on the host,
+/// the test kit's guest kernel.
 async fn define(d: &Daemon, name: &str, volumes: &[&str]) -> anyhow::Result<()> {
+    let kernel = ferry_testkit::GuestImage::get().await?.kernel();
     d.post(
         "/v1/vms",
         json!({
             "name": name,
             "disks": volumes,
-            "boot": { "kind": "kernel", "kernel": "/nonexistent", "cmdline": "" },
+            "boot": { "kind": "kernel", "kernel": kernel, "cmdline": "" },
             "accel": "tcg",
         }),
     )
