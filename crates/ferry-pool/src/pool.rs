@@ -339,16 +339,7 @@ impl Shared {
                 .begin_write()
                 .ctx(|| "begin metadata commit".into())?;
             {
-                let mut map = txn.open_table(MAP).ctx(|| "open map".into())?;
-                let mut ep = txn.open_table(meta::EPOCHS).ctx(|| "open epochs".into())?;
-                for (k, v) in &ops {
-                    match v {
-                        Some(p) => meta::put_entry(&mut map, &mut ep, *k, *p)?,
-                        None => {
-                            meta::del_entry(&mut map, &mut ep, *k)?;
-                        }
-                    }
-                }
+                apply_changes(&txn, &ops)?;
                 let mut pt = txn.open_table(PROFILES).ctx(|| "open profiles".into())?;
                 for (id, json) in &profiles {
                     pt.insert(*id, json.as_slice())
@@ -601,6 +592,24 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
     }))
 }
 
+/// Write staged mapping changes (None: entry removed) into `txn`.
+fn apply_changes(
+    txn: &WriteTransaction,
+    ops: &BTreeMap<(u64, u64, u64), Option<u64>>,
+) -> Result<()> {
+    let mut map = txn.open_table(MAP).ctx(|| "open map".into())?;
+    let mut ep = txn.open_table(meta::EPOCHS).ctx(|| "open epochs".into())?;
+    for (k, v) in ops {
+        match v {
+            Some(p) => meta::put_entry(&mut map, &mut ep, *k, *p)?,
+            None => {
+                meta::del_entry(&mut map, &mut ep, *k)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Replay the stage logs a killed process left (see [`crate::stagelog`]):
 /// their changes are committed in one transaction after an fdatasync of
 /// the data file, and the logs removed. Returns what was found, the chunks
@@ -662,16 +671,7 @@ fn replay_stage_logs(
             found.changes.truncate(valid);
             let (ops, f) = found.merged();
             frees = f;
-            let mut map = txn.open_table(MAP).ctx(|| "open map".into())?;
-            let mut ep = txn.open_table(meta::EPOCHS).ctx(|| "open epochs".into())?;
-            for (k, v) in &ops {
-                match v {
-                    Some(p) => meta::put_entry(&mut map, &mut ep, *k, *p)?,
-                    None => {
-                        meta::del_entry(&mut map, &mut ep, *k)?;
-                    }
-                }
-            }
+            apply_changes(&txn, &ops)?;
             txn.open_table(COUNTERS)
                 .ctx(|| "open counters".into())?
                 .insert(LOG_COMMITTED, max_seq)
