@@ -25,7 +25,10 @@ pub struct HydratorOptions {
     pub priority: Vec<Range<u64>>,
     /// Bytes per second from the source; None for no limit.
     pub rate_limit: Option<u64>,
-    /// Commit fetched chunks every this many chunks.
+    /// Commit fetched chunks every this many chunks. Fetched chunks
+    /// survive a process kill without a commit (the stage log), so commits
+    /// only bound the log and what a machine crash makes fetch again; each
+    /// is an fdatasync of the data file, so they are kept rare.
     pub commit_every: u64,
 }
 
@@ -34,7 +37,7 @@ impl Default for HydratorOptions {
         HydratorOptions {
             priority: Vec::new(),
             rate_limit: None,
-            commit_every: 64,
+            commit_every: 1024,
         }
     }
 }
@@ -166,7 +169,7 @@ impl Drop for Hydrator {
 /// Fetches in flight. A fetch is a round trip or two to the source (an
 /// allocation query, then the read): one at a time leaves the link idle
 /// most of the time, so several workers take the next chunks of the order.
-const WORKERS: usize = 4;
+const WORKERS: usize = 8;
 
 fn run(vol: &Volume, sh: &Shared, opts: &HydratorOptions) -> Result<()> {
     let total = vol.size().div_ceil(vol.chunk_size());
