@@ -231,3 +231,29 @@ mod tests {
         );
     }
 }
+
+/// `POST /v1/vms/{id}/relocate`: move disks of a running VM to new volumes
+/// of this host's pool with no downtime (QEMU mirror, then pivot). A disk
+/// may be a volume of this host or of a peer (the instant restore onto
+/// another host relocates its disks from the staging host's export).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RelocateVm {
+    pub disks: Vec<RelocateDisk>,
+    /// An idempotency key: a second request with the same key answers the
+    /// operation the first one started, unless it failed or was
+    /// cancelled (then a new one starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+/// One disk of a [`RelocateVm`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RelocateDisk {
+    /// Index of the disk in the VM's definition (0 is `vda`).
+    pub index: usize,
+    /// The new volume (created with `size` bytes when missing).
+    pub volume: String,
+    pub size: u64,
+}

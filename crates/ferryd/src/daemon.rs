@@ -90,6 +90,7 @@ impl Daemon {
             }),
         );
         crate::operations::register(&ops);
+        crate::vms::relocate_op::register(&ops, vms.clone());
         crate::groupsnap::register(&ops, &vms, &exports, &peers, &cfg.name, &dir.root);
         crate::migrate::register(
             &ops,

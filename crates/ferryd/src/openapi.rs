@@ -448,6 +448,16 @@ fn build() -> Doc {
         (202, started.clone()),
         &[400, 404, 409],
     );
+    let r = d.schema::<ferry_api::RelocateVm>();
+    d.op(
+        "post",
+        "/v1/vms/{id}/relocate",
+        "vms",
+        "Relocate disks of a running VM to new volumes of this host's pool with no downtime (a vm.relocate operation: mirror, pivot); a disk may be a peer's volume. Idempotent by request key.",
+        r,
+        (202, started.clone()),
+        BAD_NF_CONFLICT,
+    );
     let r = d.schema::<ferry_api::VmCopyRequest>();
     d.op(
         "post",
@@ -583,6 +593,16 @@ fn build() -> Doc {
         "/v1/peer/hello",
         "peer",
         "Peer endpoint: who this host is (peer or admin token).",
+        None,
+        (200, s),
+        &[],
+    );
+    let s = d.schema::<Vec<PeerInfo>>();
+    d.op(
+        "get",
+        "/v1/peer/peers",
+        "peer",
+        "Peer endpoint: the hosts this host has registered (names and URLs, no tokens), so a peer finds the name this host gives it.",
         None,
         (200, s),
         &[],

@@ -51,6 +51,7 @@ use crate::exports::{ExportError, Exports};
 use crate::peers::Peers;
 
 pub mod relocate;
+pub mod relocate_op;
 pub mod remote;
 use remote::RemoteDisk;
 

@@ -10,6 +10,11 @@
 //! B's ferryd mid-relocation (held there by the test-only pause point),
 //! and with a relocation cancelled (the VM keeps running on staging, its
 //! writes kept) then retried by running the same restore again.
+//!
+//! Onto another host: host A holds the repository and stages, the guest
+//! runs on host B from A's staging volumes over NBD/TCP, and B relocates
+//! its disk into B's pool (`vm.relocate`, followed by A); also with
+//! `kill -9` of A's ferryd while B's mirror runs.
 
 mod common;
 
@@ -410,4 +415,201 @@ async fn instant_restore_resumes_after_kill9_mid_relocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelled_relocation_keeps_the_vm_and_is_retried() {
     instant_restore(Fault::CancelRetry).await;
+}
+
+async fn peer_add(on: &Host, of: &Host, name: &str) {
+    let (s, t) = of.get("/v1/host/peer-token").await;
+    assert_eq!(s, 200, "{t}");
+    let (s, p) = on
+        .post(
+            "/v1/peers",
+            json!({ "url": of.url, "token": t["token"], "name": name }),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+}
+
+/// Host A holds the repository and the staging volumes; the restored VM
+/// runs on host B and is relocated into B's pool. With `kill`, A's ferryd
+/// is killed (`kill -9`) while B's mirror runs (held at the test-only
+/// pause point), then restarted.
+async fn instant_restore_onto_peer(kill: bool) {
+    let mut a = Host::named("host-a");
+    let mut b = Host::named("host-b");
+    let _reaper = Reaper(vec![a.data(), b.data()]);
+    let repo_dir = a.dir.path().join("repo");
+    let (backup, before) = backed_up_guest(&a, &repo_dir).await;
+    // A is restarted on the same ports: B's peer record and its QEMU's
+    // NBD connection keep their addresses.
+    a.pin_ports();
+    let release = b.dir.path().join("release");
+    let lines = if kill {
+        b.kill9();
+        let r = release.to_string_lossy().to_string();
+        Some(b.start_watched(&[
+            ("FERRY_OPS_TEST_PAUSE", "backup.instant_restore:relocating"),
+            ("FERRY_OPS_TEST_RELEASE", &r),
+        ]))
+    } else {
+        None
+    };
+    peer_add(&a, &b, "host-b").await;
+    let path = format!("/v1/repos/r/backups/{backup}/restore");
+    let body = json!({ "name": "vm-i", "to": "host-b", "instant": true });
+    // B does not know A yet: refused, nothing made.
+    let (s, v) = a.post(&path, body.clone()).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("ferry peer add"), "{v}");
+    let (s, v) = a
+        .post(
+            &path,
+            json!({ "name": "vm-i", "to": "host-b", "instant": true, "via": "host-b" }),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    // B knows A under another name than A's own: found by A's name.
+    peer_add(&b, &a, "stager").await;
+
+    let t0 = Instant::now();
+    let (s, started) = a.post(&path, body.clone()).await;
+    assert_eq!(s, 202, "{started}");
+    let op_id = started["operation"].as_str().unwrap().to_string();
+
+    // The guest runs on B from A's staging volume and resumes after the
+    // backed-up records.
+    let mut g = console_of(&b, "vm-i").await;
+    let (_, vm) = b.get("/v1/vms/vm-i").await;
+    let disk0 = &vm["definition"]["disks"][0];
+    assert_eq!(disk0["host"], "stager", "{vm}");
+    assert_eq!(disk0["volume"], "vm-i-vda-staging", "{vm}");
+    let next = g.writer_next_seq();
+    println!("guest writing on host-b after {:?}", t0.elapsed());
+    assert_eq!(
+        Some(next),
+        before.last_seq.map(|s| s + 1),
+        "the restored guest resumes after the backed-up records"
+    );
+    let acked = g.wait_record_after(Some(next));
+    println!("restored guest acknowledged record {acked}");
+
+    let op = if kill {
+        wait_line(lines.as_ref().unwrap(), "FERRY_OPS_TEST_PAUSED", 900);
+        let last = g.last_record();
+        let seen = g.wait_record_after(last);
+        a.kill9();
+        println!(
+            "killed the restoring ferryd (host-a) mid-relocation (record {seen} acknowledged)"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        a.start();
+        // The guest's writes go on through A's restarted NBD server.
+        let last = g.last_record();
+        let seen = g.wait_record_after(last.map(|s| s + 2));
+        println!("host-a restarted; the guest acknowledged record {seen}");
+        std::fs::write(&release, b"go").unwrap();
+        let op = wait_op(&a, &op_id).await;
+        assert!(
+            log_of(&op).contains("recovered after restart"),
+            "the restore resumed after the restart: {op}"
+        );
+        op
+    } else {
+        wait_op(&a, &op_id).await
+    };
+    assert_eq!(op["state"], "succeeded", "{op}");
+    println!("instant restore onto host-b took {:?}", t0.elapsed());
+    let report: Value = op["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|l| l["msg"].as_str().and_then(|m| m.strip_prefix("report: ")))
+        .map(|r| serde_json::from_str(r).unwrap())
+        .unwrap_or_else(|| panic!("no report in the log: {op}"));
+    println!("report: {report}");
+    assert_eq!(report["host"], "host-b", "{report}");
+    assert!(report["relocated_bytes"].as_u64().is_some(), "{report}");
+    let names: Vec<&str> = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "stage",
+            "boot",
+            "profile prefetch",
+            "relocate vda",
+            "clean up"
+        ]
+    );
+
+    // The VM runs on B's own volume; nothing of the restore is left on A.
+    let (_, vm) = b.get("/v1/vms/vm-i").await;
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["disks"][0]["volume"], "vm-i-vda", "{vm}");
+    assert!(
+        vm["definition"]["disks"][0]["host"].is_null(),
+        "the disk is a volume of host-b's pool: {vm}"
+    );
+    let (_, vols) = b.get("/v1/volumes").await;
+    assert!(
+        vols.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "vm-i-vda"),
+        "{vols}"
+    );
+    let (_, vols) = a.get("/v1/volumes").await;
+    let left: Vec<&str> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .filter(|n| n.starts_with("vm-i"))
+        .collect();
+    assert!(left.is_empty(), "volumes left on host-a: {left:?}");
+    let (_, exports) = a.get("/v1/exports").await;
+    assert!(
+        !exports.to_string().contains("vm-i-vda-staging"),
+        "exports left on host-a: {exports}"
+    );
+    let rec = std::fs::read_to_string(a.data().join("instant-restore.json")).unwrap();
+    assert_eq!(rec.trim(), "{}", "no staging record is left");
+
+    // The guest keeps writing on B's volume; every record verifies there.
+    let last = g.last_record();
+    let acked = g.wait_record_after(last.map(|s| s + 3));
+    let (s, v) = b.post("/v1/vms/vm-i/stop?timeout_s=120", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let acked = g.last_record().unwrap_or(acked).max(acked);
+    let after = b.dir.path().join("after.raw");
+    copy_out(&b, "volume", "vm-i-vda", &after).await;
+    let r = disk::verify_records_on_image(&after).unwrap();
+    println!("after the restore: {r:?}; guest acknowledged up to {acked}");
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.last_seq >= Some(acked),
+        "every acknowledged record is on host-b's volume: {r:?}, acknowledged {acked}"
+    );
+    assert!(r.records > before.records, "{r:?} vs {before:?}");
+    std::fs::remove_file(&after).unwrap();
+
+    // The VM starts again on B from its volume alone, A gone.
+    a.kill9();
+    let (s, v) = b.post("/v1/vms/vm-i/start", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = b.post("/v1/vms/vm-i/kill", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instant_restore_onto_another_host() {
+    instant_restore_onto_peer(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restoring_ferryd_killed_mid_relocation_onto_another_host() {
+    instant_restore_onto_peer(true).await;
 }

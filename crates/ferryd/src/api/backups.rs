@@ -241,15 +241,8 @@ pub async fn restore(
         }
         _ => None,
     };
-    if to.is_some() && req.instant {
-        return Err(bad_field(
-            "to",
-            &format!(
-                "instant restore to another host: only this host ({}) is supported yet; nothing was restored",
-                d.cfg.name
-            ),
-        ));
-    }
+    // Instant restore: staging is always on this host, which reads the
+    // repository (the key never leaves it).
     if let Some(via) = &req.via
         && *via != d.cfg.name
         && via != "local"
@@ -257,7 +250,7 @@ pub async fn restore(
         return Err(bad_field(
             "via",
             &format!(
-                "staging on host {via}: only the target ({}) is supported yet; nothing was restored",
+                "staging on host {via}: the staging host is the host holding the repository, this one ({}); send the restore to {via} if it holds one, or leave out via; nothing was restored",
                 d.cfg.name
             ),
         ));
@@ -287,30 +280,23 @@ pub async fn restore(
                 None,
             )
         })?;
+    if req.instant
+        && let Some(to) = &to
+    {
+        let b = d.backups.clone();
+        let entry = run(move || b.entry(&repo)).await?;
+        let mut p = instant_params(entry, &info, &name, definition, req.prefetch_profile);
+        let me = name_on_peer(&d, to).await?;
+        p.to = Some(to.clone());
+        p.staging_host = Some(me.clone());
+        check_instant_onto_peer(&d, &p, to, &me).await?;
+        backups::instant::remote_definition(&p, &me).map_err(|e| bad_field("name", &e))?;
+        return start(&d, backups::instant::INSTANT_RESTORE, p);
+    }
     if req.instant {
         let b = d.backups.clone();
         let entry = run(move || b.entry(&repo)).await?;
-        let p = backups::instant::InstantParams {
-            repo: entry.name,
-            location: entry.location,
-            repo_id: entry.id,
-            key_file: entry.key_file,
-            backup: info.id.clone(),
-            name: name.clone(),
-            disks: info
-                .disks
-                .iter()
-                .map(|x| backups::instant::InstantDisk {
-                    device: x.name.clone(),
-                    staging: format!("{name}-{}-staging", x.name),
-                    target: format!("{name}-{}", x.name),
-                    size: x.size,
-                    profile: x.read_profile.clone(),
-                })
-                .collect(),
-            definition,
-            prefetch_profile: req.prefetch_profile.unwrap_or(true),
-        };
+        let p = instant_params(entry, &info, &name, definition, req.prefetch_profile);
         // The same restore run again after a failed relocation resumes it:
         // the VM runs on (some of) its staging volumes.
         let resume = match d.vms.find(&name) {
@@ -369,4 +355,142 @@ pub async fn restore(
     };
     backups::restore::new_definition(&p).map_err(|e| bad_field("name", &e))?;
     start(&d, backups::RESTORE, p)
+}
+
+fn instant_params(
+    entry: ferry_api::RepoEntry,
+    info: &ferry_api::BackupInfo,
+    name: &str,
+    definition: ferry_api::VmDefinition,
+    prefetch_profile: Option<bool>,
+) -> backups::instant::InstantParams {
+    backups::instant::InstantParams {
+        repo: entry.name,
+        location: entry.location,
+        repo_id: entry.id,
+        key_file: entry.key_file,
+        backup: info.id.clone(),
+        name: name.to_string(),
+        disks: info
+            .disks
+            .iter()
+            .map(|x| backups::instant::InstantDisk {
+                device: x.name.clone(),
+                staging: format!("{name}-{}-staging", x.name),
+                target: format!("{name}-{}", x.name),
+                size: x.size,
+                profile: x.read_profile.clone(),
+            })
+            .collect(),
+        definition,
+        prefetch_profile: prefetch_profile.unwrap_or(true),
+        to: None,
+        staging_host: None,
+    }
+}
+
+/// The name peer `to` has for this host (its peer whose reported name is
+/// this host's): the VM there reaches the staging volumes through it.
+async fn name_on_peer(d: &Daemon, to: &str) -> Result<String, Failure> {
+    let peer = d
+        .peers
+        .client(to)
+        .map_err(|e| bad_field("to", &e.to_string()))?;
+    let known: Vec<ferry_api::PeerInfo> = peer.get("/v1/peer/peers").await.map_err(|e| {
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("host {to} did not list its peers: {e}; nothing was restored"),
+            Some("to"),
+        )
+    })?;
+    let me = &d.cfg.name;
+    let mut found: Vec<&ferry_api::PeerInfo> =
+        known.iter().filter(|p| p.host_name == *me).collect();
+    found.sort_by_key(|p| p.name != *me);
+    match found.first() {
+        Some(p) => Ok(p.name.clone()),
+        None => Err(bad_field(
+            "to",
+            &format!(
+                "instant restore onto host {to}: {to} does not know this host ({me}), whose staging volumes its VM would read; register it there first (`ferry peer add <URL of {me}> --peer-token <{me}'s peer token>` on {to}); nothing was restored"
+            ),
+        )),
+    }
+}
+
+/// Nothing of the restore exists yet on this host or on `to`, unless the
+/// VM there is this restore's (running it again resumes it).
+async fn check_instant_onto_peer(
+    d: &Daemon,
+    p: &backups::instant::InstantParams,
+    to: &str,
+    me: &str,
+) -> Result<(), Failure> {
+    use crate::peers::PeerError;
+    let peer = d
+        .peers
+        .client(to)
+        .map_err(|e| bad_field("to", &e.to_string()))?;
+    let unreachable = |e: PeerError| {
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("host {to}: {e}; nothing was restored"),
+            Some("to"),
+        )
+    };
+    let resume = match peer
+        .get::<ferry_api::VmInfo>(&format!("/v1/vms/{}", p.name))
+        .await
+    {
+        Ok(info) => {
+            let mine = info.definition.disks.len() == p.disks.len()
+                && info.definition.disks.iter().zip(&p.disks).all(|(v, x)| {
+                    v.remote() == Some((me, x.staging.as_str()))
+                        || v.volume() == Some(x.target.as_str())
+                });
+            if !mine {
+                return Err(error_response(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "a VM named {} exists already on {to}; nothing was restored",
+                        p.name
+                    ),
+                    Some("name"),
+                ));
+            }
+            true
+        }
+        Err(PeerError::Failed { status: 404, .. }) => false,
+        Err(e) => return Err(unreachable(e)),
+    };
+    if resume {
+        return Ok(());
+    }
+    for x in &p.disks {
+        if d.pool().volume(&x.staging).is_ok() {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!("volume {} exists already; nothing was restored", x.staging),
+                Some("name"),
+            ));
+        }
+        match peer
+            .get::<ferry_api::VolumeInfo>(&format!("/v1/volumes/{}", x.target))
+            .await
+        {
+            Ok(_) => {
+                return Err(error_response(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "volume {} exists already on {to}; nothing was restored",
+                        x.target
+                    ),
+                    Some("name"),
+                ));
+            }
+            Err(PeerError::Failed { status: 404, .. }) => {}
+            Err(e) => return Err(unreachable(e)),
+        }
+    }
+    Ok(())
 }

@@ -70,6 +70,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/peers", get(peers::list).post(peers::add))
         .route("/v1/peers/{name}", get(peers::show).delete(peers::delete))
         .route("/v1/peer/hello", get(peers::hello))
+        .route("/v1/peer/peers", get(peers::peer_list))
         .route("/v1/vms", get(vms::list).post(vms::define))
         .route("/v1/vms/{id}", get(vms::show).delete(vms::delete))
         .route("/v1/vms/{id}/start", post(vms::start))
@@ -78,6 +79,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/kill", post(vms::kill))
         .route("/v1/vms/{id}/migrate", post(migrate::migrate))
+        .route("/v1/vms/{id}/relocate", post(vms::relocate))
         .route("/v1/peer/migrate/incoming", post(migrate::incoming))
         .route(
             "/v1/peer/migrate/{uuid}",

@@ -50,6 +50,12 @@ pub async fn hello(
     }))
 }
 
+/// `GET /v1/peer/peers`: the hosts this host knows (names, URLs; never
+/// tokens), so that a peer can find the name this host has for it.
+pub async fn peer_list(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<PeerInfo>> {
+    Ok(Json(d.peers.list()))
+}
+
 /// `GET /v1/host/peer-token` (admin): the token to give other hosts.
 pub async fn token(State(d): State<Arc<Daemon>>) -> ApiResult<PeerToken> {
     Ok(Json(PeerToken {

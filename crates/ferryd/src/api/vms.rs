@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use ferry_api::{VmDefinition, VmInfo, VmStopped};
+use ferry_api::{OpState, RelocateVm, Started, VmDefinition, VmInfo, VmStopped};
 use ferry_qemu::{ErrorKind as QemuKind, StopOutcome};
 use serde::Deserialize;
 
@@ -149,4 +149,75 @@ pub async fn resume(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Api
     let vm = d.vms.find(&id)?;
     d.vms.pause(&vm, false).await?;
     Ok(Json(d.vms.info(&vm).await))
+}
+
+/// `POST /v1/vms/{id}/relocate`: starts a `vm.relocate` operation (or
+/// answers the one a request with the same key started, unless it failed
+/// or was cancelled).
+pub async fn relocate(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Body(req): Body<RelocateVm>,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    use crate::vms::relocate_op;
+    let accepted = |operation| Ok((StatusCode::ACCEPTED, Json(Started { operation })));
+    let vm = d.vms.find(&id)?;
+    if let Some(key) = &req.request {
+        let same = d
+            .ops
+            .journal()
+            .list()?
+            .into_iter()
+            .find(|o| {
+                o.kind == relocate_op::KIND
+                    && o.params["request"].as_str() == Some(key)
+                    && !matches!(o.state, OpState::Failed | OpState::Cancelled)
+            })
+            .map(|o| o.id);
+        if let Some(operation) = same {
+            return accepted(operation);
+        }
+    }
+    if req.disks.is_empty() {
+        return Err(bad_field("disks", "no disk to relocate"));
+    }
+    let def = vm.definition();
+    for (i, x) in req.disks.iter().enumerate() {
+        let Some(disk) = def.disks.get(x.index) else {
+            return Err(bad_field(
+                &format!("disks[{i}].index"),
+                &format!("VM {} has no disk {}", vm.name, x.index),
+            ));
+        };
+        if disk.volume().is_none() && disk.remote().is_none() {
+            return Err(bad_field(
+                &format!("disks[{i}].index"),
+                &format!(
+                    "disk {} of VM {} is an image file, not a pool volume",
+                    x.index, vm.name
+                ),
+            ));
+        }
+        if disk.volume() != Some(x.volume.as_str())
+            && let Some(user) = d.vms.user_of_volume(&x.volume)
+        {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!(
+                    "volume {} is a disk of VM {user}; nothing was started",
+                    x.volume
+                ),
+                Some("disks"),
+            ));
+        }
+    }
+    let p = relocate_op::Params {
+        vm: vm.name.clone(),
+        uuid: vm.uuid.to_string(),
+        disks: req.disks,
+        request: req.request,
+    };
+    let v = serde_json::to_value(p)
+        .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None))?;
+    accepted(d.ops.start(relocate_op::KIND, v)?)
 }

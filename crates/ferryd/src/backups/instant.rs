@@ -106,7 +106,29 @@ pub struct InstantParams {
     pub definition: VmDefinition,
     /// Prefetch the profile first (false: only the relocation order).
     pub prefetch_profile: bool,
+    /// The host the VM runs on and is relocated to: a registered peer
+    /// (none: this host). Staging stays here.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// This host's name in `to`'s peer list: the VM's disks there are
+    /// `{"host": staging_host, "volume": <staging>}`.
+    #[serde(default)]
+    pub staging_host: Option<String>,
 }
+
+impl InstantParams {
+    /// The peer the VM runs on, with this host's name there.
+    fn remote(&self) -> Option<(&str, &str)> {
+        match (&self.to, &self.staging_host) {
+            (Some(t), Some(h)) => Some((t, h)),
+            _ => None,
+        }
+    }
+}
+
+/// How long a peer may stay unreachable while this host follows its
+/// relocation.
+const PEER_PATIENCE: Duration = Duration::from_secs(600);
 
 /// Where one staging volume's chunks come from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -489,6 +511,33 @@ pub fn definition(
     Ok(def)
 }
 
+/// The restored VM's definition for peer `p.to`: each disk is this host's
+/// staging volume, reached over NBD/TCP.
+pub fn remote_definition(p: &InstantParams, me: &str) -> Result<VmDefinition, String> {
+    let mut def = definition(p, |d| d.staging.clone())?;
+    for d in &mut def.disks {
+        let mut spec = d.spec();
+        spec.host = Some(me.to_string());
+        *d = VmDisk::Spec(spec);
+    }
+    Ok(def)
+}
+
+/// True when `def` (of the VM on the peer) has each disk on its staging
+/// volume here or on its target volume there.
+fn remote_is_mine(p: &InstantParams, me: &str, def: &VmDefinition) -> bool {
+    def.disks.len() == p.disks.len()
+        && def.disks.iter().zip(&p.disks).all(|(v, x)| {
+            v.remote() == Some((me, x.staging.as_str())) || v.volume() == Some(x.target.as_str())
+        })
+}
+
+fn peer_of(b: &Backups, to: &str) -> Result<crate::peers::PeerClient, StepError> {
+    b.snaps.peers.client(to).map_err(|e| {
+        StepError::failed(format!("host {to}: {e}; the staging volumes here are kept"))
+    })
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, StepError> {
@@ -612,6 +661,9 @@ impl Step<App> for Boot {
 
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
+            if let Some((to, me)) = self.p.remote() {
+                return self.boot_remote(cx, to, me).await;
+            }
             let staged = definition(&self.p, |d| d.staging.clone()).map_err(StepError::Failed)?;
             let vms = self.b.vms.clone();
             let vm = match vms.find(&self.p.name) {
@@ -727,6 +779,23 @@ impl Step<App> for Boot {
         _result: Option<&'a Value>,
     ) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
+            if let Some((to, _)) = self.p.remote() {
+                let peer = peer_of(&self.b, to)?;
+                let path = format!("/v1/vms/{}", self.p.name);
+                match peer.get::<ferry_api::VmInfo>(&path).await {
+                    Ok(info) if info.state == VmState::Defined => {
+                        peer.delete(&path).await.map_err(StepError::failed)?;
+                        cx.log(format!("deleted VM {} on {to} (it never ran)", self.p.name));
+                    }
+                    Ok(info) => cx.log(format!(
+                        "VM {} ran on {to} from the staging volumes here ({}): kept with them, nothing it wrote is lost",
+                        self.p.name, info.state
+                    )),
+                    Err(crate::peers::PeerError::Failed { status: 404, .. }) => {}
+                    Err(e) => return Err(StepError::failed(e)),
+                }
+                return Ok(());
+            }
             if let Ok(vm) = self.b.vms.find(&self.p.name) {
                 let info = self.b.vms.info(&vm).await;
                 if info.state == VmState::Defined {
@@ -741,6 +810,76 @@ impl Step<App> for Boot {
             }
             Ok(())
         })
+    }
+}
+
+impl Boot {
+    /// Defines the VM on peer `to` on the staging volumes here (reached
+    /// over NBD/TCP as `me`'s volumes) and starts it there.
+    async fn boot_remote(
+        &self,
+        cx: &StepContext<App>,
+        to: &str,
+        me: &str,
+    ) -> Result<Value, StepError> {
+        let peer = peer_of(&self.b, to)?;
+        let path = format!("/v1/vms/{}", self.p.name);
+        let info = match peer.get::<ferry_api::VmInfo>(&path).await {
+            Ok(info) => {
+                if !remote_is_mine(&self.p, me, &info.definition) {
+                    return Err(StepError::failed(format!(
+                        "a VM named {} exists already on {to} on other volumes",
+                        self.p.name
+                    )));
+                }
+                info
+            }
+            Err(crate::peers::PeerError::Failed { status: 404, .. }) => {
+                let def = remote_definition(&self.p, me).map_err(StepError::Failed)?;
+                peer.post::<_, ferry_api::VmInfo>("/v1/vms", &def)
+                    .await
+                    .map_err(|e| {
+                        StepError::failed(format!(
+                            "host {to} refused the VM on the staging volumes here: {e}"
+                        ))
+                    })?
+            }
+            Err(e) => return Err(StepError::failed(format!("host {to}: {e}"))),
+        };
+        cx.log(format!(
+            "VM {} ({}) on {to}, its disks the staging volumes here (as host {me})",
+            info.name, info.uuid
+        ));
+        if matches!(info.state, VmState::Running | VmState::Paused) {
+            cx.log("the VM runs already (an interrupted run started it)");
+            return Ok(json!({ "vm": info.name, "uuid": info.uuid, "host": to }));
+        }
+        let t0 = Instant::now();
+        let info: ferry_api::VmInfo = peer
+            .post(&format!("{path}/start"), &json!({}))
+            .await
+            .map_err(|e| StepError::failed(format!("starting VM {} on {to}: {e}", self.p.name)))?;
+        let started_s = t0.elapsed().as_secs_f64();
+        let (mut stalls, mut prefetched) = (0, 0);
+        for d in &self.p.disks {
+            let (a, b) = self.s.counts(&d.staging);
+            stalls += a;
+            prefetched += b;
+        }
+        cx.log(format!(
+            "VM started on {to} in {started_s:.2} s ({}); {stalls} on-demand fetches (stalls) and {prefetched} prefetched chunks so far; its boot is not watched from here",
+            info.state
+        ));
+        Ok(json!({
+            "vm": info.name,
+            "uuid": info.uuid,
+            "host": to,
+            "start_s": started_s,
+            "first_output_s": null,
+            "boot_complete_s": null,
+            "boot_stalls": stalls,
+            "boot_prefetched": prefetched,
+        }))
     }
 }
 
@@ -820,7 +959,7 @@ impl Step<App> for ProfilePrefetch {
                 if present == total {
                     break;
                 }
-                if self.b.vms.find(&self.p.name).is_err() {
+                if self.p.to.is_none() && self.b.vms.find(&self.p.name).is_err() {
                     return Err(StepError::failed(format!("VM {} is gone", self.p.name)));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -854,6 +993,9 @@ impl Step<App> for Relocate {
 
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
+            if let Some((to, _)) = self.p.remote() {
+                return self.relocate_remote(cx, to).await;
+            }
             let d = &self.p.disks[self.index];
             let vm = self.b.vms.find(&self.p.name).map_err(StepError::failed)?;
             running(&self.b.vms, &vm).await;
@@ -918,6 +1060,86 @@ impl Step<App> for Relocate {
     }
 }
 
+impl Relocate {
+    /// Asks peer `to` to relocate the disk (its `vm.relocate`, keyed by
+    /// this operation and disk, so a retry after a restart follows the
+    /// same one) and follows it, its progress as this step's.
+    async fn relocate_remote(&self, cx: &StepContext<App>, to: &str) -> Result<Value, StepError> {
+        let d = &self.p.disks[self.index];
+        let peer = peer_of(&self.b, to)?;
+        let keep = format!(
+            "the VM keeps running on {to} from staging volume {} here (nothing it wrote is lost); run the restore again to retry",
+            d.staging
+        );
+        let req = ferry_api::RelocateVm {
+            disks: vec![ferry_api::RelocateDisk {
+                index: self.index,
+                volume: d.target.clone(),
+                size: d.size,
+            }],
+            request: Some(format!("{}/{}", cx.op_id, d.device)),
+        };
+        let started: ferry_api::Started = peer
+            .post(&format!("/v1/vms/{}/relocate", self.p.name), &req)
+            .await
+            .map_err(|e| {
+                StepError::failed(format!(
+                    "host {to} refused the relocation of disk {}: {e}; {keep}",
+                    d.device
+                ))
+            })?;
+        let id = started.operation;
+        cx.log(format!(
+            "host {to} relocates disk {} to its volume {}: its operation {id}",
+            d.device, d.target
+        ));
+        let (h, node) = (cx.progress.clone(), cx.node);
+        let wait = peer.wait_operation(&id, PEER_PATIENCE, |op| {
+            if let Some(v) = &op.progress {
+                h.update(|t| t.set_fraction(node, v.overall));
+            }
+        });
+        let op = tokio::select! {
+            r = wait => r.map_err(|e| StepError::failed(format!(
+                "following the relocation on {to} (operation {id}): {e}; {keep}"
+            )))?,
+            _ = cx.cancelled() => {
+                let _ = peer
+                    .post::<_, Value>(&format!("/v1/operations/{id}/cancel"), &json!({}))
+                    .await;
+                let _ = peer.wait_operation(&id, PEER_PATIENCE, |_| {}).await;
+                return Err(StepError::Cancelled);
+            }
+        };
+        if op.state != ferry_api::OpState::Succeeded {
+            return Err(StepError::Failed(format!(
+                "the relocation of disk {} on {to} (operation {id}) {}: {}; {keep}",
+                d.device,
+                op.state.as_str(),
+                op.error.unwrap_or_default()
+            )));
+        }
+        let figures = op
+            .log
+            .iter()
+            .find_map(|l| {
+                l.msg
+                    .strip_prefix(crate::vms::relocate_op::RELOCATED_PREFIX)
+                    .and_then(|j| serde_json::from_str::<Value>(j).ok())
+            })
+            .unwrap_or_else(|| json!({ "volume": d.target, "bytes": 0 }));
+        let bytes = figures["bytes"].as_u64().unwrap_or(0);
+        let secs = figures["secs"].as_f64().unwrap_or(0.0);
+        cx.log(format!(
+            "disk {} relocated on {to} to volume {}: {bytes} bytes in {secs:.1} s ({:.1} MB/s), no downtime",
+            d.device,
+            d.target,
+            figures["mb_per_s"].as_f64().unwrap_or(0.0)
+        ));
+        Ok(figures)
+    }
+}
+
 // -------------------------------------------------------------- clean up
 
 struct CleanUp {
@@ -937,6 +1159,24 @@ impl Step<App> for CleanUp {
 
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
+            if let Some((to, me)) = self.p.remote() {
+                let peer = peer_of(&self.b, to)?;
+                let info: ferry_api::VmInfo =
+                    peer.get(&format!("/v1/vms/{}", self.p.name))
+                        .await
+                        .map_err(|e| StepError::failed(format!("host {to}: {e}")))?;
+                for (i, x) in info.definition.disks.iter().enumerate() {
+                    if let Some((h, v)) = x.remote()
+                        && h == me
+                        && self.p.disks.iter().any(|d| d.staging == v)
+                    {
+                        return Err(StepError::failed(format!(
+                            "staging volume {v} is still disk {i} of VM {} on {to}",
+                            self.p.name
+                        )));
+                    }
+                }
+            }
             let (mut stalls, mut prefetched) = (0, 0);
             for d in &self.p.disks {
                 if let Some(vm) = self.b.vms.user_of_volume(&d.staging) {
@@ -948,6 +1188,16 @@ impl Step<App> for CleanUp {
                 let (a, b) = self.s.counts(&d.staging);
                 stalls += a;
                 prefetched += b;
+                // The exports a peer's QEMU read staging through (it reads
+                // its own volume since the pivot).
+                for e in self.b.snaps.exports.list() {
+                    if e.volume.as_deref() == Some(d.staging.as_str()) {
+                        self.b.snaps.exports.remove(&e.name).map_err(|err| {
+                            StepError::failed(format!("removing export {}: {err}", e.name))
+                        })?;
+                        cx.log(format!("removed export {}", e.name));
+                    }
+                }
                 let (s, v) = (self.s.clone(), d.staging.clone());
                 blocking(move || s.remove(&v)).await?;
                 cx.log(format!("deleted staging volume {}", d.staging));
@@ -963,6 +1213,7 @@ impl Step<App> for CleanUp {
             }
             let report = json!({
                 "vm": self.p.name,
+                "host": self.p.to,
                 "first_output_s": boot["first_output_s"],
                 "boot_complete_s": boot["boot_complete_s"],
                 "boot_stalls": boot["boot_stalls"],

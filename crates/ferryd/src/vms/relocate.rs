@@ -1,5 +1,7 @@
 //! Moving a running VM's disk to another volume of this host's pool with
-//! no downtime (the relocation of an instant restore).
+//! no downtime (the relocation of an instant restore). The disk may be a
+//! volume of this pool or of a peer's (its export over NBD/TCP): the mirror
+//! reads whatever QEMU's disk node reads.
 //!
 //! The new volume gets an *alias* export `reloc.<uuid>.<disk>`; QEMU
 //! mirrors the disk to it (`blockdev-mirror`, sync full), waits until both
@@ -75,22 +77,27 @@ impl Vms {
         if disk.volume() == Some(target) && disk.spec().host.is_none() {
             return Ok(Relocated::AlreadyDone);
         }
-        let Some(current) = disk.volume().filter(|_| disk.spec().host.is_none()) else {
-            return Err(other(format!(
-                "disk {id} is not a volume of this host's pool; it cannot be relocated here"
-            )));
-        };
-        let (cur, new) = (
-            self.pool
+        let new = self.pool.volume(target).map_err(|e| other(e.to_string()))?;
+        // The disk's size: its local volume's, or (a volume of a peer's
+        // pool, reached over NBD/TCP) the new volume's, which the caller
+        // sized from the peer's.
+        let cur_size = match (disk.volume(), disk.remote()) {
+            (Some(current), _) => self
+                .pool
                 .volume(current)
-                .map_err(|e| other(e.to_string()))?,
-            self.pool.volume(target).map_err(|e| other(e.to_string()))?,
-        );
-        if new.size() < cur.size() {
+                .map_err(|e| other(e.to_string()))?
+                .size(),
+            (None, Some(_)) => new.size(),
+            (None, None) => {
+                return Err(other(format!(
+                    "disk {id} is an image file, not a pool volume; it cannot be relocated"
+                )));
+            }
+        };
+        if new.size() < cur_size {
             return Err(other(format!(
-                "volume {target} ({} bytes) is smaller than disk {id} ({} bytes)",
+                "volume {target} ({} bytes) is smaller than disk {id} ({cur_size} bytes)",
                 new.size(),
-                cur.size()
             )));
         }
         let alias = relocation_export(&vm.uuid, &id);
@@ -168,7 +175,7 @@ impl Vms {
             }
             m.pivot(timeout, true).await.map_err(qerr)?;
             outcome = Relocated::Mirrored {
-                bytes: bytes.max(cur.size()),
+                bytes: bytes.max(cur_size),
             };
         }
         self.swap_volume(vm, index, target).await?;
