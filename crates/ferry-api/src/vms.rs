@@ -193,6 +193,10 @@ pub struct VmInfo {
     pub run_dir: String,
     /// The guest's serial console.
     pub serial_log: String,
+    /// Bytes in the serial console log (the guest's output since its last
+    /// start): a peer sees from it when the guest first printed.
+    #[serde(default)]
+    pub serial_bytes: u64,
     pub disks: Vec<VmDiskInfo>,
     /// The stored definition (uuid and accel filled in).
     pub definition: VmDefinition,

@@ -702,6 +702,9 @@ impl Vms {
             pid,
             qmp_status,
             note,
+            serial_bytes: std::fs::metadata(run_dir.join("serial.log"))
+                .map(|m| m.len())
+                .unwrap_or(0),
             serial_log: run_dir.join("serial.log").display().to_string(),
             run_dir: run_dir.display().to_string(),
             disks,

@@ -430,10 +430,12 @@ async fn peer_add(on: &Host, of: &Host, name: &str) {
 }
 
 /// Host A holds the repository and the staging volumes; the restored VM
-/// runs on host B and is relocated into B's pool. With `kill`, A's ferryd
+/// runs on host B and is relocated into B's pool. With `Kill9`, A's ferryd
 /// is killed (`kill -9`) while B's mirror runs (held at the test-only
-/// pause point), then restarted.
-async fn instant_restore_onto_peer(kill: bool) {
+/// pause point), then restarted; with `CancelRetry`, the restore is
+/// cancelled there (the VM keeps running on B from A's staging volume,
+/// which is kept), then run again.
+async fn instant_restore_onto_peer(fault: Fault) {
     let mut a = Host::named("host-a");
     let mut b = Host::named("host-b");
     let _reaper = Reaper(vec![a.data(), b.data()]);
@@ -443,15 +445,17 @@ async fn instant_restore_onto_peer(kill: bool) {
     // NBD connection keep their addresses.
     a.pin_ports();
     let release = b.dir.path().join("release");
-    let lines = if kill {
+    let lines = if fault == Fault::None {
+        None
+    } else {
         b.kill9();
         let r = release.to_string_lossy().to_string();
-        Some(b.start_watched(&[
+        let lines = b.start_watched(&[
             ("FERRY_OPS_TEST_PAUSE", "backup.instant_restore:relocating"),
             ("FERRY_OPS_TEST_RELEASE", &r),
-        ]))
-    } else {
-        None
+        ]);
+        b.pin_ports();
+        Some(lines)
     };
     peer_add(&a, &b, "host-b").await;
     let path = format!("/v1/repos/r/backups/{backup}/restore");
@@ -492,29 +496,57 @@ async fn instant_restore_onto_peer(kill: bool) {
     let acked = g.wait_record_after(Some(next));
     println!("restored guest acknowledged record {acked}");
 
-    let op = if kill {
-        wait_line(lines.as_ref().unwrap(), "FERRY_OPS_TEST_PAUSED", 900);
-        let last = g.last_record();
-        let seen = g.wait_record_after(last);
-        a.kill9();
-        println!(
-            "killed the restoring ferryd (host-a) mid-relocation (record {seen} acknowledged)"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        a.start();
-        // The guest's writes go on through A's restarted NBD server.
-        let last = g.last_record();
-        let seen = g.wait_record_after(last.map(|s| s + 2));
-        println!("host-a restarted; the guest acknowledged record {seen}");
-        std::fs::write(&release, b"go").unwrap();
-        let op = wait_op(&a, &op_id).await;
-        assert!(
-            log_of(&op).contains("recovered after restart"),
-            "the restore resumed after the restart: {op}"
-        );
-        op
-    } else {
-        wait_op(&a, &op_id).await
+    let op = match fault {
+        Fault::None => wait_op(&a, &op_id).await,
+        Fault::Kill9 => {
+            wait_line(lines.as_ref().unwrap(), "FERRY_OPS_TEST_PAUSED", 900);
+            let last = g.last_record();
+            let seen = g.wait_record_after(last);
+            a.kill9();
+            println!(
+                "killed the restoring ferryd (host-a) mid-relocation (record {seen} acknowledged)"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            a.start();
+            // The guest's writes go on through A's restarted NBD server.
+            let last = g.last_record();
+            let seen = g.wait_record_after(last.map(|s| s + 2));
+            println!("host-a restarted; the guest acknowledged record {seen}");
+            std::fs::write(&release, b"go").unwrap();
+            let op = wait_op(&a, &op_id).await;
+            assert!(
+                log_of(&op).contains("recovered after restart"),
+                "the restore resumed after the restart: {op}"
+            );
+            op
+        }
+        Fault::CancelRetry => {
+            wait_line(lines.as_ref().unwrap(), "FERRY_OPS_TEST_PAUSED", 900);
+            let (s, v) = a
+                .post(&format!("/v1/operations/{op_id}/cancel"), json!({}))
+                .await;
+            assert!(s == 200 || s == 202, "{v}");
+            let op = wait_op(&a, &op_id).await;
+            assert_eq!(op["state"], "cancelled", "{op}");
+            // The VM keeps running on B from A's staging volume, kept.
+            let (_, vm) = b.get("/v1/vms/vm-i").await;
+            assert_eq!(vm["state"], "running", "{vm}");
+            assert_eq!(vm["definition"]["disks"][0]["host"], "stager", "{vm}");
+            let (s, v) = a.get("/v1/volumes/vm-i-vda-staging").await;
+            assert_eq!(s, 200, "the staging volume is kept: {v}");
+            let last = g.last_record();
+            let seen = g.wait_record_after(last);
+            println!("cancelled; the guest still writes (record {seen})");
+            // B restarted without the pause point; the same restore again.
+            b.kill9();
+            b.start();
+            let op = run_op(&a, &path, body).await;
+            assert!(
+                log_of(&op).contains("runs already"),
+                "the retry took the running VM over: {op}"
+            );
+            op
+        }
     };
     assert_eq!(op["state"], "succeeded", "{op}");
     println!("instant restore onto host-b took {:?}", t0.elapsed());
@@ -606,10 +638,15 @@ async fn instant_restore_onto_peer(kill: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instant_restore_onto_another_host() {
-    instant_restore_onto_peer(false).await;
+    instant_restore_onto_peer(Fault::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restoring_ferryd_killed_mid_relocation_onto_another_host() {
-    instant_restore_onto_peer(true).await;
+    instant_restore_onto_peer(Fault::Kill9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_restore_onto_another_host_keeps_the_vm_and_is_retried() {
+    instant_restore_onto_peer(Fault::CancelRetry).await;
 }

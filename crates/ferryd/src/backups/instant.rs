@@ -618,8 +618,37 @@ impl Step<App> for Stage {
         _result: Option<&'a Value>,
     ) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
+            // The VM on the peer may run from the staging volumes: they
+            // are kept unless the peer says it has no such VM.
+            let mut remote_user = None;
+            if let Some((to, me)) = self.p.remote() {
+                let peer = peer_of(&self.b, to)?;
+                match peer
+                    .get::<ferry_api::VmInfo>(&format!("/v1/vms/{}", self.p.name))
+                    .await
+                {
+                    Ok(info) => {
+                        remote_user = Some((to, me, info.definition));
+                    }
+                    Err(crate::peers::PeerError::Failed { status: 404, .. }) => {}
+                    Err(e) => {
+                        return Err(StepError::failed(format!(
+                            "host {to} did not say whether VM {} uses the staging volumes ({e}); they are kept",
+                            self.p.name
+                        )));
+                    }
+                }
+            }
             for d in &self.p.disks {
-                if let Some(vm) = self.b.vms.user_of_volume(&d.staging) {
+                let user = self.b.vms.user_of_volume(&d.staging).or_else(|| {
+                    remote_user.as_ref().and_then(|(to, me, def)| {
+                        def.disks
+                            .iter()
+                            .any(|x| x.remote() == Some((*me, d.staging.as_str())))
+                            .then(|| format!("{} on {to}", self.p.name))
+                    })
+                });
+                if let Some(vm) = user {
                     cx.log(format!(
                         "staging volume {} is a disk of VM {vm} and holds its writes: kept (run the restore again to relocate it)",
                         d.staging
@@ -860,6 +889,31 @@ impl Boot {
             .await
             .map_err(|e| StepError::failed(format!("starting VM {} on {to}: {e}", self.p.name)))?;
         let started_s = t0.elapsed().as_secs_f64();
+        cx.log(format!(
+            "VM started on {to} in {started_s:.2} s ({}); waiting for its first output",
+            info.state
+        ));
+        cx.set_fraction(0.2);
+        // The first output, as the peer reports its serial log's size.
+        let mut first_output = None;
+        let deadline = t0 + BOOT_TIMEOUT;
+        while Instant::now() < deadline {
+            match peer.get::<ferry_api::VmInfo>(&path).await {
+                Ok(i) if i.serial_bytes > 0 => {
+                    first_output = Some(t0.elapsed().as_secs_f64());
+                    break;
+                }
+                Ok(i) if !matches!(i.state, VmState::Running | VmState::Paused) => {
+                    return Err(StepError::failed(format!(
+                        "VM {} stopped on {to} while booting from the staging volumes here ({}); they are kept",
+                        self.p.name, i.state
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("VM {} on {to}: {e}", self.p.name),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let (mut stalls, mut prefetched) = (0, 0);
         for d in &self.p.disks {
             let (a, b) = self.s.counts(&d.staging);
@@ -867,15 +921,15 @@ impl Boot {
             prefetched += b;
         }
         cx.log(format!(
-            "VM started on {to} in {started_s:.2} s ({}); {stalls} on-demand fetches (stalls) and {prefetched} prefetched chunks so far; its boot is not watched from here",
-            info.state
+            "first guest output on {to} after {}; {stalls} on-demand fetches (stalls) and {prefetched} prefetched chunks so far (boot completion is not watched from here)",
+            secs(first_output)
         ));
         Ok(json!({
             "vm": info.name,
             "uuid": info.uuid,
             "host": to,
             "start_s": started_s,
-            "first_output_s": null,
+            "first_output_s": first_output,
             "boot_complete_s": null,
             "boot_stalls": stalls,
             "boot_prefetched": prefetched,
