@@ -150,8 +150,11 @@ pub struct RestoreBackup {
     /// relocated to new pool volumes with no downtime.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub instant: bool,
-    /// Instant restore: the host holding the staging volumes (default: the
-    /// target). Only the target itself is supported yet.
+    /// Instant restore: the host holding the staging volumes: always the
+    /// host asked, which holds the repository (its name, `local`, or
+    /// absent); any other host answers 400. With `to` a peer, the VM runs
+    /// there from the staging volumes over NBD/TCP (the peer must have this
+    /// host registered) and is relocated into the peer's pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
     /// Instant restore: prefetch the backup's read profile first (default

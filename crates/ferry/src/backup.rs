@@ -131,8 +131,11 @@ pub struct RestoreArgs {
     /// from the backup, then relocate its disks with no downtime.
     #[arg(long)]
     instant: bool,
-    /// Instant restore: the host holding the staging volumes (default: the
-    /// target; only the target is supported yet).
+    /// Instant restore: the host holding the staging volumes — always the
+    /// host holding the repository (the one this command talks to); another
+    /// host is refused. With `--to` a peer, the VM runs there from the
+    /// staging volumes over NBD/TCP and is relocated into that peer's pool;
+    /// the peer must have this host registered (`ferry peer add` there).
     #[arg(long, requires = "instant")]
     via: Option<String>,
 }

@@ -43,6 +43,18 @@
 //!    discarding its writes; running the same restore again resumes it.
 //! 5. `clean up` — stops the hydrators and deletes the staging volumes
 //!    and their records; its result is the restore's report.
+//!
+//! # Onto another host
+//! With `to` a peer, staging stays here (the host holding the repository)
+//! and the VM runs on the peer: `boot` defines it there with each disk
+//! `{"host": <this host as the peer names it>, "volume": <staging>}` (the
+//! peer reads it over NBD/TCP) and starts it; `relocate <disk>` asks the
+//! peer to relocate the disk into its own pool (`POST
+//! /v1/vms/{id}/relocate`, [`crate::vms::relocate_op`], keyed by this
+//! operation and disk so a retry after a restart follows the same one) and
+//! follows it; `clean up` checks the peer's definition, then removes the
+//! exports the peer read staging through. Stage's undo asks the peer and
+//! keeps every staging volume its VM still uses.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
