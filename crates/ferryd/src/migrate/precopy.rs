@@ -539,12 +539,16 @@ impl Memory {
                 }
             }
         }
-        let mut events = qmp.events();
+        // One event stream per job, subscribed before the jobs are told to
+        // end: waiting for one job's end must not discard another's (with
+        // one shared stream, a second job ending first was lost and its
+        // wait timed out).
+        let mut streams: Vec<_> = listed.iter().map(|_| qmp.events()).collect();
         for (job, _) in &listed {
             jobs::cancel(qmp, job, false).await.map_err(mig_err)?;
         }
-        for (job, target) in &listed {
-            match jobs::wait_end(&mut events, job, FINAL_SYNC).await {
+        for ((job, target), events) in listed.iter().zip(streams.iter_mut()) {
+            match jobs::wait_end(events, job, FINAL_SYNC).await {
                 Ok(JobEnd::Completed) => {}
                 Ok(JobEnd::Cancelled) => {
                     return Err(StepError::failed(format!(
