@@ -370,6 +370,14 @@ impl Staging {
             .unwrap_or_default()
     }
 
+    /// The same counts summed over the staging volumes of `disks`.
+    pub fn total_counts(&self, disks: &[InstantDisk]) -> (u64, u64) {
+        disks.iter().fold((0, 0), |(s, p), d| {
+            let (a, b) = self.counts(&d.staging);
+            (s + a, p + b)
+        })
+    }
+
     /// Stops the hydrator, deletes the staging volume and its record.
     /// Blocking.
     pub fn remove(&self, volume: &str) -> Result<(), String> {
@@ -784,12 +792,7 @@ impl Step<App> for Boot {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let (mut stalls, mut prefetched) = (0, 0);
-            for d in &self.p.disks {
-                let (a, b) = self.s.counts(&d.staging);
-                stalls += a;
-                prefetched += b;
-            }
+            let (stalls, prefetched) = self.s.total_counts(&self.p.disks);
             first_output = if watcher.is_finished() {
                 watcher.await.ok()
             } else {
@@ -926,12 +929,7 @@ impl Boot {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let (mut stalls, mut prefetched) = (0, 0);
-        for d in &self.p.disks {
-            let (a, b) = self.s.counts(&d.staging);
-            stalls += a;
-            prefetched += b;
-        }
+        let (stalls, prefetched) = self.s.total_counts(&self.p.disks);
         cx.log(format!(
             "first guest output on {to} after {}; {stalls} on-demand fetches (stalls) and {prefetched} prefetched chunks so far (boot completion is not watched from here)",
             secs(first_output)
@@ -1243,7 +1241,7 @@ impl Step<App> for CleanUp {
                     }
                 }
             }
-            let (mut stalls, mut prefetched) = (0, 0);
+            let (stalls, prefetched) = self.s.total_counts(&self.p.disks);
             for d in &self.p.disks {
                 if let Some(vm) = self.b.vms.user_of_volume(&d.staging) {
                     return Err(StepError::failed(format!(
@@ -1251,9 +1249,6 @@ impl Step<App> for CleanUp {
                         d.staging
                     )));
                 }
-                let (a, b) = self.s.counts(&d.staging);
-                stalls += a;
-                prefetched += b;
                 // The exports a peer's QEMU read staging through (it reads
                 // its own volume since the pivot).
                 for e in self.b.snaps.exports.list() {
