@@ -24,6 +24,14 @@
 //! seen; if the parent was forgotten before the collector looked, the
 //! backup's final check fails and it commits nothing.
 //!
+//! Times are compared across two clocks: the markers' and the collector's
+//! start come from the system clock, the chunks' modified times from the
+//! file system, which stamps them with a coarse clock (a tick of up to
+//! 10 ms behind on Linux, whole seconds on some file systems). A chunk
+//! stored a millisecond after a marker can carry a time *before* it, so the
+//! cutoff is moved back by [`CLOCK_SLACK`]: unreferenced chunks that recent
+//! are kept until the next collection.
+//!
 //! The removal itself must not lose a touch that races with it: in a
 //! directory the chunk is renamed aside, its time read again, and put back
 //! if it was touched ([`crate::Storage::delete_if_older`]). Object stores
@@ -51,6 +59,10 @@ use crate::repo::{Repository, manifest_key};
 /// less than this before the collection starts are kept too: it covers
 /// clock skew between client and server and second-granular times.
 pub const OBJECT_STORE_GRACE: Duration = Duration::from_secs(600);
+
+/// How far the cutoff is moved back to cover the coarser clock of chunks'
+/// modified times (see the module doc).
+pub const CLOCK_SLACK: Duration = Duration::from_secs(2);
 
 /// A marker older than this is from a backup that crashed.
 pub const STALE_WRITER: Duration = Duration::from_secs(24 * 3600);
@@ -149,6 +161,7 @@ impl Repository {
                 protected_parents.insert(p);
             }
         }
+        let cutoff = cutoff - CLOCK_SLACK;
         // Mark.
         let mut marked: HashSet<ChunkId> = HashSet::new();
         let objects = store.list("backups/")?;

@@ -107,7 +107,7 @@ mod verify;
 pub use backup::{BackupOptions, DiskInput, DiskSource, Progress};
 pub use crypto::{ChunkId, Key};
 pub use error::{Error, ErrorKind, Result};
-pub use gc::{GcStats, OBJECT_STORE_GRACE, STALE_WRITER};
+pub use gc::{CLOCK_SLACK, GcStats, OBJECT_STORE_GRACE, STALE_WRITER};
 pub use pool::{FileDisk, SnapshotSource, VolumeTarget};
 pub use prune::{PrunePolicy, PruneResult, select as prune_select};
 pub use repo::{
