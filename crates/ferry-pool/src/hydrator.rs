@@ -1,7 +1,8 @@
 //! The hydrator: a background thread that fetches every missing chunk of a
-//! lazy volume, explicit priority ranges first and then sequentially, with a
-//! rate limit, pause/resume, progress, and periodic commits so a restart
-//! resumes where it stopped. When every chunk is present the volume becomes
+//! lazy volume, explicit priority ranges first, then settles in bulk the
+//! chunks the source reports as holes (no read, a zero entry each), then
+//! the rest sequentially, with a rate limit, pause/resume, progress, and
+//! periodic commits so a restart resumes where it stopped. When every chunk is present the volume becomes
 //! an ordinary one and its source is detached.
 //!
 //! Source errors are retried with back-off (after the per-fetch retries):
@@ -171,6 +172,10 @@ impl Drop for Hydrator {
 /// most of the time, so several workers take the next chunks of the order.
 const WORKERS: usize = 8;
 
+/// Chunks per call settling holes in bulk (each call: one allocation
+/// query per 256 chunks and one stage-log append per window).
+const HOLE_WINDOW: u64 = 4096;
+
 fn run(vol: &Volume, sh: &Shared, opts: &HydratorOptions) -> Result<()> {
     let total = vol.size().div_ceil(vol.chunk_size());
     let mut order: Vec<u64> = Vec::with_capacity(total as usize);
@@ -190,10 +195,21 @@ fn run(vol: &Volume, sh: &Shared, opts: &HydratorOptions) -> Result<()> {
     let mut backoff = Duration::from_millis(20);
     let since_commit = AtomicU64::new(0);
     let base = vol.v.lazy.fetched_bytes.load(Ordering::Relaxed);
+    let mut holes_settled = false;
     loop {
         let (first, rest) = order.split_at(head);
         let mut failed = pass(vol, sh, opts, first, 1, &since_commit, base)?;
         head = failed.len();
+        if !holes_settled && !sh.stop.load(Ordering::Acquire) {
+            // Holes in bulk before the walk (which then skips them), a
+            // window at a time so a stop is seen soon.
+            let mut w = 0;
+            while w < total && !sh.stop.load(Ordering::Acquire) {
+                vol.settle_holes(w..w + HOLE_WINDOW)?;
+                w += HOLE_WINDOW;
+            }
+            holes_settled = !sh.stop.load(Ordering::Acquire);
+        }
         if !sh.stop.load(Ordering::Acquire) {
             failed.extend(pass(vol, sh, opts, rest, WORKERS, &since_commit, base)?);
         }

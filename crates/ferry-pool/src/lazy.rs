@@ -19,6 +19,7 @@
 //! already present are never fetched again.
 
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use crate::error::{Ctx, Error, ErrorKind, Result};
 use crate::meta::{self, VOLUMES, ZERO};
 use crate::pool::lock;
-use crate::volume::{Extent, ExtentKind, Slot, Volume};
+use crate::volume::{Extent, ExtentKind, LOCKS, Slot, Volume};
 
 /// Where a lazy volume's missing chunks come from: a remote volume over NBD,
 /// a backup, or another (possibly lazy) volume. Implementations must return
@@ -159,30 +160,32 @@ impl Volume {
                 ext.iter().all(|e| e.kind != ExtentKind::Data)
                     && ext.iter().map(|e| e.length).sum::<u64>() >= n
             });
+        if skip {
+            self.install_fetched(c, ZERO, epoch)?;
+            return Ok(());
+        }
         let mut buf = vec![0u8; cs as usize];
-        if !skip {
-            let mut attempt = 0;
-            loop {
-                match src.read_at(start, &mut buf[..n as usize]) {
-                    Ok(()) => break,
-                    Err(e) => {
-                        attempt += 1;
-                        if attempt >= ATTEMPTS {
-                            return Err(Error::with_source(
-                                ErrorKind::Source,
-                                format!(
-                                    "fetch chunk {c} (bytes {start}..{}) of lazy volume {name}: source failed {ATTEMPTS} times; the chunk stays missing, the volume is unchanged",
-                                    start + n
-                                ),
-                                e,
-                            ));
-                        }
-                        std::thread::sleep(Duration::from_millis(2 << attempt));
+        let mut attempt = 0;
+        loop {
+            match src.read_at(start, &mut buf[..n as usize]) {
+                Ok(()) => break,
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= ATTEMPTS {
+                        return Err(Error::with_source(
+                            ErrorKind::Source,
+                            format!(
+                                "fetch chunk {c} (bytes {start}..{}) of lazy volume {name}: source failed {ATTEMPTS} times; the chunk stays missing, the volume is unchanged",
+                                start + n
+                            ),
+                            e,
+                        ));
                     }
+                    std::thread::sleep(Duration::from_millis(2 << attempt));
                 }
             }
-            self.v.lazy.fetched_bytes.fetch_add(n, Ordering::Relaxed);
         }
+        self.v.lazy.fetched_bytes.fetch_add(n, Ordering::Relaxed);
         let phys = if buf.iter().all(|b| *b == 0) {
             ZERO
         } else {
@@ -195,6 +198,11 @@ impl Volume {
             }
             p
         };
+        self.install_fetched(c, phys, epoch)
+    }
+
+    /// Map fetched chunk `c` to `phys` (the caller holds the chunk lock).
+    fn install_fetched(&self, c: u64, phys: u64, epoch: u64) -> Result<()> {
         self.v.set_slot(
             c,
             Some(Slot {
@@ -206,6 +214,87 @@ impl Volume {
         self.sh.stage((self.v.id, c, epoch), Some(phys), None)?;
         self.v.lazy.fetched_chunks.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Settle, without reading them, the missing chunks among `chunks` that
+    /// the source reports as holes or zeroes: each gets a zero entry, like a
+    /// fetch that found zeroes. One allocation query to the source and one
+    /// stage-log append per window of [`LOCKS`] chunks, whose chunk locks
+    /// are all held meanwhile (so no write to those chunks can come between
+    /// the entry and its log record). A 16 GiB disk holding 1 GiB of data
+    /// has ~245 000 hole chunks: fetched one by one they cost seconds of
+    /// CPU, here milliseconds. Returns how many chunks it settled; chunks
+    /// the source does not describe are left to [`Volume::fetch`].
+    pub(crate) fn settle_holes(&self, chunks: Range<u64>) -> Result<u64> {
+        let Some(src) = self.v.lazy.source() else {
+            return Ok(0);
+        };
+        let cs = self.sh.chunk;
+        let end_byte = self.size().min(src.size());
+        let total = end_byte.div_ceil(cs);
+        let mut settled = 0;
+        let mut w = chunks.start;
+        while w < chunks.end.min(total) {
+            let wend = (w + LOCKS).min(chunks.end).min(total);
+            let (from, to) = (w * cs, (wend * cs).min(end_byte));
+            w = wend;
+            if (from / cs..to.div_ceil(cs)).all(|c| self.v.get(c).is_some()) {
+                continue;
+            }
+            let Some(ext) = src.allocation(from, to - from) else {
+                continue;
+            };
+            // Runs of consecutive non-data extents.
+            let mut runs: Vec<Range<u64>> = Vec::new();
+            for e in ext.iter().filter(|e| e.kind != ExtentKind::Data) {
+                match runs.last_mut() {
+                    Some(r) if r.end == e.offset => r.end = e.offset + e.length,
+                    _ => runs.push(e.offset..e.offset + e.length),
+                }
+            }
+            let holes: Vec<u64> = runs
+                .iter()
+                .flat_map(|r| r.start.div_ceil(cs)..r.end.min(to).div_ceil(cs))
+                .filter(|c| {
+                    let c_end = ((c + 1) * cs).min(end_byte);
+                    runs.iter().any(|r| r.start <= c * cs && c_end <= r.end)
+                })
+                .collect();
+            if holes.is_empty() {
+                continue;
+            }
+            let epoch = self.v.read_state().epoch;
+            // Every lock of the window, in lock order (a window of LOCKS
+            // chunks needs each lock at most once; writers never wait for
+            // a second chunk lock while holding one, so this cannot
+            // deadlock with them).
+            let mut stripes: Vec<u64> = holes.iter().map(|c| c % LOCKS).collect();
+            stripes.sort_unstable();
+            stripes.dedup();
+            let _guards: Vec<_> = stripes
+                .iter()
+                .map(|s| lock(self.v.chunk_lock(*s)))
+                .collect();
+            let mut staged = Vec::new();
+            for &c in &holes {
+                if self.v.get(c).is_none() {
+                    self.v.set_slot(
+                        c,
+                        Some(Slot {
+                            phys: ZERO,
+                            epoch,
+                            own: true,
+                        }),
+                    );
+                    staged.push(((self.v.id, c, epoch), ZERO));
+                }
+            }
+            self.sh.stage_all(&staged)?;
+            let n = staged.len() as u64;
+            self.v.lazy.fetched_chunks.fetch_add(n, Ordering::Relaxed);
+            settled += n;
+        }
+        Ok(settled)
     }
 
     /// Commit fetched chunks, and when every chunk is present turn the

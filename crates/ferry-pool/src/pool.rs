@@ -277,6 +277,28 @@ impl Shared {
             .append(&self.dir, (key, value, freed))
     }
 
+    /// [`Shared::stage`] for several new mappings (nothing freed), with one
+    /// append to the stage log.
+    pub fn stage_all(&self, changes: &[((u64, u64, u64), u64)]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut p = lock(&self.pending);
+        for (key, value) in changes {
+            p.ops.insert(*key, Some(*value));
+        }
+        if p.log.is_none() {
+            let seq = p.next_log;
+            p.next_log += 1;
+            p.log = Some(StageLog::create(&self.dir, seq, &self.boot)?);
+        }
+        let recs: Vec<_> = changes.iter().map(|(k, v)| (*k, Some(*v), None)).collect();
+        p.log
+            .as_mut()
+            .expect("created above")
+            .append_all(&self.dir, &recs)
+    }
+
     /// Make every write acknowledged before the call durable.
     pub fn flush(&self) -> Result<()> {
         let want = self.write_gen.load(Ordering::SeqCst);

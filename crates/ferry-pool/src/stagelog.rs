@@ -130,6 +130,12 @@ impl StageLog {
 
     /// Append one change. On failure the change must not be acknowledged.
     pub(crate) fn append(&mut self, dir: &Path, change: Change) -> Result<()> {
+        self.append_all(dir, &[change])
+    }
+
+    /// Append changes with one write (in their order). On failure none of
+    /// them may be acknowledged.
+    pub(crate) fn append_all(&mut self, dir: &Path, changes: &[Change]) -> Result<()> {
         if let Some(why) = &self.broken {
             return Err(Error::new(
                 ErrorKind::Io,
@@ -139,10 +145,13 @@ impl StageLog {
                 ),
             ));
         }
-        let rec = encode(change);
+        let mut rec = Vec::with_capacity(changes.len() * RECORD_LEN);
+        for c in changes {
+            rec.extend_from_slice(&encode(*c));
+        }
         match self.file.write_all_at(&rec, self.off) {
             Ok(()) => {
-                self.off += RECORD_LEN as u64;
+                self.off += rec.len() as u64;
                 Ok(())
             }
             Err(e) => {

@@ -44,7 +44,7 @@ impl std::hash::Hasher for ChunkHasher {
 type ChunkMap = HashMap<u64, Slot, std::hash::BuildHasherDefault<ChunkHasher>>;
 
 const SHARDS: u64 = 64;
-const LOCKS: u64 = 256;
+pub(crate) const LOCKS: u64 = 256;
 /// Most chunks one pread/pwrite covers (well below SHARDS and LOCKS).
 const MAX_RUN: u64 = 32;
 

@@ -350,3 +350,119 @@ fn chain_of_three_lazy_volumes() {
     assert_eq!(p.verify().unwrap(), Vec::<String>::new());
     assert_eq!(q.verify().unwrap(), Vec::<String>::new());
 }
+
+/// A sparse image whose allocation map is exact and not chunk-aligned:
+/// data extents, holes, and zero extents next to holes.
+struct SparseSource {
+    data: Vec<u8>,
+    map: Vec<Extent>,
+    reads: Mutex<Vec<u64>>,
+}
+
+impl ChunkSource for SparseSource {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.reads.lock().unwrap().push(off / CS);
+        buf.copy_from_slice(&self.data[off as usize..off as usize + buf.len()]);
+        Ok(())
+    }
+    fn allocation(&self, off: u64, len: u64) -> Option<Vec<Extent>> {
+        let end = off + len;
+        Some(
+            self.map
+                .iter()
+                .filter(|e| e.offset < end && e.offset + e.length > off)
+                .map(|e| {
+                    let s = e.offset.max(off);
+                    Extent {
+                        offset: s,
+                        length: (e.offset + e.length).min(end) - s,
+                        kind: e.kind,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The hydrator settles the source's holes in bulk without reading them,
+/// never over a local write racing with it, and the result reads back the
+/// same after a reopen.
+#[test]
+fn holes_are_settled_in_bulk_without_reads_and_writes_win() {
+    let chunks = 3000u64; // several lock windows, the last one partial
+    let mut rng = Rng(77);
+    let mut data = vec![0u8; (chunks * CS) as usize];
+    let mut map = Vec::new();
+    let mut off = 0u64;
+    let mut k = 0u64;
+    while off < data.len() as u64 {
+        // Unaligned extent lengths: 0.3 to 40 chunks.
+        let len = (CS * 3 / 10 + rng.below(40 * CS)).min(data.len() as u64 - off);
+        let kind = match k % 3 {
+            0 => ExtentKind::Data,
+            1 => ExtentKind::Hole,
+            _ => ExtentKind::Zero,
+        };
+        if kind == ExtentKind::Data {
+            rng.fill(&mut data[off as usize..(off + len) as usize]);
+        }
+        map.push(Extent {
+            offset: off,
+            length: len,
+            kind,
+        });
+        off += len;
+        k += 1;
+    }
+    // Chunks wholly inside holes/zeroes: never to be read.
+    let hole_chunk = |c: u64| {
+        let (s, e) = (c * CS, (c + 1) * CS);
+        let mut covered = s;
+        for x in map.iter().filter(|x| x.kind != ExtentKind::Data) {
+            if x.offset <= covered && x.offset + x.length > covered {
+                covered = x.offset + x.length;
+            }
+        }
+        covered >= e
+    };
+    let holes: Vec<u64> = (0..chunks).filter(|c| hole_chunk(*c)).collect();
+    assert!(holes.len() > 500, "{} hole chunks", holes.len());
+    let src = Arc::new(SparseSource {
+        data: data.clone(),
+        map,
+        reads: Mutex::new(Vec::new()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let p = pool_at(&path);
+    let v = p.create_lazy("l", src.clone()).unwrap();
+    let mut expect = data.clone();
+    let h = Hydrator::start(&v, HydratorOptions::default());
+    // Writes into hole chunks while the hydrator settles them.
+    let mut w = Rng(78);
+    for i in 0..400u64 {
+        let c = holes[w.below(holes.len() as u64) as usize];
+        let at = c * CS + w.below(CS - 100);
+        let buf = [(i % 250 + 1) as u8; 100];
+        v.write_at(at, &buf).unwrap();
+        expect[at as usize..at as usize + 100].copy_from_slice(&buf);
+    }
+    h.wait().unwrap();
+    assert!(!v.is_lazy());
+    let reads = src.reads.lock().unwrap().clone();
+    for c in &holes {
+        assert!(
+            !reads.contains(c),
+            "hole chunk {c} was read from the source"
+        );
+    }
+    assert_eq!(whole(&v), expect);
+    drop(v);
+    drop(p);
+    let p = Pool::open(&path).unwrap();
+    assert_eq!(whole(&p.volume("l").unwrap()), expect);
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
