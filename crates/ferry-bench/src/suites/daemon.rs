@@ -80,9 +80,17 @@ impl Daemon {
         let token = std::fs::read_to_string(data.join("admin.token"))?
             .trim()
             .to_string();
+        // A free NBD port unless asked otherwise: another ferryd (a test,
+        // another suite) may hold the default one.
+        let nbd: &[&str] = if extra.contains(&"--nbd-listen") {
+            &[]
+        } else {
+            &["--nbd-listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(exe)
             .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
+            .args(nbd)
             .args(extra)
             .env("FERRYD_LOG", "warn")
             .stderr(Stdio::piped())
