@@ -96,11 +96,20 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()?;
         let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let mut said = Vec::new();
         let url = loop {
-            let line = lines.next().context("ferryd exited before listening")??;
+            let Some(line) = lines.next() else {
+                bail!(
+                    "ferryd ({}) exited before listening: {}",
+                    data.display(),
+                    said.join("\n")
+                );
+            };
+            let line = line?;
             if let Some((_, url)) = line.split_once(" listening on ") {
                 break url.to_string();
             }
+            said.push(line);
         };
         std::thread::spawn(move || for _ in lines {});
         Ok(Daemon {
