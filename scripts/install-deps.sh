@@ -11,6 +11,7 @@ PACKAGES=(
   e2fsprogs fdisk gdisk libnbd-bin fio nbdkit
   iproute2 openssl
   restic
+  syslinux syslinux-common mtools dosfstools
   chromium chromium-driver
 )
 
