@@ -250,23 +250,17 @@ fn make_boot_disk(
         ],
         None,
     )?;
+    // The boot partition is built in a file of its own, then copied in:
+    // syslinux's --offset fails beyond 4 GiB ("invalid media signature").
+    let part = path.with_extension("boot.img");
+    std::fs::File::create(&part)?.set_len(BOOT_PART)?;
+    let pp = part.to_str().context("boot partition path")?;
     run_tool(
         &tool("mkfs.fat"),
-        &[
-            "-F",
-            "16",
-            "--offset",
-            &(boot_off / 512).to_string(),
-            p,
-            &(BOOT_PART / 1024).to_string(),
-        ],
+        &["-F", "16", pp, &(BOOT_PART / 1024).to_string()],
         None,
     )?;
-    run_tool(
-        &tool("syslinux"),
-        &["--install", "--offset", &boot_off.to_string(), p],
-        None,
-    )?;
+    run_tool(&tool("syslinux"), &["--install", pp], None)?;
     let cfg = path.with_extension("syslinux.cfg");
     std::fs::write(
         &cfg,
@@ -274,7 +268,6 @@ fn make_boot_disk(
             "SERIAL 0 115200\nDEFAULT linux\nLABEL linux\n  KERNEL /vmlinuz\n  APPEND initrd=/initrd {cmdline}\n"
         ),
     )?;
-    let fat = format!("{p}@@{boot_off}");
     for (from, to) in [
         (image.kernel(), "::/vmlinuz"),
         (image.initramfs(), "::/initrd"),
@@ -282,21 +275,21 @@ fn make_boot_disk(
     ] {
         run_tool(
             &tool("mcopy"),
-            &["-i", &fat, from.to_str().context("path")?, to],
+            &["-i", pp, from.to_str().context("path")?, to],
             None,
         )?;
     }
     std::fs::remove_file(&cfg)?;
+    let bytes = std::fs::read(&part)?;
+    std::fs::remove_file(&part)?;
+    use std::os::unix::fs::FileExt;
+    let disk = std::fs::OpenOptions::new().write(true).open(path)?;
+    disk.write_all_at(&bytes, boot_off)?;
     // syslinux's MBR boot code (the first 440 bytes; the partition table
     // after it stays).
     let mbr = std::fs::read("/usr/lib/syslinux/mbr/mbr.bin")
         .context("/usr/lib/syslinux/mbr/mbr.bin (package syslinux-common)")?;
-    let code = &mbr[..mbr.len().min(440)];
-    use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)?
-        .write_all_at(code, 0)?;
+    disk.write_all_at(&mbr[..mbr.len().min(440)], 0)?;
     Ok(())
 }
 
