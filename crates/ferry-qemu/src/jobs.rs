@@ -121,6 +121,9 @@ fn event_job(ev: &Value) -> Option<&str> {
 /// before (error or cancel) or a QEMU that goes away is an error.
 pub async fn wait_ready(events: &mut EventStream, job: &str, timeout: Duration) -> Result<()> {
     let fut = async {
+        // The side that failed, from BLOCK_JOB_ERROR; the reason comes with
+        // the BLOCK_JOB_COMPLETED that follows when the action is `report`.
+        let mut failed: Option<String> = None;
         loop {
             let ev = events.next().await?;
             if event_job(&ev.data) != Some(job) {
@@ -128,11 +131,29 @@ pub async fn wait_ready(events: &mut EventStream, job: &str, timeout: Duration) 
             }
             match ev.name.as_str() {
                 "BLOCK_JOB_READY" => return Ok(()),
-                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR" => {
-                    let why = ev.data["error"]
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| format!("{} before ready", ev.name));
+                "BLOCK_JOB_ERROR" => {
+                    let side = match ev.data["operation"].as_str() {
+                        Some("read") => "reading its source failed".to_string(),
+                        Some("write") => "writing its target failed".to_string(),
+                        other => format!("{} failed", other.unwrap_or("an I/O")),
+                    };
+                    match ev.data["action"].as_str() {
+                        // The job goes on (ignore) or ends next (report).
+                        Some("ignore") | Some("report") => failed = Some(side),
+                        _ => {
+                            let why = format!("{side} (job paused)");
+                            return Err(Error::new(ErrorKind::Job(why), job_ctx(job)));
+                        }
+                    }
+                }
+                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
+                    let reason = ev.data["error"].as_str().map(str::to_string);
+                    let why = match (&failed, reason) {
+                        (Some(side), Some(r)) => format!("{side}: {r}"),
+                        (Some(side), None) => side.clone(),
+                        (None, Some(r)) => r,
+                        (None, None) => format!("{} before ready", ev.name),
+                    };
                     return Err(Error::new(ErrorKind::Job(why), job_ctx(job)));
                 }
                 _ => {}
