@@ -56,7 +56,13 @@
 //! whole chunks that need new space takes a run of chunks that follow each
 //! other in the data file (aligned at its end when no free run fits) and
 //! writes it with one pwrite: fewer syscalls, and the page cache keeps the
-//! run in large folios, which makes later reads of it cheaper. Changes of the mapping
+//! run in large folios, which makes later reads of it cheaper.
+//! [`Volume::write_direct`] (bulk fills such as a restore) writes whole
+//! chunks with `O_DIRECT` instead, up to 8 MiB at once, into runs first
+//! allocated in the data file with `fallocate` (so ext4 lets several
+//! writers proceed at once); unaligned pieces take the buffered path.
+//! Either way the bytes have reached the kernel before the write returns
+//! and are durable after the next fdatasync. Changes of the mapping
 //! (new chunk, copy-on-write, trim) are staged in memory; [`Pool::flush`]
 //! (or [`Volume::flush`]) commits them: the first flusher fdatasyncs the
 //! data file, then commits every staged change in one redb transaction;
@@ -221,7 +227,7 @@ pub use control::{Pool, SnapshotInfo, VolumeInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use hydrator::{HydrationProgress, Hydrator, HydratorOptions};
 pub use lazy::ChunkSource;
-pub use pool::{DATA_FILE, META_FILE, PoolOptions, Recovery};
+pub use pool::{DATA_FILE, DIRECT_ALIGN, META_FILE, PoolOptions, Recovery};
 pub use profile::ProfileLimit;
 pub use snapshot::Snapshot;
 pub use verify::{PoolUsage, VolumeSpace};

@@ -2,11 +2,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 
@@ -20,6 +20,11 @@ use crate::volume::{Slot, VolInner};
 pub const DATA_FILE: &str = "data";
 /// Name of the metadata database inside the pool directory.
 pub const META_FILE: &str = "meta.redb";
+
+/// Alignment of buffer address, file offset and length that direct
+/// writes ([`Shared::pwrite_direct`]) need; anything else is written
+/// through the page cache.
+pub const DIRECT_ALIGN: usize = 4096;
 
 /// Counter: the newest stage log whose changes are committed.
 const LOG_COMMITTED: &str = "log_committed";
@@ -95,6 +100,10 @@ pub(crate) struct Shared {
     pub dir: PathBuf,
     pub chunk: u64,
     pub data: File,
+    /// The data file opened again with `O_DIRECT`, for bulk writes that
+    /// bypass the page cache; opened at the first such write (`None` when
+    /// the file system refuses direct I/O).
+    pub direct: OnceLock<Option<File>>,
     pub db: Database,
     pub alloc: Mutex<Alloc>,
     pub pending: Mutex<Pending>,
@@ -176,6 +185,93 @@ impl Shared {
             self.data_dirty.store(true, Ordering::SeqCst);
         }
         r
+    }
+
+    /// Write whole new (or exclusively owned) chunks starting at `phys`
+    /// straight to the disk (`O_DIRECT`), bypassing the page cache, when
+    /// the buffer, offset and length are aligned to [`DIRECT_ALIGN`];
+    /// otherwise, or when the file system refuses direct I/O, an ordinary
+    /// [`Shared::pwrite`]. With `allocate`, the range is first allocated
+    /// in the data file (`fallocate`), so that the direct write is an
+    /// overwrite of allocated blocks, which ext4 lets several threads do
+    /// at once (a write into a hole or past the end takes the file's lock
+    /// exclusively for the whole I/O).
+    ///
+    /// For bulk fills (restore) whose data is not read back soon: writing
+    /// into fresh page-cache pages costs more than the disk write itself on
+    /// a VM host (every new page is first touched by that copy), and a
+    /// direct write also leaves the page cache to other users. The kernel
+    /// keeps the page cache coherent (cached pages of the range are written
+    /// back before and dropped after the write); like any write it is
+    /// durable after the next commit's fdatasync.
+    pub fn pwrite_direct(&self, phys: u64, buf: &[u8], allocate: bool) -> Result<()> {
+        let off = self.data_at(phys);
+        let aligned = |b: &[u8], o: u64| {
+            (b.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+                && b.len().is_multiple_of(DIRECT_ALIGN)
+                && o.is_multiple_of(DIRECT_ALIGN as u64)
+        };
+        let Some(f) = self.direct_file().filter(|_| aligned(buf, off)) else {
+            return self.pwrite(phys, 0, buf);
+        };
+        if allocate {
+            // SAFETY: fallocate on a file descriptor we own, with plain
+            // integer arguments; it does not touch our memory. Best
+            // effort: without it the write is correct, only serialised.
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    0,
+                    off as libc::off_t,
+                    buf.len() as libc::off_t,
+                );
+            }
+        }
+        let mut done = 0usize;
+        let r = loop {
+            let rest = &buf[done..];
+            if rest.is_empty() {
+                break Ok(());
+            }
+            if !aligned(rest, off + done as u64) {
+                // A short direct write left an unaligned remainder.
+                break self.pwrite(phys, done as u64, rest);
+            }
+            match f.write_at(rest, off + done as u64) {
+                Ok(0) => {
+                    break Err(std::io::Error::from(std::io::ErrorKind::WriteZero)).ctx(|| {
+                        format!("write physical chunk {phys} of pool {}", self.dir.display())
+                    });
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Direct I/O refused for this range: the ordinary write.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    break self.pwrite(phys, done as u64, rest);
+                }
+                Err(e) => {
+                    break Err(e).ctx(|| {
+                        format!("write physical chunk {phys} of pool {}", self.dir.display())
+                    });
+                }
+            }
+        };
+        if !self.data_dirty.load(Ordering::SeqCst) {
+            self.data_dirty.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn direct_file(&self) -> Option<&File> {
+        self.direct
+            .get_or_init(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(self.dir.join(DATA_FILE))
+                    .ok()
+            })
+            .as_ref()
     }
 
     /// Take a free chunk, or fail with `NoSpace` (nothing changed).
@@ -598,6 +694,7 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
         dir: dir.to_path_buf(),
         chunk,
         data,
+        direct: OnceLock::new(),
         db,
         alloc: Mutex::new(alloc),
         pending: Mutex::new(Pending {

@@ -9,8 +9,9 @@
 //! (QEMU does) would be told that a lost write is durable. With it:
 //!
 //! - Each staged change is appended here with one `pwrite` (no fsync) after
-//!   its data was written: both are in the page cache, so both survive the
-//!   death of the process.
+//!   its data was written: both are in the page cache (or, for a direct
+//!   write, the data is already on the device), so both survive the death
+//!   of the process.
 //! - A commit takes the staged changes and starts a new log file; the
 //!   commit transaction records the sequence number of the log it covers
 //!   (`log_committed` in the counters table); afterwards logs up to that

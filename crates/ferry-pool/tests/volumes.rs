@@ -381,3 +381,67 @@ fn many_threads_read_and_write_while_snapshots_come_and_go() {
     }
     assert_eq!(p.verify().unwrap(), Vec::<String>::new());
 }
+
+/// `len` bytes of a pattern that differs per call (`seed`), starting at a
+/// `DIRECT_ALIGN`-aligned address of the returned vector (plus `skew`).
+fn aligned(len: usize, seed: u64, skew: usize) -> (Vec<u8>, usize) {
+    let mut mem = vec![0u8; len + 2 * ferry_pool::DIRECT_ALIGN];
+    let at = mem.as_ptr().align_offset(ferry_pool::DIRECT_ALIGN) + skew;
+    let mut x = seed | 1;
+    for b in &mut mem[at..at + len] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    (mem, at)
+}
+
+#[test]
+fn direct_writes_read_back_keep_snapshots_and_survive_reopen() {
+    const C: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let p = Pool::create(&path, PoolOptions::default()).unwrap();
+    let v = p.create_volume("v", 1024 * C).unwrap();
+    let mut expect = vec![0u8; 1024 * C as usize];
+    let put = |expect: &mut Vec<u8>, v: &ferry_pool::Volume, off: u64, data: &[u8]| {
+        v.write_direct(off, data).unwrap();
+        expect[off as usize..off as usize + data.len()].copy_from_slice(data);
+    };
+    // New chunks, in runs longer than one direct write.
+    let (m, at) = aligned(300 * C as usize, 1, 0);
+    put(&mut expect, &v, 0, &m[at..at + 300 * C as usize]);
+    // Unaligned buffer and partial chunks: the ordinary path.
+    let (m, at) = aligned(40 * C as usize, 2, 1);
+    put(&mut expect, &v, 400 * C, &m[at..at + 40 * C as usize]);
+    let (m, at) = aligned(5000, 3, 0);
+    put(&mut expect, &v, 500 * C + 300, &m[at..at + 5000]);
+    // Overwrite in place chunks whose pages the page cache holds (read
+    // just before): the read after the direct write sees the new data.
+    assert_eq!(
+        read(&v, 10 * C, 20 * C as usize),
+        expect[10 * C as usize..30 * C as usize]
+    );
+    let (m, at) = aligned(20 * C as usize, 4, 0);
+    put(&mut expect, &v, 10 * C, &m[at..at + 20 * C as usize]);
+    assert_eq!(read(&v, 0, 1024 * C as usize), expect);
+    // After a snapshot, direct writes copy on write; the snapshot keeps
+    // the old content.
+    p.snapshot("v", "s").unwrap();
+    let before = expect.clone();
+    let (m, at) = aligned(64 * C as usize, 5, 0);
+    put(&mut expect, &v, 0, &m[at..at + 64 * C as usize]);
+    let snap = p.open_snapshot("s").unwrap();
+    let mut b = vec![0u8; 1024 * C as usize];
+    snap.read_at(0, &mut b).unwrap();
+    assert_eq!(b, before);
+    assert_eq!(read(&v, 0, 1024 * C as usize), expect);
+    v.flush().unwrap();
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    drop((v, snap, p));
+    let p = Pool::open(&path).unwrap();
+    let v = p.volume("v").unwrap();
+    assert_eq!(read(&v, 0, 1024 * C as usize), expect);
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
