@@ -18,8 +18,8 @@
 //! content, so reading a chunk checks the envelope (tag or checksum), then
 //! the content against the id.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 
 use crate::crypto::{ChunkId, Key};
 use crate::error::{Error, ErrorKind, Result};
@@ -41,6 +41,8 @@ const HDR: usize = 16;
 const FLAG_ZSTD: u8 = 1;
 const FLAG_AES: u8 = 2;
 const NONCE: usize = 12;
+/// Bytes of the AES-GCM tag.
+const TAG: usize = 16;
 /// zstd level: 1 is the fastest of the strong ones (hundreds of MB/s a core).
 const ZSTD_LEVEL: i32 = 1;
 
@@ -108,12 +110,73 @@ pub fn seal(magic: [u8; 8], plain: &[u8], compress: bool, key: Option<&Key>) -> 
 
 /// Open an envelope of kind `magic` named `what` (for errors).
 pub fn open(magic: [u8; 8], blob: &[u8], key: Option<&Key>, what: &str) -> Result<Vec<u8>> {
-    let corrupt = |why: &str| Error::new(ErrorKind::Corrupt, format!("{what}: {why}"));
+    let mut blob = blob.to_vec();
+    let (body, flags, plain_len) = unseal(magic, &mut blob, key, what)?;
+    if flags & FLAG_ZSTD != 0 {
+        let plain = zstd::bulk::decompress(&blob[body], plain_len)
+            .map_err(|_| corrupt(what, "bad zstd data"))?;
+        if plain.len() != plain_len {
+            return Err(corrupt(what, "length mismatch"));
+        }
+        Ok(plain)
+    } else {
+        if body.len() != plain_len {
+            return Err(corrupt(what, "length mismatch"));
+        }
+        blob.truncate(body.end);
+        blob.drain(..body.start);
+        Ok(blob)
+    }
+}
+
+/// [`open`] into `out`, which must be exactly as long as the payload:
+/// decrypts in `blob` (which it leaves scrambled) and decompresses
+/// straight into `out`, with no buffer of its own (a restore decodes each
+/// block into the buffer it writes).
+pub fn open_into(
+    magic: [u8; 8],
+    blob: &mut [u8],
+    key: Option<&Key>,
+    what: &str,
+    out: &mut [u8],
+) -> Result<()> {
+    let (body, flags, plain_len) = unseal(magic, blob, key, what)?;
+    if plain_len != out.len() {
+        return Err(corrupt(what, "length mismatch"));
+    }
+    if flags & FLAG_ZSTD != 0 {
+        let n = zstd::bulk::decompress_to_buffer(&blob[body], out)
+            .map_err(|_| corrupt(what, "bad zstd data"))?;
+        if n != plain_len {
+            return Err(corrupt(what, "length mismatch"));
+        }
+    } else {
+        if body.len() != plain_len {
+            return Err(corrupt(what, "length mismatch"));
+        }
+        out.copy_from_slice(&blob[body]);
+    }
+    Ok(())
+}
+
+fn corrupt(what: &str, why: &str) -> Error {
+    Error::new(ErrorKind::Corrupt, format!("{what}: {why}"))
+}
+
+/// Check an envelope's header and its tag or checksum, decrypting in
+/// place: returns where the (maybe compressed) payload is in `blob`, the
+/// flags and the plain payload's length.
+fn unseal(
+    magic: [u8; 8],
+    blob: &mut [u8],
+    key: Option<&Key>,
+    what: &str,
+) -> Result<(std::ops::Range<usize>, u8, usize)> {
     if blob.len() < HDR {
-        return Err(corrupt("too short"));
+        return Err(corrupt(what, "too short"));
     }
     if blob[..8] != magic {
-        return Err(corrupt(&format!("not a ferry {}", kind_name(&magic))));
+        return Err(corrupt(what, &format!("not a ferry {}", kind_name(&magic))));
     }
     let version = u16::from_le_bytes([blob[8], blob[9]]);
     if version != VERSION {
@@ -127,51 +190,44 @@ pub fn open(magic: [u8; 8], blob: &[u8], key: Option<&Key>, what: &str) -> Resul
     }
     let flags = blob[10];
     if flags & !(FLAG_ZSTD | FLAG_AES) != 0 {
-        return Err(corrupt("unknown flags"));
+        return Err(corrupt(what, "unknown flags"));
     }
     let plain_len = u32::from_le_bytes([blob[12], blob[13], blob[14], blob[15]]) as usize;
-    let body: Vec<u8> = if flags & FLAG_AES != 0 {
+    let body = if flags & FLAG_AES != 0 {
         let Some(k) = key else {
             return Err(Error::new(
                 ErrorKind::WrongKey,
                 format!("{what}: encrypted, and no key was given"),
             ));
         };
-        if blob.len() < HDR + NONCE + 16 {
-            return Err(corrupt("too short"));
+        if blob.len() < HDR + NONCE + TAG {
+            return Err(corrupt(what, "too short"));
         }
-        let cipher = Aes256Gcm::new(&k.enc_key().into());
-        cipher
-            .decrypt(
-                Nonce::from_slice(&blob[HDR..HDR + NONCE]),
-                Payload {
-                    msg: &blob[HDR + NONCE..],
-                    aad: &blob[..HDR],
-                },
+        let (head, rest) = blob.split_at_mut(HDR + NONCE);
+        let (ct, tag) = rest.split_at_mut(rest.len() - TAG);
+        Aes256Gcm::new(&k.enc_key().into())
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&head[HDR..]),
+                &head[..HDR],
+                ct,
+                Tag::from_slice(tag),
             )
-            .map_err(|_| corrupt("authentication failed (damaged or wrong key)"))?
+            .map_err(|_| corrupt(what, "authentication failed (damaged or wrong key)"))?;
+        HDR + NONCE..blob.len() - TAG
     } else {
         if key.is_some() && magic != MAGIC_CONFIG {
-            return Err(corrupt("not encrypted in an encrypted repository"));
+            return Err(corrupt(what, "not encrypted in an encrypted repository"));
         }
         if blob.len() < HDR + 32 {
-            return Err(corrupt("too short"));
+            return Err(corrupt(what, "too short"));
         }
         let (data, sum) = blob.split_at(blob.len() - 32);
         if blake3::hash(data).as_bytes() != sum {
-            return Err(corrupt("checksum mismatch"));
+            return Err(corrupt(what, "checksum mismatch"));
         }
-        data[HDR..].to_vec()
+        HDR..blob.len() - 32
     };
-    let plain = if flags & FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(&body, plain_len).map_err(|_| corrupt("bad zstd data"))?
-    } else {
-        body
-    };
-    if plain.len() != plain_len {
-        return Err(corrupt("length mismatch"));
-    }
-    Ok(plain)
+    Ok((body, flags, plain_len))
 }
 
 /// A disk's index: the chunk id of every block (or [`ChunkId::HOLE`]).
@@ -254,6 +310,34 @@ mod tests {
             v2[8] = 2;
             let e = open(MAGIC_CHUNK, &v2, key.as_ref(), "t").unwrap_err();
             assert_eq!(e.kind(), ErrorKind::UnknownVersion);
+        }
+    }
+
+    #[test]
+    fn open_into_decodes_in_place_and_detects_damage() {
+        let text: Vec<u8> = b"hello world ".repeat(1000);
+        let random: Vec<u8> = (0..12000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for data in [&text, &random] {
+            for key in [None, Some(Key::generate())] {
+                for compress in [true, false] {
+                    let b = seal(MAGIC_CHUNK, data, compress, key.as_ref());
+                    let mut out = vec![0u8; data.len()];
+                    open_into(MAGIC_CHUNK, &mut b.clone(), key.as_ref(), "t", &mut out).unwrap();
+                    assert_eq!(&out, data);
+                    let mut short = vec![0u8; data.len() - 1];
+                    let e = open_into(MAGIC_CHUNK, &mut b.clone(), key.as_ref(), "t", &mut short)
+                        .unwrap_err();
+                    assert_eq!(e.kind(), ErrorKind::Corrupt);
+                    let mut bad = b.clone();
+                    let i = bad.len() / 2;
+                    bad[i] ^= 1;
+                    let e =
+                        open_into(MAGIC_CHUNK, &mut bad, key.as_ref(), "t", &mut out).unwrap_err();
+                    assert_eq!(e.kind(), ErrorKind::Corrupt);
+                }
+            }
         }
     }
 

@@ -71,9 +71,11 @@
 //! decompressed blocks; it implements the pool's [`ferry_pool::ChunkSource`]
 //! so a lazy volume can be served from a backup (instant restore).
 //! [`Repository::restore_disk`] restores a whole disk with parallel fetch:
-//! runs of consecutive blocks fetched, checked and decompressed by several
-//! threads and written at once, the target flushed in the background as it
-//! fills and once at the end.
+//! runs of consecutive blocks fetched, checked, decrypted in place and
+//! decompressed straight into each thread's run buffer by several threads
+//! and written at once (into a pool volume with direct writes, bypassing
+//! the page cache), the target flushed in the background as it fills and
+//! once at the end.
 //!
 //! # Example
 //!

@@ -51,13 +51,16 @@ impl DiskSource for SnapshotSource {
     }
 }
 
-/// A pool volume as a restore [`DiskTarget`].
+/// A pool volume as a restore [`DiskTarget`]. Writes go to the disk
+/// directly ([`Volume::write_direct`]): a restored disk is not read back
+/// soon, and writing it through the page cache costs more than the disk
+/// write itself.
 #[derive(Debug, Clone)]
 pub struct VolumeTarget(pub Volume);
 
 impl DiskTarget for VolumeTarget {
     fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_at(off, data).map_err(io::Error::other)
+        self.0.write_direct(off, data).map_err(io::Error::other)
     }
 
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {

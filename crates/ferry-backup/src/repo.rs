@@ -315,6 +315,25 @@ impl Repository {
         Ok(plain)
     }
 
+    /// [`Repository::read_chunk`] into `out`, which must be exactly the
+    /// chunk's length: decrypted in the fetched blob and decompressed
+    /// straight into `out` (no buffer per chunk).
+    pub(crate) fn read_chunk_into(&self, id: ChunkId, out: &mut [u8]) -> Result<()> {
+        let what = format!("chunk {id} in repository {}", self.inner.location);
+        let mut blob = self
+            .store()
+            .get(&id.key())?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{what}: missing")))?;
+        format::open_into(MAGIC_CHUNK, &mut blob, self.inner.key.as_ref(), &what, out)?;
+        if self.chunk_id(out) != id {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("{what}: content does not match its id"),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn put_index(&self, key: &str, ix: &Index) -> Result<()> {
         let blob = format::seal(MAGIC_INDEX, &ix.encode(), true, self.inner.key.as_ref());
         self.store().put(key, &blob)

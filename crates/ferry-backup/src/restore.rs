@@ -142,7 +142,13 @@ impl Repository {
             let workers: Vec<_> = (0..threads.max(1))
                 .map(|_| {
                     s.spawn(|| {
-                        let mut buf: Vec<u8> = Vec::new();
+                        // One buffer per fetcher for its whole life, aligned
+                        // for direct writes ([`ferry_pool::DIRECT_ALIGN`]):
+                        // blocks are decoded straight into it.
+                        let cap = (WRITE_BATCH.max(bs) as usize).min(ix.size as usize);
+                        let mut mem = vec![0u8; cap + ferry_pool::DIRECT_ALIGN];
+                        let pad = mem.as_ptr().align_offset(ferry_pool::DIRECT_ALIGN);
+                        let buf = &mut mem[pad..pad + cap];
                         loop {
                             if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                                 break;
@@ -154,34 +160,32 @@ impl Repository {
                             let res = if run.hole {
                                 target.write_zeroes(off, len).map_err(disk_err(off))
                             } else {
-                                buf.clear();
                                 let mut res = Ok(());
                                 for b in run.first..run.first + run.count as u64 {
-                                    let blen = bs.min(ix.size - b * bs);
+                                    let at = ((b - run.first) * bs) as usize;
+                                    let blen = bs.min(ix.size - b * bs) as usize;
                                     fetched.fetch_add(1, Ordering::Relaxed);
-                                    res = self.read_chunk(ix.chunks[b as usize]).and_then(|d| {
-                                        if d.len() as u64 != blen {
-                                            return Err(Error::new(
-                                                ErrorKind::Corrupt,
-                                                format!(
-                                                    "{}: block {b} has the wrong length",
-                                                    r.what
-                                                ),
-                                            ));
-                                        }
-                                        if buf.is_empty() {
-                                            buf = d;
-                                            buf.reserve(len as usize - blen as usize);
-                                        } else {
-                                            buf.extend_from_slice(&d);
-                                        }
-                                        Ok(())
-                                    });
+                                    res = self
+                                        .read_chunk_into(
+                                            ix.chunks[b as usize],
+                                            &mut buf[at..at + blen],
+                                        )
+                                        .map_err(|e| {
+                                            Error::with_source(
+                                                e.kind(),
+                                                format!("{}: block {b}", r.what),
+                                                e,
+                                            )
+                                        });
                                     if res.is_err() {
                                         break;
                                     }
                                 }
-                                res.and_then(|()| target.write_at(off, &buf).map_err(disk_err(off)))
+                                res.and_then(|()| {
+                                    target
+                                        .write_at(off, &buf[..len as usize])
+                                        .map_err(disk_err(off))
+                                })
                             };
                             if let Err(e) = res {
                                 fail(e);
