@@ -514,8 +514,20 @@ impl Shared {
         if frees.is_empty() {
             return;
         }
-        for &p in &frees {
-            punch_hole(&self.data, self.data_at(p), self.chunk);
+        // One hole per run of consecutive chunks: deleting a 16 GiB volume
+        // chunk by chunk took minutes of fallocate calls.
+        let mut sorted = frees.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut j = i + 1;
+            while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+                j += 1;
+            }
+            let n = (j - i) as u64;
+            punch_hole(&self.data, self.data_at(sorted[i]), n * self.chunk);
+            i = j;
         }
         let mut a = lock(&self.alloc);
         for p in frees {
