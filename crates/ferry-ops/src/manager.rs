@@ -299,6 +299,7 @@ impl<C: Send + Sync + 'static> Manager<C> {
                 return self.compensate(run, OpState::Failed, &reason).await;
             }
             self.log(id, "info", &format!("step {name} started"));
+            progress.update(|t| t.start(cx.node));
             crate::fault::test_pause(&format!("{}:started:{idx}", run.kind)).await;
             match step.run(&cx).await {
                 Ok(result) => {

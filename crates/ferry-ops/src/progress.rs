@@ -29,6 +29,9 @@ pub struct ProgressTree {
     reported: f64,
     complete: bool,
     started: Instant,
+    /// When each node was started ([`ProgressTree::start`]) and finished,
+    /// for the time a step took ([`ProgressTree::took`]).
+    times: Vec<(Option<Instant>, Option<Instant>)>,
 }
 
 impl ProgressTree {
@@ -46,6 +49,7 @@ impl ProgressTree {
             reported: 0.0,
             complete: false,
             started: Instant::now(),
+            times: vec![(None, None)],
         }
     }
 
@@ -67,8 +71,33 @@ impl ProgressTree {
             children: Vec::new(),
         });
         self.nodes[parent].children.push(id);
+        self.times.push((None, None));
         self.refresh();
         id
+    }
+
+    /// Notes that the work of a node starts now (the manager calls it for
+    /// each step), so that [`ProgressTree::took`] can tell its duration.
+    pub fn start(&mut self, id: NodeId) {
+        if let Some(t) = self.times.get_mut(id) {
+            *t = (Some(Instant::now()), None);
+        }
+    }
+
+    /// How long a node took from [`ProgressTree::start`] to
+    /// [`ProgressTree::finish`]; `None` unless both happened in this
+    /// process. Lets an operation weigh its short fixed steps by their
+    /// measured time.
+    pub fn took(&self, id: NodeId) -> Option<Duration> {
+        match self.times.get(id)? {
+            (Some(a), Some(b)) => Some(b.saturating_duration_since(*a)),
+            _ => None,
+        }
+    }
+
+    /// Time since the tree was made (the operation's start in this run).
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Re-measures a node's weight. The reported figure does not move back.
@@ -92,6 +121,9 @@ impl ProgressTree {
 
     /// Marks a node and everything below it done.
     pub fn finish(&mut self, id: NodeId) {
+        if let Some((Some(_), end @ None)) = self.times.get_mut(id) {
+            *end = Some(Instant::now());
+        }
         let mut stack = vec![id];
         while let Some(i) = stack.pop() {
             if let Some(n) = self.nodes.get_mut(i) {
@@ -256,6 +288,26 @@ mod tests {
         assert!((t.overall() - 0.5).abs() < 1e-9);
         let v = t.view();
         assert_eq!(v.nodes[disk].fraction, 1.0);
+    }
+
+    #[test]
+    fn took_is_known_once_started_and_finished() {
+        let mut t = ProgressTree::new("op");
+        let a = t.add(ProgressTree::ROOT, "a", 0.0);
+        let b = t.add(ProgressTree::ROOT, "b", 0.0);
+        assert_eq!(t.took(a), None);
+        t.start(a);
+        assert_eq!(t.took(a), None);
+        std::thread::sleep(Duration::from_millis(2));
+        t.finish(a);
+        let took = t.took(a).unwrap();
+        assert!(took >= Duration::from_millis(2), "{took:?}");
+        // A later finish (say, of the whole tree) does not move it.
+        t.finish(ProgressTree::ROOT);
+        assert_eq!(t.took(a), Some(took));
+        // Finished without a start (a step done before a restart): unknown.
+        t.finish(b);
+        assert_eq!(t.took(b), None);
     }
 
     #[derive(Debug, Clone)]
