@@ -121,6 +121,7 @@ impl Daemon {
                 host: cfg.name.clone(),
                 root: dir.root.clone(),
                 ops: Arc::downgrade(&ops),
+                rates: Default::default(),
             },
         );
         crate::vmcopy::relay::register(

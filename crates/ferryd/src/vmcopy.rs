@@ -19,8 +19,9 @@
 //!    leaves nothing on the target.
 //! 4. `copy data` — see [`transfer`]: per disk, per partition (and the
 //!    space outside partitions), *transfer* the allocated, non-zero chunks
-//!    of the snapshot over NBD, then *verify* (BLAKE3 per 1 MiB block on
-//!    both hosts, the target's through `POST /v1/peer/copy/hash`). How far
+//!    of the snapshot over NBD, then *verify* (BLAKE3 per 1 MiB block:
+//!    the source's taken as it sent, the target's through
+//!    `POST /v1/peer/copy/hash`). How far
 //!    each transfer got is checkpointed in the journal, so a run after a
 //!    crash of this host sends only what is missing; verify always covers
 //!    everything. Retried after a crash.
@@ -61,6 +62,8 @@ pub struct Env {
     pub root: PathBuf,
     /// To run the nested `vm-snapshot` operation of a running VM.
     pub ops: Weak<Manager<App>>,
+    /// Throughputs the last copy to each peer measured.
+    pub(crate) rates: transfer::KnownRates,
 }
 
 impl Env {
@@ -123,9 +126,10 @@ fn target_export(op_id: &str, dev: &str) -> String {
 fn plan(env: Arc<Env>, params: &Value) -> Result<Plan<App>, String> {
     let p: Params = serde_json::from_value(params.clone()).map_err(|e| e.to_string())?;
     let title = format!("copy vm {} to {} as {}", p.vm, p.to, p.name);
-    // Only the data step has a weight: the others take a moment each. The
-    // data step's node gets the VM → disk → partition → transfer/verify
-    // tree when it starts (it measures the disks first).
+    // Only the data step has a weight until it starts: then it weighs
+    // every step in seconds (the fixed ones by the time they took or are
+    // expected to take) and gets the VM → disk → partition →
+    // transfer/verify tree (it measures the disks first).
     Ok(Plan::new(
         &title,
         vec![

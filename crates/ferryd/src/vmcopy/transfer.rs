@@ -11,19 +11,27 @@
 //!   within the leaf), a disk's the sum of its leaves'.
 //! - A leaf's weight is split between transfer and verify in proportion to
 //!   their expected times: bytes / throughput, with throughputs measured on
-//!   this pair of hosts — first by a short calibration (a few MiB sent and
-//!   hashed on both hosts), then by the running measurement after each
-//!   leaf. Only leaves that have not started are re-split: their fraction
-//!   is 0, so the overall figure does not move when they are (the split
-//!   is inside a leaf whose total weight is fixed).
+//!   this pair of hosts — first those the last copy to the same peer
+//!   measured ([`KnownRates`]; [`PRIOR`] before any), then the running
+//!   measurement after each leaf. Only leaves that have not started are
+//!   re-split: their fraction is 0, so the overall figure does not move
+//!   when they are (the split is inside a leaf whose total weight is
+//!   fixed).
+//! - Before its first node, the step weighs the operation's steps in
+//!   seconds (see [`step_weights`]): the fixed steps count for the time
+//!   they take. A disk weighs its expected seconds, next to an `open disks`
+//!   node that weighs the time opening them took.
 //!
 //! # What is sent
-//! The snapshot's allocated ranges only; of those, 1 MiB blocks that read
-//! as all zeroes are not sent (the new target volume reads zero there).
+//! The snapshot's allocated ranges only, read in [`XFER`] units on the
+//! blocking pool; of those, 1 MiB blocks that read as all zeroes are not
+//! sent (the new target volume reads zero there). Each block is hashed as
+//! it is read, so verify reads only the target's copy.
 //!
 //! # Resume
 //! After every [`CHECKPOINT_EVERY`] bytes of a leaf and at its end, the
-//! step records in the journal how far the leaf's transfer got
+//! step flushes the target and, once the flush answered, records in the
+//! journal how far the leaf's transfer got
 //! (`{"disk":D,"leaf":L,"done":BYTES}`); a run after a crash skips that.
 //! Verify always runs in full, so it covers whatever the crash left.
 
@@ -43,18 +51,30 @@ use super::{Env, Params, Snapped, TargetDisk, result};
 use crate::daemon::App;
 use crate::operations::{blocking, snapshot_data_ranges};
 
-/// Copy and hash unit.
+/// Hash unit of verify (and the unit of zero detection).
 pub const BLOCK: u64 = 1 << 20;
-/// Blocks in flight at once.
+/// Transfer unit: one read of the snapshot, up to this many bytes written
+/// per NBD request (a multiple of [`BLOCK`]).
+const XFER: u64 = 4 << 20;
+/// Transfer units in flight at once (read, hashed and written).
 const IN_FLIGHT: usize = 8;
 /// Blocks per hash request to the target.
 const HASH_BATCH: usize = 16;
-/// A leaf's transfer is checkpointed after this many bytes.
-const CHECKPOINT_EVERY: u64 = 64 << 20;
-/// Bytes sent and hashed by the calibration.
-const CALIBRATION: u64 = 8 << 20;
+/// Hash requests in flight at once.
+const HASH_IN_FLIGHT: usize = 3;
+/// A leaf's transfer is flushed and checkpointed after this many bytes.
+/// One flush runs while the next piece is sent, and the transfer waits
+/// for it before the next: the sender stays at most two pieces ahead of
+/// what the target wrote out, so its rate (and the bar) follows the
+/// target's write rate instead of racing ahead into its page cache.
+const CHECKPOINT_EVERY: u64 = 32 << 20;
 /// NBD connections to each target export.
-const CONNECTIONS: usize = 2;
+const CONNECTIONS: usize = 4;
+/// Throughputs assumed before anything was measured on a pair of hosts.
+const PRIOR: Rates = Rates {
+    transfer: 300e6,
+    verify: 2000e6,
+};
 
 /// One leaf of the hierarchy: a partition or the space outside them.
 #[derive(Debug, Clone)]
@@ -145,18 +165,24 @@ pub(crate) fn leaves(
     }
 }
 
-/// Splits ranges into blocks of at most [`BLOCK`] bytes.
-fn blocks(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+/// Splits ranges into pieces of at most `size` bytes, each range from its
+/// start (so the [`BLOCK`]s of an [`XFER`] unit are blocks of the ranges).
+fn cut(ranges: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for &(start, end) in ranges {
         let mut off = start;
         while off < end {
-            let n = (end - off).min(BLOCK);
+            let n = (end - off).min(size);
             out.push((off, n));
             off += n;
         }
     }
     out
+}
+
+/// Splits ranges into blocks of at most [`BLOCK`] bytes.
+fn blocks(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    cut(ranges, BLOCK)
 }
 
 /// BLAKE3 of each range, read with `read`.
@@ -175,11 +201,88 @@ pub fn hash_ranges(
         .collect()
 }
 
+/// True if every byte is zero (word-wise, stops at the first 4 KiB that
+/// is not).
+fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096).all(|c| {
+        let mut words = c.chunks_exact(8);
+        let acc = words.by_ref().fold(0u64, |a, w| {
+            a | u64::from_ne_bytes(w.try_into().unwrap_or([0; 8]))
+        });
+        acc == 0 && words.remainder().iter().all(|b| *b == 0)
+    })
+}
+
+/// One transfer unit read from the snapshot: its data, the hash of each
+/// of its [`BLOCK`]s `(offset, length, hash)`, and the byte runs (within
+/// `data`) of the blocks that are not all zeroes — the only ones sent.
+struct Unit {
+    data: Vec<u8>,
+    hashes: Vec<((u64, u64), blake3::Hash)>,
+    runs: Vec<(usize, usize)>,
+}
+
+fn read_unit(snap: &PoolSnapshot, off: u64, n: u64) -> Result<Unit, String> {
+    let mut data = vec![0u8; n as usize];
+    snap.read_at(off, &mut data).map_err(|e| e.to_string())?;
+    let mut hashes = Vec::new();
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut at = 0usize;
+    while at < data.len() {
+        let end = (at + BLOCK as usize).min(data.len());
+        let b = &data[at..end];
+        hashes.push(((off + at as u64, (end - at) as u64), blake3::hash(b)));
+        if !is_zero(b) {
+            match runs.last_mut() {
+                Some(r) if r.1 == at => r.1 = end,
+                _ => runs.push((at, end)),
+            }
+        }
+        at = end;
+    }
+    Ok(Unit { data, hashes, runs })
+}
+
 /// Measured throughputs (bytes/s) of the two sub-operations.
-#[derive(Debug, Clone, Copy)]
-struct Rates {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Rates {
     transfer: f64,
     verify: f64,
+}
+
+impl Rates {
+    /// Seconds expected to transfer and to verify `bytes`, with the
+    /// transfer at most `limit` bytes/s.
+    fn times(&self, bytes: u64, limit: Option<u64>) -> (f64, f64) {
+        let t = match limit.filter(|l| *l > 0) {
+            Some(l) => self.transfer.min(l as f64),
+            None => self.transfer,
+        };
+        let b = bytes as f64;
+        (b / t.max(1.0), b / self.verify.max(1.0))
+    }
+}
+
+/// The throughputs last measured by a copy to each peer: the first split
+/// of the next copy to that peer (before it measured anything itself).
+#[derive(Default)]
+pub(crate) struct KnownRates(std::sync::Mutex<HashMap<String, Rates>>);
+
+impl KnownRates {
+    fn get(&self, peer: &str) -> Option<Rates> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .copied()
+    }
+
+    fn set(&self, peer: &str, r: Rates) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer.to_string(), r);
+    }
 }
 
 /// Running totals behind [`Rates`].
@@ -220,6 +323,10 @@ struct Disk {
     target: TargetDisk,
     nbd: Arc<NbdPool>,
     leaves: Vec<Leaf>,
+    /// BLAKE3 of each block `(offset, length)` as read for the transfer,
+    /// so that verify reads only the target (blocks missing here, say
+    /// sent before a restart, are hashed again from the snapshot).
+    hashes: std::sync::Mutex<HashMap<(u64, u64), blake3::Hash>>,
 }
 
 /// The tree nodes of one leaf.
@@ -261,6 +368,34 @@ impl Pacer {
                 tokio::time::sleep(due - el).await;
             }
         }
+    }
+}
+
+/// A flush of a target export sent while the transfer goes on, and the
+/// checkpoint it makes durable once it answers.
+struct Flushing {
+    task: tokio::task::JoinHandle<Result<(), ferry_nbd::Error>>,
+    mark: Mark,
+    volume: String,
+}
+
+impl Flushing {
+    fn start(disk: &Disk, mark: Mark) -> Self {
+        let nbd = disk.nbd.clone();
+        Flushing {
+            task: tokio::spawn(async move { nbd.flush().await }),
+            mark,
+            volume: disk.target.volume.clone(),
+        }
+    }
+
+    /// Waits for the flush, then records the checkpoint.
+    async fn done(self, cx: &StepContext<App>) -> Result<(), StepError> {
+        self.task
+            .await
+            .map_err(StepError::failed)?
+            .map_err(|e| StepError::failed(format!("flushing {}: {e}", self.volume)))?;
+        cx.checkpoint(json!(self.mark).to_string())
     }
 }
 
@@ -315,34 +450,47 @@ impl CopyData {
                 target: t,
                 nbd: Arc::new(nbd),
                 leaves,
+                hashes: Default::default(),
             });
         }
         Ok(disks)
     }
 
-    /// Sends `ranges` of a disk; returns (bytes processed, bytes sent).
+    /// Sends `ranges` of a disk in units of at most `unit` bytes: each unit
+    /// is read and hashed on the blocking pool ([`IN_FLIGHT`] at once), its
+    /// blocks that are all zeroes are not sent. Returns the bytes sent;
+    /// `on_unit` gets the bytes of each unit done, in order.
     async fn send(
         &self,
         cx: &StepContext<App>,
         disk: &Disk,
         ranges: &[(u64, u64)],
+        unit: u64,
         pacer: &mut Pacer,
-        mut on_block: impl FnMut(u64),
+        mut on_unit: impl FnMut(u64),
     ) -> Result<u64, StepError> {
-        let (snap, nbd, vol) = (&disk.snap, &disk.nbd, &disk.target.volume);
-        let mut writes = futures::stream::iter(blocks(ranges))
-            .map(|(off, n)| async move {
-                let mut buf = vec![0u8; n as usize];
-                tokio::task::block_in_place(|| snap.read_at(off, &mut buf)).map_err(|e| {
-                    StepError::failed(format!("reading snapshot {} at {off}: {e}", snap.name()))
-                })?;
-                if buf.iter().all(|b| *b == 0) {
-                    return Ok((n, 0));
+        let (nbd, vol) = (&disk.nbd, &disk.target.volume);
+        let mut writes = futures::stream::iter(cut(ranges, unit))
+            .map(|(off, n)| {
+                let snap = disk.snap.clone();
+                let read = tokio::task::spawn_blocking(move || read_unit(&snap, off, n));
+                async move {
+                    let u = read.await.map_err(StepError::failed)?.map_err(|e| {
+                        StepError::failed(format!(
+                            "reading snapshot {} at {off}: {e}",
+                            disk.snap.name()
+                        ))
+                    })?;
+                    let mut sent = 0;
+                    for &(a, b) in &u.runs {
+                        let at = off + a as u64;
+                        nbd.write_at(at, &u.data[a..b], false).await.map_err(|e| {
+                            StepError::failed(format!("writing {vol} at {at}: {e}"))
+                        })?;
+                        sent += (b - a) as u64;
+                    }
+                    Ok::<_, StepError>((n, sent, u.hashes))
                 }
-                nbd.write_at(off, &buf, false)
-                    .await
-                    .map_err(|e| StepError::failed(format!("writing {vol} at {off}: {e}")))?;
-                Ok::<_, StepError>((n, n))
             })
             .buffered(IN_FLIGHT);
         let mut sent = 0;
@@ -350,39 +498,58 @@ impl CopyData {
             if cx.is_cancelled() {
                 return Err(StepError::Cancelled);
             }
-            let (n, s) = r?;
+            let (n, s, hashes) = r?;
+            disk.hashes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(hashes);
             sent += s;
             if s > 0 {
                 pacer.sent(s).await;
             }
-            on_block(n);
+            on_unit(n);
         }
         Ok(sent)
     }
 
-    /// Hashes `ranges` (blocks) on both hosts; returns the blocks that differ.
+    /// Hashes `ranges` (blocks) on both hosts; returns the blocks that
+    /// differ. The source's hashes are those taken when the blocks were
+    /// sent; the target reads and hashes what it stored.
     async fn compare(
         &self,
         disk: &Disk,
         peer: &crate::peers::PeerClient,
         ranges: &[(u64, u64)],
     ) -> Result<Vec<(u64, u64)>, StepError> {
-        let snap = disk.snap.clone();
-        let rs = ranges.to_vec();
-        let local = tokio::task::spawn_blocking(move || {
-            hash_ranges(&rs, |off, buf| {
-                snap.read_at(off, buf).map_err(|e| e.to_string())
+        let known: Option<Vec<String>> = {
+            let h = disk.hashes.lock().unwrap_or_else(|p| p.into_inner());
+            ranges
+                .iter()
+                .map(|r| h.get(r).map(|x| x.to_hex().to_string()))
+                .collect()
+        };
+        let local = async {
+            if let Some(k) = known {
+                return Ok(k);
+            }
+            let snap = disk.snap.clone();
+            let rs = ranges.to_vec();
+            tokio::task::spawn_blocking(move || {
+                hash_ranges(&rs, |off, buf| {
+                    snap.read_at(off, buf).map_err(|e| e.to_string())
+                })
             })
-        });
+            .await
+            .map_err(StepError::failed)?
+            .map_err(|e| StepError::failed(format!("hashing snapshot {}: {e}", disk.snap.name())))
+        };
         let ask = ferry_api::HashRanges {
             volume: disk.target.volume.clone(),
             ranges: ranges.to_vec(),
         };
         let remote = peer.post::<_, ferry_api::RangeHashes>("/v1/peer/copy/hash", &ask);
         let (local, remote) = tokio::join!(local, remote);
-        let local = local.map_err(StepError::failed)?.map_err(|e| {
-            StepError::failed(format!("hashing snapshot {}: {e}", disk.snap.name()))
-        })?;
+        let local = local?;
         let remote = remote.map_err(|e| {
             StepError::failed(format!(
                 "hashing {} on {}: {e}",
@@ -426,7 +593,7 @@ impl CopyData {
                 let r = self.compare(disk, peer, &batch).await;
                 (batch, r)
             })
-            .buffered(2);
+            .buffered(HASH_IN_FLIGHT);
         while let Some((batch, bad)) = batches.next().await {
             if cx.is_cancelled() {
                 return Err(StepError::Cancelled);
@@ -439,7 +606,13 @@ impl CopyData {
                     disk.target.volume,
                     self.p.to
                 ));
-                resent += self.send(cx, disk, &bad, pacer, |_| {}).await?;
+                // Read again from the snapshot, hashed again.
+                disk.hashes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|k, _| !bad.contains(k));
+                let ranges: Vec<(u64, u64)> = bad.iter().map(|&(o, n)| (o, o + n)).collect();
+                resent += self.send(cx, disk, &ranges, BLOCK, pacer, |_| {}).await?;
                 disk.nbd.flush().await.map_err(|e| {
                     StepError::failed(format!("flushing {}: {e}", disk.target.volume))
                 })?;
@@ -456,77 +629,36 @@ impl CopyData {
         }
         Ok(resent)
     }
-
-    /// Sends and hashes a few MiB of the first data to measure both
-    /// sub-operations' throughput on this pair of hosts. The bytes sent
-    /// are the disk's own (sent again later: idempotent).
-    async fn calibrate(
-        &self,
-        cx: &StepContext<App>,
-        disks: &[Disk],
-        peer: &crate::peers::PeerClient,
-    ) -> Result<(Rates, u64), StepError> {
-        let fallback = Rates {
-            transfer: 100e6,
-            verify: 200e6,
-        };
-        let Some((disk, sample)) = disks.iter().find_map(|d| {
-            let all: Vec<(u64, u64)> = d.leaves.iter().flat_map(|l| l.ranges.clone()).collect();
-            let mut left = CALIBRATION;
-            let mut s = Vec::new();
-            for (a, b) in all {
-                if left == 0 {
-                    break;
-                }
-                let n = (b - a).min(left);
-                s.push((a, a + n));
-                left -= n;
-            }
-            (!s.is_empty()).then_some((d, s))
-        }) else {
-            return Ok((fallback, 0));
-        };
-        let bytes: u64 = sample.iter().map(|(a, b)| b - a).sum();
-        let mut pacer = Pacer {
-            limit: self.p.bandwidth,
-            start: Instant::now(),
-            sent: 0,
-        };
-        let t0 = Instant::now();
-        let sent = self.send(cx, disk, &sample, &mut pacer, |_| {}).await?;
-        disk.nbd
-            .flush()
-            .await
-            .map_err(|e| StepError::failed(format!("flushing {}: {e}", disk.target.volume)))?;
-        let t = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let leaf = Leaf {
-            name: "calibration".into(),
-            ranges: sample,
-        };
-        self.verify(cx, disk, peer, &leaf, &mut pacer, |_| {})
-            .await?;
-        let v = t1.elapsed().as_secs_f64();
-        let r = Rates {
-            transfer: bytes as f64 / t.max(1e-6),
-            verify: bytes as f64 / v.max(1e-6),
-        };
-        cx.log(format!(
-            "calibration on {} bytes: transfer {:.1} MB/s, verify {:.1} MB/s",
-            bytes,
-            r.transfer / 1e6,
-            r.verify / 1e6
-        ));
-        Ok((r, sent))
-    }
 }
 
 /// Splits a leaf's weight (its bytes) between transfer and verify by their
 /// expected times.
-fn split(bytes: u64, r: Rates) -> (f64, f64) {
-    let (t, v) = (1.0 / r.transfer, 1.0 / r.verify);
+fn split(bytes: u64, r: Rates, limit: Option<u64>) -> (f64, f64) {
+    let (t, v) = r.times(1 << 30, limit);
     let b = bytes as f64;
     (b * t / (t + v), b * v / (t + v))
+}
+
+/// Weights (seconds) of the operation's steps, set when the data step
+/// starts: a step done in this run weighs the time it took, the data step
+/// `data` (what it expects), a step still to come the mean of the done
+/// ones' times (they are all a few requests to the peer or the pool).
+/// `None` for a step whose time is unknown (done before a restart).
+fn step_weights(took: &[Option<f64>], at: usize, data: f64) -> Vec<f64> {
+    let done: Vec<f64> = took[..at].iter().flatten().copied().collect();
+    let mean = if done.is_empty() {
+        0.0
+    } else {
+        done.iter().sum::<f64>() / done.len() as f64
+    };
+    took.iter()
+        .enumerate()
+        .map(|(i, t)| match i.cmp(&at) {
+            std::cmp::Ordering::Less => t.unwrap_or(mean),
+            std::cmp::Ordering::Equal => data,
+            std::cmp::Ordering::Greater => mean,
+        })
+        .collect()
 }
 
 impl Step<App> for CopyData {
@@ -540,6 +672,7 @@ impl Step<App> for CopyData {
 
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
+            let opened = Instant::now();
             let peer = self.env.peer(&self.p.to)?;
             let disks = self.open_disks(cx).await?;
             let mut done: HashMap<(usize, usize), u64> = HashMap::new();
@@ -555,27 +688,64 @@ impl Step<App> for CopyData {
                     "resuming: {resumed} bytes were transferred before the interruption"
                 ));
             }
-            let (calibrated, calibration_sent) = self.calibrate(cx, &disks, &peer).await?;
+            let limit = self.p.bandwidth;
+            let (prior, known) = match self.env.rates.get(&self.p.to) {
+                Some(r) => (r, "measured by the last copy to this peer"),
+                None => (PRIOR, "assumed: nothing measured yet"),
+            };
+            cx.log(format!(
+                "expected throughputs ({known}): transfer {:.1} MB/s, verify {:.1} MB/s",
+                prior.transfer / 1e6,
+                prior.verify / 1e6
+            ));
             let grand: u64 = disks
                 .iter()
                 .flat_map(|d| d.leaves.iter().map(Leaf::bytes))
                 .sum();
             let mut through = 0u64;
             let mut paused = false;
-            // The tree: disk → leaf → transfer/verify.
+            // The tree: open → disk → leaf → transfer/verify. Weights in
+            // expected seconds at this level (a leaf's bytes below a disk),
+            // and the operation's steps in seconds too, so the fixed steps
+            // count for the time they take.
             let mut nodes: Vec<Vec<LeafNodes>> = Vec::new();
             cx.progress.update(|t| {
+                let secs = |b: u64| {
+                    let (a, v) = prior.times(b, limit);
+                    a + v
+                };
+                let open = opened.elapsed().as_secs_f64();
+                let data: f64 = disks
+                    .iter()
+                    .map(|d| secs(d.leaves.iter().map(Leaf::bytes).sum()))
+                    .sum();
+                let steps = t
+                    .node(ferry_ops::ProgressTree::ROOT)
+                    .map_or_else(Vec::new, |r| r.children.clone());
+                if let Some(at) = steps.iter().position(|n| *n == cx.node) {
+                    let took: Vec<Option<f64>> = steps
+                        .iter()
+                        .map(|n| t.took(*n).map(|d| d.as_secs_f64()))
+                        .collect();
+                    for (n, w) in steps.iter().zip(step_weights(&took, at, open + data)) {
+                        t.set_weight(*n, w);
+                    }
+                }
+                // Finished once its siblings exist (alone, it would be the
+                // whole step done).
+                let on = t.add(cx.node, "open disks", open);
                 for d in &disks {
+                    let bytes: u64 = d.leaves.iter().map(Leaf::bytes).sum();
                     let dn = t.add(
                         cx.node,
                         format!("disk {} ({})", d.target.device, d.snap.name()),
-                        d.leaves.iter().map(Leaf::bytes).sum::<u64>() as f64,
+                        secs(bytes),
                     );
                     let mut ln = Vec::new();
                     for l in &d.leaves {
                         let b = l.bytes();
                         let leaf = t.add(dn, l.name.clone(), b as f64);
-                        let (tw, vw) = split(b, calibrated);
+                        let (tw, vw) = split(b, prior, limit);
                         ln.push(LeafNodes {
                             leaf,
                             transfer: t.add(leaf, "transfer", tw),
@@ -584,10 +754,11 @@ impl Step<App> for CopyData {
                     }
                     nodes.push(ln);
                 }
+                t.finish(on);
             });
             let mut measure = Measure::default();
             let mut pacer = Pacer {
-                limit: self.p.bandwidth,
+                limit,
                 start: Instant::now(),
                 sent: 0,
             };
@@ -602,56 +773,67 @@ impl Step<App> for CopyData {
                     let n = &nodes[di][li];
                     let total = leaf.bytes();
                     let skip = done.get(&(di, li)).copied().unwrap_or(0).min(total);
-                    // Transfer what is not checkpointed yet.
+                    // Transfer what is not checkpointed yet. Each piece's
+                    // flush runs while the next piece is sent; its
+                    // checkpoint is recorded once it answered.
                     let todo = after(&leaf.ranges, skip);
                     let mut at = skip;
                     cx.progress
                         .update(|t| t.set_fraction(n.transfer, at as f64 / total.max(1) as f64));
                     let t0 = Instant::now();
+                    let mut flushing: Option<Flushing> = None;
                     for piece in pieces(&todo, CHECKPOINT_EVERY) {
                         let pb: u64 = piece.iter().map(|(a, b)| b - a).sum();
                         let base = at;
                         let mut got = 0u64;
                         sent += self
-                            .send(cx, disk, &piece, &mut pacer, |b| {
+                            .send(cx, disk, &piece, XFER, &mut pacer, |b| {
                                 got += b;
                                 let f = (base + got) as f64 / total.max(1) as f64;
                                 cx.progress.update(|t| t.set_fraction(n.transfer, f));
                             })
                             .await?;
-                        disk.nbd.flush().await.map_err(|e| {
-                            StepError::failed(format!("flushing {}: {e}", disk.target.volume))
-                        })?;
                         at += pb;
                         through += pb;
-                        cx.checkpoint(
-                            json!(Mark {
-                                disk: di,
-                                leaf: li,
-                                done: at
-                            })
-                            .to_string(),
-                        )?;
+                        if let Some(f) = flushing.take() {
+                            f.done(cx).await?;
+                        }
+                        let mark = Mark {
+                            disk: di,
+                            leaf: li,
+                            done: at,
+                        };
+                        let f = Flushing::start(disk, mark);
                         // Test-only: a crash point once half the data is
                         // sent (and checkpointed) in this run.
                         if !paused && through * 2 >= grand - resumed.min(grand) {
                             paused = true;
+                            f.done(cx).await?;
                             test_pause("vm.copy:copying").await;
+                        } else {
+                            flushing = Some(f);
                         }
                     }
                     cx.progress.update(|t| t.finish(n.transfer));
                     measure.t_bytes += total - skip;
                     measure.t_secs += t0.elapsed().as_secs_f64();
-                    // Verify the whole leaf.
+                    // Verify the whole leaf while its last flush runs.
                     let v0 = Instant::now();
                     let mut vdone = 0u64;
-                    resent += self
-                        .verify(cx, disk, &peer, leaf, &mut pacer, |b| {
-                            vdone += b;
-                            let f = vdone as f64 / total.max(1) as f64;
-                            cx.progress.update(|t| t.set_fraction(n.verify, f));
-                        })
-                        .await?;
+                    let checked = async {
+                        match flushing.take() {
+                            Some(f) => f.done(cx).await,
+                            None => Ok(()),
+                        }
+                    };
+                    let verify = self.verify(cx, disk, &peer, leaf, &mut pacer, |b| {
+                        vdone += b;
+                        let f = vdone as f64 / total.max(1) as f64;
+                        cx.progress.update(|t| t.set_fraction(n.verify, f));
+                    });
+                    let (checked, r) = tokio::join!(checked, verify);
+                    checked?;
+                    resent += r?;
                     verified += total;
                     measure.v_bytes += total;
                     measure.v_secs += v0.elapsed().as_secs_f64();
@@ -659,12 +841,12 @@ impl Step<App> for CopyData {
                     // Re-split the leaves not started yet by what was
                     // measured so far (their fraction is 0: the overall
                     // figure does not move).
-                    let r = measure.rates(calibrated);
+                    let r = measure.rates(prior);
                     cx.progress.update(|t| {
                         for (dj, d) in disks.iter().enumerate() {
                             for (lj, l) in d.leaves.iter().enumerate() {
                                 if !started[dj][lj] {
-                                    let (tw, vw) = split(l.bytes(), r);
+                                    let (tw, vw) = split(l.bytes(), r, limit);
                                     t.set_weight(nodes[dj][lj].transfer, tw);
                                     t.set_weight(nodes[dj][lj].verify, vw);
                                 }
@@ -673,9 +855,12 @@ impl Step<App> for CopyData {
                     });
                 }
             }
-            let r = measure.rates(calibrated);
+            let r = measure.rates(prior);
+            if measure.t_bytes >= BLOCK && measure.v_bytes >= BLOCK && limit.is_none() {
+                self.env.rates.set(&self.p.to, r);
+            }
             cx.log(format!(
-                "sent {sent} bytes (resumed after {resumed} bytes sent before a restart; calibration sent {calibration_sent}), verified {verified} bytes, re-sent {resent}; transfer {:.1} MB/s, verify {:.1} MB/s",
+                "sent {sent} bytes (resumed after {resumed} bytes sent before a restart), verified {verified} bytes, re-sent {resent}; transfer {:.1} MB/s, verify {:.1} MB/s",
                 r.transfer / 1e6,
                 r.verify / 1e6
             ));
@@ -684,7 +869,6 @@ impl Step<App> for CopyData {
                 "resumed_from": resumed,
                 "verified": verified,
                 "resent": resent,
-                "calibration_sent": calibration_sent,
                 "transfer_bytes_per_sec": r.transfer,
                 "verify_bytes_per_sec": r.verify,
             }))
@@ -761,14 +945,15 @@ mod tests {
 
     #[test]
     fn split_follows_expected_times() {
-        let (t, v) = split(
-            300,
-            Rates {
-                transfer: 100.0,
-                verify: 200.0,
-            },
-        );
+        let r = Rates {
+            transfer: 100.0,
+            verify: 200.0,
+        };
+        let (t, v) = split(300, r, None);
         assert!((t - 200.0).abs() < 1e-9 && (v - 100.0).abs() < 1e-9);
+        // A bandwidth limit slows the transfer: its share grows.
+        let (t, v) = split(300, r, Some(50));
+        assert!((t - 240.0).abs() < 1e-9 && (v - 60.0).abs() < 1e-9);
     }
 
     #[test]
@@ -776,6 +961,40 @@ mod tests {
         let (l, what) = leaves(Err(ferry_disk::Error::Mbr("bad".into())), &[(0, 10)]);
         assert_eq!(l.len(), 1);
         assert!(what.contains("one piece"));
+    }
+
+    #[test]
+    fn cut_blocks_of_a_unit_are_blocks_of_the_ranges() {
+        let r = [(0, 10 * BLOCK + 5), (20 * BLOCK, 21 * BLOCK)];
+        let units = cut(&r, XFER);
+        let mut inner = Vec::new();
+        for (off, n) in units {
+            assert!(n <= XFER);
+            inner.extend(cut(&[(off, off + n)], BLOCK));
+        }
+        assert_eq!(inner, blocks(&r));
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut b = vec![0u8; 3 * 4096 + 13];
+        assert!(is_zero(&b));
+        *b.last_mut().unwrap() = 1;
+        assert!(!is_zero(&b));
+        b.fill(0);
+        b[5000] = 7;
+        assert!(!is_zero(&b));
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn fixed_steps_weigh_their_time() {
+        // Two steps done (0.1 s, 0.3 s), the data step, two to come.
+        let w = step_weights(&[Some(0.1), Some(0.3), None, None, None], 2, 5.0);
+        assert_eq!(w, [0.1, 0.3, 5.0, 0.2, 0.2]);
+        // A step done before a restart (time unknown) counts as the mean.
+        let w = step_weights(&[None, Some(0.3), None, None], 2, 5.0);
+        assert_eq!(w, [0.3, 0.3, 5.0, 0.3]);
     }
 
     #[test]
