@@ -193,6 +193,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Prints an operation's log lines that `keep` selects, each with its
+/// time since the first line (where the steps' time goes).
+fn print_log(op: &Value, tag: &str, keep: impl Fn(&str) -> bool) {
+    let lines = op["log"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let t0 = lines.first().and_then(|l| l["ts_ms"].as_u64()).unwrap_or(0);
+    for l in lines {
+        let m = l["msg"].as_str().unwrap_or("");
+        if keep(m) {
+            let t = l["ts_ms"].as_u64().unwrap_or(t0).saturating_sub(t0);
+            eprintln!("  {tag} +{:.3}s {m}", t as f64 / 1e3);
+        }
+    }
+}
+
 pub fn progress(opts: &Options) -> anyhow::Result<Report> {
     runtime()?.block_on(progress_async(opts))
 }
@@ -208,6 +222,7 @@ fn alternatives(op: &Value, sizes: &[(String, u64)]) -> Option<(f64, f64)> {
         .as_array()?
         .iter()
         .filter_map(|c| nodes.get(c.as_u64()? as usize))
+        .filter(|n| n["name"].as_str().is_some_and(|s| s.starts_with("disk ")))
         .collect();
     if disks.is_empty() {
         return Some((0.0, 0.0));
@@ -294,9 +309,7 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
             .fold(0.0, f64::max)
     };
     let (g_ferry, g_naive, g_size) = (gap(|s| s.1), gap(|s| s.2), gap(|s| s.3));
-    for l in op["log"].as_array().into_iter().flatten() {
-        eprintln!("  {}", l["msg"].as_str().unwrap_or(""));
-    }
+    print_log(&op, "", |_| true);
     std::fs::create_dir_all(results_dir())?;
     let series = results_dir().join("progress-series.json");
     std::fs::write(
@@ -380,12 +393,9 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
             .wait_ok(s["operation"].as_str().context("operation id")?)
             .await?;
         let ferry = t0.elapsed().as_secs_f64();
-        for l in op["log"].as_array().into_iter().flatten() {
-            let m = l["msg"].as_str().unwrap_or("");
-            if m.starts_with("sent ") || m.starts_with("calibration") {
-                eprintln!("  {kind}: {m}");
-            }
-        }
+        print_log(&op, kind, |m| {
+            m.starts_with("sent ") || m.starts_with("expected") || m.starts_with("step ")
+        });
         // qemu-img convert between the same kind of exports: the source
         // volume's, and a fresh volume on the target.
         let dst_vol = format!("{kind}-qemu");
