@@ -354,19 +354,16 @@ fn chain_of_three_lazy_volumes() {
 /// A sparse image whose allocation map is exact and not chunk-aligned:
 /// data extents, holes, and zero extents next to holes.
 struct SparseSource {
-    data: Vec<u8>,
+    image: ImageSource,
     map: Vec<Extent>,
-    reads: Mutex<Vec<u64>>,
 }
 
 impl ChunkSource for SparseSource {
     fn size(&self) -> u64 {
-        self.data.len() as u64
+        self.image.size()
     }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.reads.lock().unwrap().push(off / CS);
-        buf.copy_from_slice(&self.data[off as usize..off as usize + buf.len()]);
-        Ok(())
+        self.image.read_at(off, buf)
     }
     fn allocation(&self, off: u64, len: u64) -> Option<Vec<Extent>> {
         let end = off + len;
@@ -431,9 +428,11 @@ fn holes_are_settled_in_bulk_without_reads_and_writes_win() {
     let holes: Vec<u64> = (0..chunks).filter(|c| hole_chunk(*c)).collect();
     assert!(holes.len() > 500, "{} hole chunks", holes.len());
     let src = Arc::new(SparseSource {
-        data: data.clone(),
+        image: ImageSource {
+            data: data.clone(),
+            reads: Mutex::new(Vec::new()),
+        },
         map,
-        reads: Mutex::new(Vec::new()),
     });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p");
@@ -452,7 +451,7 @@ fn holes_are_settled_in_bulk_without_reads_and_writes_win() {
     }
     h.wait().unwrap();
     assert!(!v.is_lazy());
-    let reads = src.reads.lock().unwrap().clone();
+    let reads = src.image.reads.lock().unwrap().clone();
     for c in &holes {
         assert!(
             !reads.contains(c),
