@@ -362,15 +362,17 @@ impl Shared {
         if let Some(f) = freed {
             p.frees.push(f);
         }
+        self.log_of(&mut p)?.append(&self.dir, (key, value, freed))
+    }
+
+    /// The current stage log, started when there is none.
+    fn log_of<'a>(&self, p: &'a mut Pending) -> Result<&'a mut StageLog> {
         if p.log.is_none() {
             let seq = p.next_log;
             p.next_log += 1;
             p.log = Some(StageLog::create(&self.dir, seq, &self.boot)?);
         }
-        p.log
-            .as_mut()
-            .expect("created above")
-            .append(&self.dir, (key, value, freed))
+        Ok(p.log.as_mut().expect("created above"))
     }
 
     /// [`Shared::stage`] for several new mappings (nothing freed), with one
@@ -383,16 +385,8 @@ impl Shared {
         for (key, value) in changes {
             p.ops.insert(*key, Some(*value));
         }
-        if p.log.is_none() {
-            let seq = p.next_log;
-            p.next_log += 1;
-            p.log = Some(StageLog::create(&self.dir, seq, &self.boot)?);
-        }
         let recs: Vec<_> = changes.iter().map(|(k, v)| (*k, Some(*v), None)).collect();
-        p.log
-            .as_mut()
-            .expect("created above")
-            .append_all(&self.dir, &recs)
+        self.log_of(&mut p)?.append_all(&self.dir, &recs)
     }
 
     /// Make every write acknowledged before the call durable.

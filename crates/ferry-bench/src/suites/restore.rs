@@ -299,19 +299,17 @@ fn make_disk(path: &Path, size: u64, fill: &Path) -> anyhow::Result<()> {
     let f = std::fs::File::create(path)?;
     f.set_len(size)?;
     drop(f);
-    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap_or("mkfs.ext4");
-    let out = std::process::Command::new(mkfs)
-        .args(["-F", "-q", "-d"])
-        .arg(fill)
-        .arg(path)
-        .output()?;
-    if !out.status.success() {
-        bail!("mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    run_tool(
+        &tool("mkfs.ext4"),
+        &[
+            "-F",
+            "-q",
+            "-d",
+            fill.to_str().context("fill path")?,
+            path.to_str().context("disk path")?,
+        ],
+        None,
+    )
 }
 
 async fn bench(
