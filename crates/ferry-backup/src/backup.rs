@@ -339,7 +339,7 @@ impl DiskStats {
 }
 
 /// Whether a buffer is all zeroes (word at a time).
-pub(crate) fn is_zero(b: &[u8]) -> bool {
+pub fn is_zero(b: &[u8]) -> bool {
     // SAFETY: every bit pattern is a valid u64, and align_to only
     // reinterprets the aligned middle part of the slice.
     let (pre, mid, post) = unsafe { b.align_to::<u64>() };

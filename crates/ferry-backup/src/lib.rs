@@ -106,7 +106,7 @@ mod s3;
 mod store;
 mod verify;
 
-pub use backup::{BackupOptions, DiskInput, DiskSource, Progress};
+pub use backup::{BackupOptions, DiskInput, DiskSource, Progress, is_zero};
 pub use crypto::{ChunkId, Key};
 pub use error::{Error, ErrorKind, Result};
 pub use gc::{CLOCK_SLACK, GcStats, OBJECT_STORE_GRACE, STALE_WRITER};

@@ -39,6 +39,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ferry_backup::is_zero;
 use ferry_nbd::ClientConfig;
 use ferry_nbd::client::{Address, Pool as NbdPool};
 use ferry_ops::{BoxFuture, NodeId, Recovery, Step, StepContext, StepError, test_pause};
@@ -199,18 +200,6 @@ pub fn hash_ranges(
             Ok(blake3::hash(&buf).to_hex().to_string())
         })
         .collect()
-}
-
-/// True if every byte is zero (word-wise, stops at the first 4 KiB that
-/// is not).
-fn is_zero(buf: &[u8]) -> bool {
-    buf.chunks(4096).all(|c| {
-        let mut words = c.chunks_exact(8);
-        let acc = words.by_ref().fold(0u64, |a, w| {
-            a | u64::from_ne_bytes(w.try_into().unwrap_or([0; 8]))
-        });
-        acc == 0 && words.remainder().iter().all(|b| *b == 0)
-    })
 }
 
 /// One transfer unit read from the snapshot: its data, the hash of each
