@@ -7,6 +7,8 @@
 //! the server then runs inline, saving two thread hops per request.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// One run of blocks with the same state in a metadata context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,5 +186,74 @@ pub fn nbd_errno(e: &io::Error) -> u32 {
         io::ErrorKind::OutOfMemory => ENOMEM,
         io::ErrorKind::StorageFull | io::ErrorKind::FileTooLarge => ENOSPC,
         _ => EIO,
+    }
+}
+
+/// When a backend runs a write that may block — a buffered write into the
+/// page cache, which the kernel throttles when too much is dirty — on the
+/// connection's task: a short write takes microseconds there and saves two
+/// thread hops. One that took long *and slept* (the thread gave the CPU up
+/// itself: throttling, waiting on write-back or a lock) stops inline
+/// writes for a while, so that writes sleep in parallel on blocking
+/// threads instead of one after the other. A write that was only preempted
+/// (a busy machine) does not.
+pub struct InlineWrites {
+    /// Time base of `from`.
+    opened: Instant,
+    /// Nanoseconds after `opened` before which no write runs inline.
+    from: AtomicU64,
+}
+
+impl InlineWrites {
+    /// Longest write run inline.
+    pub const MAX: usize = 64 << 10;
+    /// An inline write slower than this pauses inline writes...
+    const SLOW: Duration = Duration::from_micros(500);
+    /// ...for this long (plus its own duration).
+    const PAUSE: Duration = Duration::from_secs(1);
+
+    pub fn new() -> Self {
+        InlineWrites {
+            opened: Instant::now(),
+            from: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `write` (of `len` bytes) here when it is short and no inline
+    /// write was slow lately; `None` without running it otherwise, or when
+    /// `write` itself declines.
+    pub fn run<T>(&self, len: usize, write: impl FnOnce() -> Option<T>) -> Option<T> {
+        if len > Self::MAX {
+            return None;
+        }
+        let t0 = Instant::now();
+        let now = t0.duration_since(self.opened).as_nanos() as u64;
+        if now < self.from.load(Ordering::Relaxed) {
+            return None;
+        }
+        let slept = voluntary_switches();
+        let r = write();
+        let took = t0.elapsed();
+        if took > Self::SLOW && (slept.is_none() || voluntary_switches() != slept) {
+            let until = now + (took + Self::PAUSE).as_nanos() as u64;
+            self.from.store(until, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// How often the calling thread gave up the CPU itself (slept), or `None`.
+fn voluntary_switches() -> Option<i64> {
+    // SAFETY: `rusage` is plain integers, for which all zeroes is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the `rusage` it is given, borrowed mutably
+    // for the call; RUSAGE_THREAD is valid on Linux.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    (r == 0).then_some(ru.ru_nvcsw)
+}
+
+impl Default for InlineWrites {
+    fn default() -> Self {
+        Self::new()
     }
 }

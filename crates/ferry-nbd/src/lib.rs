@@ -54,5 +54,5 @@ pub mod transmission;
 pub use backend::{FileExport, MemoryExport};
 pub use client::{BlockingClient, Client, ClientConfig, Pool};
 pub use error::{Error, ErrorKind, Result};
-pub use export::{BlockSize, Export, Extent, ReadOnly};
+pub use export::{BlockSize, Export, Extent, InlineWrites, ReadOnly};
 pub use server::{ExportOptions, Server, TlsMode};

@@ -474,3 +474,106 @@ fn slow_backend_replies_out_of_order_without_blocking_others() {
     seen.sort();
     assert_eq!(seen, (100..108).collect::<Vec<_>>());
 }
+
+/// Large writes are read into buffers of their own and reply buffers are
+/// reused: a payload that arrives in pieces with the next requests right
+/// behind it, a large read after reads of other content (no stale bytes),
+/// and half a large payload before a disconnect (not applied).
+#[test]
+fn large_payloads_in_pieces_and_reused_buffers_keep_every_byte() {
+    let (t, m) = server();
+    let mut c = Raw::connect(&t);
+    c.structured();
+    assert_eq!(c.go("disk"), REP_ACK);
+    let big: Vec<u8> = (0..512u32 << 10).map(|i| (i % 251) as u8).collect();
+    // Header and 1000 bytes, a pause, then the rest with a read and a
+    // second large write behind it in the same send.
+    let mut head = Vec::new();
+    Request {
+        flags: 0,
+        kind: CMD_WRITE,
+        cookie: 1,
+        offset: 0,
+        length: big.len() as u32,
+    }
+    .encode(&mut head);
+    head.extend_from_slice(&big[..1000]);
+    c.s.write_all(&head).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut rest = big[1000..].to_vec();
+    for (kind, cookie, offset, length, payload) in [
+        (CMD_READ, 2u64, 100u64, 4096u32, Vec::new()),
+        (CMD_WRITE, 3, 512 << 10, 256 << 10, vec![0x77u8; 256 << 10]),
+    ] {
+        Request {
+            flags: 0,
+            kind,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut rest);
+        rest.extend_from_slice(&payload);
+    }
+    c.s.write_all(&rest).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        // Replies may come in any order: simple ones for writes, a
+        // structured chunk for the read.
+        let mut magic = [0u8; 4];
+        c.s.read_exact(&mut magic).unwrap();
+        if be32(&magic) == SIMPLE_REPLY_MAGIC {
+            let mut r = [0u8; 12];
+            c.s.read_exact(&mut r).unwrap();
+            assert_eq!(be32(&r[0..4]), 0, "write failed");
+            seen.push(be64(&r[4..12]));
+        } else {
+            assert_eq!(be32(&magic), STRUCTURED_REPLY_MAGIC);
+            let mut h = [0u8; 16];
+            c.s.read_exact(&mut h).unwrap();
+            let mut d = vec![0u8; be32(&h[12..16]) as usize];
+            c.s.read_exact(&mut d).unwrap();
+            assert_eq!(be64(&h[4..12]), 2);
+            assert_eq!(&d[8..], &big[100..100 + 4096]);
+            seen.push(2);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, vec![1, 2, 3]);
+    // Large reads (answered on blocking threads into reused buffers) of
+    // different content, one after the other, each exact.
+    for (cookie, off, len) in [
+        (4u64, 0u64, 512u32 << 10),
+        (5, 256 << 10, 768 << 10),
+        (6, 0, 512 << 10),
+    ] {
+        c.request(CMD_READ, CMD_FLAG_DF, cookie, off, len, &[]);
+        let (f, ty, got, d) = c.chunk();
+        assert_eq!(
+            (f, ty, got),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie)
+        );
+        let mut want = vec![0u8; len as usize];
+        m.read_at(off, &mut want).unwrap();
+        assert_eq!(be64(&d[0..8]), off);
+        assert!(d[8..] == want[..], "read {cookie} differs");
+    }
+    assert_eq!(
+        &{
+            let mut b = vec![0u8; big.len()];
+            m.read_at(0, &mut b).unwrap();
+            b
+        }[..],
+        &big[..]
+    );
+    // Half of a large payload, then gone: nothing of it is applied.
+    c.request(CMD_WRITE, 0, 7, 0, 256 << 10, &[0x55u8; 100 << 10]);
+    drop(c);
+    let mut c = Raw::connect(&t);
+    assert_eq!(c.go("disk"), REP_ACK);
+    c.request(CMD_FLUSH, 0, 8, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 8));
+    let mut b = vec![0u8; 256 << 10];
+    m.read_at(0, &mut b).unwrap();
+    assert!(b[..] == big[..256 << 10], "half-sent write must not apply");
+}

@@ -10,21 +10,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::push_extent;
-use crate::export::{Export, Extent};
+use crate::export::{Export, Extent, InlineWrites};
 use crate::proto::{CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO};
-
-/// Largest buffered write done inline when `RWF_NOWAIT` is unavailable.
-const INLINE_WRITE_MAX: usize = 64 << 10;
-/// An inline write slower than this means the kernel is throttling dirty
-/// pages (or waiting on writeback): inline writes then stop for
-/// [`INLINE_PAUSE`], so that writes sleep in parallel on blocking threads
-/// instead of one after the other on the connection's task.
-const SLOW_INLINE_WRITE: Duration = Duration::from_micros(500);
-const INLINE_PAUSE: Duration = Duration::from_secs(1);
 
 pub struct FileExport {
     file: File,
@@ -32,10 +22,8 @@ pub struct FileExport {
     read_only: bool,
     /// Cleared the first time the file system refuses `RWF_NOWAIT` writes.
     nowait_writes: AtomicBool,
-    /// Time base of `inline_writes_from`.
-    opened: Instant,
-    /// Nanoseconds after `opened` before which writes are not done inline.
-    inline_writes_from: AtomicU64,
+    /// Short buffered writes inline, where `RWF_NOWAIT` is refused.
+    inline: InlineWrites,
 }
 
 impl FileExport {
@@ -48,8 +36,7 @@ impl FileExport {
             size,
             read_only,
             nowait_writes: AtomicBool::new(true),
-            opened: Instant::now(),
-            inline_writes_from: AtomicU64::new(0),
+            inline: InlineWrites::new(),
         })
     }
 
@@ -206,24 +193,11 @@ impl Export for FileExport {
         }
         if !self.nowait_writes.load(Ordering::Relaxed) {
             // The file system refuses RWF_NOWAIT for buffered writes (ext4
-            // does). A short write into the page cache takes microseconds,
-            // so it runs inline, saving two thread hops; large ones, which
+            // does): short ones run inline all the same, large ones, which
             // may meet dirty-page throttling for longer, go to a thread.
-            if data.len() > INLINE_WRITE_MAX {
-                return None;
-            }
-            let t0 = Instant::now();
-            let now = t0.duration_since(self.opened).as_nanos() as u64;
-            if now < self.inline_writes_from.load(Ordering::Relaxed) {
-                return None;
-            }
-            let r = self.file.write_all_at(data, offset);
-            let took = t0.elapsed();
-            if took > SLOW_INLINE_WRITE {
-                let until = now + (took + INLINE_PAUSE).as_nanos() as u64;
-                self.inline_writes_from.store(until, Ordering::Relaxed);
-            }
-            return Some(r);
+            return self
+                .inline
+                .run(data.len(), || Some(self.file.write_all_at(data, offset)));
         }
         let mut done = 0;
         while done < data.len() {
