@@ -28,6 +28,12 @@ pub const DIRECT_ALIGN: usize = 4096;
 
 /// Counter: the newest stage log whose changes are committed.
 const LOG_COMMITTED: &str = "log_committed";
+/// Largest piece of one buffered write of the data file. The page cache
+/// sizes a folio by the write that creates it, and ext4 walks every 4 KiB
+/// block of a folio on each write into it: after 2 MiB writes, a 4 KiB
+/// guest write cost 512 steps (43 % of the NBD server's time in 4 KiB
+/// random writes). Pieces of 64 KiB keep that to 16.
+const WRITE_PIECE: usize = 64 << 10;
 
 /// Parameters of a new pool.
 #[derive(Debug, Clone)]
@@ -175,9 +181,11 @@ impl Shared {
     }
 
     pub fn pwrite(&self, phys: u64, within: u64, buf: &[u8]) -> Result<()> {
-        let r = self
-            .data
-            .write_all_at(buf, self.data_at(phys) + within)
+        let at = self.data_at(phys) + within;
+        let r = buf
+            .chunks(WRITE_PIECE)
+            .zip((0..).step_by(WRITE_PIECE))
+            .try_for_each(|(piece, k)| self.data.write_all_at(piece, at + k as u64))
             .ctx(|| format!("write physical chunk {phys} of pool {}", self.dir.display()));
         // Set after the write (also a failed one, which may have written
         // part); loaded first so the hot path does not bounce a cache line.

@@ -274,7 +274,16 @@ pub fn run_op(pool: &Pool, m: &Model, op: &Op) -> Result<Option<String>> {
             off,
             len,
             seed,
-        } => pool.volume(vol)?.write_at(*off, &pattern(*seed, *len))?,
+        } => {
+            let v = pool.volume(vol)?;
+            let data = pattern(*seed, *len);
+            // Odd seeds try the non-blocking in-place path first, as the
+            // NBD server does; it declines what it cannot do at once.
+            match (seed % 2 == 1).then(|| v.try_write_at(*off, &data)).flatten() {
+                Some(r) => r?,
+                None => v.write_at(*off, &data)?,
+            }
+        }
         Op::Read { vol, off, len } => {
             let mut b = vec![0u8; *len as usize];
             pool.volume(vol)?.read_at(*off, &mut b)?;

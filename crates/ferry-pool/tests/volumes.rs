@@ -445,3 +445,60 @@ fn direct_writes_read_back_keep_snapshots_and_survive_reopen() {
     assert_eq!(read(&v, 0, 1024 * C as usize), expect);
     assert_eq!(p.verify().unwrap(), Vec::<String>::new());
 }
+
+/// `try_write_at` writes only overwrites in place that wait for nothing;
+/// everything else is left (untouched) to `write_at`. Large buffered
+/// writes (written to the data file in pieces) read back whole.
+#[test]
+fn try_write_writes_only_in_place_and_leaves_the_rest_untouched() {
+    const C: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let p = Pool::create(&path, PoolOptions::default()).unwrap();
+    let v = p.create_volume("v", 64 * C).unwrap();
+    // Unallocated: declined, nothing written.
+    assert!(v.try_write_at(0, &[1u8; 4096]).is_none());
+    assert_eq!(read(&v, 0, 4096), vec![0u8; 4096]);
+    // A large buffered write (more than one data-file piece), then
+    // overwrites in place, unaligned and across chunks.
+    let big: Vec<u8> = (0..32 * C as usize).map(|i| (i % 253) as u8).collect();
+    v.write_at(0, &big).unwrap();
+    let mut expect = big.clone();
+    expect.resize(64 * C as usize, 0);
+    assert_eq!(read(&v, 0, 64 * C as usize), expect);
+    for (off, len, byte) in [
+        (100u64, 4096usize, 7u8),
+        (C - 10, 30, 8),
+        (3 * C, 2 * C as usize, 9),
+    ] {
+        v.try_write_at(off, &vec![byte; len])
+            .expect("in place")
+            .unwrap();
+        expect[off as usize..off as usize + len].fill(byte);
+    }
+    assert_eq!(read(&v, 0, 64 * C as usize), expect);
+    // Beyond the end: an error, not a decline.
+    assert!(v.try_write_at(64 * C - 10, &[1u8; 20]).unwrap().is_err());
+    // Partly unallocated: declined, the allocated part untouched too.
+    assert!(v.try_write_at(32 * C - 100, &[5u8; 200]).is_none());
+    // After a snapshot the chunks are shared: declined; the blocking write
+    // copies on write and the snapshot keeps the old content.
+    p.snapshot("v", "s").unwrap();
+    assert!(v.try_write_at(100, &[6u8; 10]).is_none());
+    v.write_at(100, &[6u8; 10]).unwrap();
+    let before = expect.clone();
+    expect[100..110].fill(6);
+    // The copied chunk is the volume's own now: in place again.
+    v.try_write_at(200, &[4u8; 10]).expect("in place").unwrap();
+    expect[200..210].fill(4);
+    let snap = p.open_snapshot("s").unwrap();
+    let mut b = vec![0u8; 64 * C as usize];
+    snap.read_at(0, &mut b).unwrap();
+    assert_eq!(b, before);
+    assert_eq!(read(&v, 0, 64 * C as usize), expect);
+    v.flush().unwrap();
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+    drop((v, snap, p));
+    let p = Pool::open(&path).unwrap();
+    assert_eq!(read(&p.volume("v").unwrap(), 0, 64 * C as usize), expect);
+}

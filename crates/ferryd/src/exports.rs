@@ -87,6 +87,7 @@ impl Exports {
             (Some(v), None) => Arc::new(VolumeExport {
                 pool: pool.clone(),
                 volume: pool.volume(v)?,
+                inline: Default::default(),
             }),
             (None, Some(s)) => Arc::new(SnapshotExport {
                 snapshot: pool.open_snapshot(s)?,

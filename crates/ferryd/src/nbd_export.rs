@@ -8,7 +8,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_nbd::export::{BlockSize, Export, Extent};
+use ferry_nbd::export::{BlockSize, Export, Extent, InlineWrites};
 use ferry_nbd::proto::{STATE_CHANGED, STATE_HOLE, STATE_ZERO};
 use ferry_pool::{ErrorKind, ExtentKind, Pool, Snapshot, Volume};
 
@@ -77,6 +77,8 @@ fn count<T>(ops: &AtomicU64, bytes: Option<(&AtomicU64, u64)>, r: io::Result<T>)
 pub struct VolumeExport {
     pub pool: Pool,
     pub volume: Volume,
+    /// Short overwrites done on the connection's task.
+    pub inline: InlineWrites,
 }
 
 impl Export for VolumeExport {
@@ -121,6 +123,24 @@ impl Export for VolumeExport {
                 }
             });
         count(&IO.write_ops, Some((&IO.write_bytes, data.len() as u64)), r)
+    }
+
+    /// Short overwrites in place run on the connection's task (see
+    /// [`InlineWrites`]); anything that allocates, copies a chunk a
+    /// snapshot holds, fetches or waits goes to a blocking thread.
+    fn try_write_at(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
+        if fua {
+            return None;
+        }
+        let r = self
+            .inline
+            .run(data.len(), || self.volume.try_write_at(offset, data))?
+            .map_err(io_err);
+        Some(count(
+            &IO.write_ops,
+            Some((&IO.write_bytes, data.len() as u64)),
+            r,
+        ))
     }
 
     fn flush(&self) -> io::Result<()> {
