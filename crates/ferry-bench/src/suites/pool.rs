@@ -13,7 +13,8 @@
 //! prefill, (setup: snapshots or clone), sequential read, random read, one
 //! untimed overwrite pass (absorbs first-write copy-on-write after the
 //! snapshots), sequential write, random write. Each job runs on every
-//! target in turn, `--rounds N` times (default 2), the best figure kept.
+//! target in turn, `--rounds N` times (default 2), the best figure kept;
+//! every dirty page is written back (`sync`, untimed) before each job.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -127,6 +128,16 @@ fn timed(t: &Arc<dyn Target>, size: u64, job: Job, secs: u64) -> anyhow::Result<
     })
 }
 
+/// Writes every dirty page of the machine back (untimed) before a job, so
+/// that no target pays for the write-back of the previous one's data: with
+/// gigabytes left dirty by a fill or a write job, the kernel's throttling
+/// struck whichever target ran next and swung the write rows by ±50 %.
+fn settle() -> anyhow::Result<()> {
+    let st = std::process::Command::new("sync").status()?;
+    anyhow::ensure!(st.success(), "sync failed: {st}");
+    Ok(())
+}
+
 fn fill(t: &dyn Target, size: u64, byte: u8) -> anyhow::Result<()> {
     let buf = vec![byte; 1 << 20];
     let mut off = 0;
@@ -152,6 +163,7 @@ fn measure_all(
         for round in 0..rounds {
             for (i, (label, t)) in targets.iter().enumerate() {
                 eprintln!("pool: round {round}: {label}: job {idx}");
+                settle()?;
                 let v = timed(t, size, job, secs)?;
                 out[i][idx] = out[i][idx].max(v);
             }
