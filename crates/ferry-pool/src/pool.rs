@@ -32,8 +32,11 @@ const LOG_COMMITTED: &str = "log_committed";
 /// sizes a folio by the write that creates it, and ext4 walks every 4 KiB
 /// block of a folio on each write into it: after 2 MiB writes, a 4 KiB
 /// guest write cost 512 steps (43 % of the NBD server's time in 4 KiB
-/// random writes). Pieces of 64 KiB keep that to 16.
-const WRITE_PIECE: usize = 64 << 10;
+/// random writes). Smaller folios make small reads dearer, though: on the
+/// pool bench, pieces of 64 KiB gave 4 KiB random writes 3.8× a raw file's
+/// rate but reads 0.73×; 256 KiB gives 2.6× and 0.86×, 1 MiB 0.98× and
+/// 0.84× (BENCHMARKS.md "## pool").
+const WRITE_PIECE: usize = 256 << 10;
 
 /// Parameters of a new pool.
 #[derive(Debug, Clone)]
