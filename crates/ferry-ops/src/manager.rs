@@ -103,8 +103,8 @@ impl<C: Send + Sync + 'static> Manager<C> {
     pub fn start(self: &Arc<Self>, kind: &str, params: Value) -> Result<String> {
         let id = uuid::Uuid::new_v4().to_string();
         let plan = self.plan(&id, kind, &params)?;
-        self.journal.create(&id, kind, &params)?;
-        self.journal.log(&id, "info", &format!("{kind} started"))?;
+        self.journal
+            .create_logged(&id, kind, &params, &format!("{kind} started"))?;
         self.spawn(
             id.clone(),
             kind.to_string(),
@@ -145,7 +145,10 @@ impl<C: Send + Sync + 'static> Manager<C> {
                 cancel: &cancel,
             };
             let end = me.execute(&run, start).await;
-            let _ = me.journal.save_progress(&id, &view_json(&progress.view()));
+            if end != OpState::Succeeded {
+                // (A success saved it with its state.)
+                let _ = me.journal.save_progress(&id, &view_json(&progress.view()));
+            }
             tracing::info!(op = %id, state = %end, "operation finished");
             me.live
                 .lock()
@@ -294,28 +297,33 @@ impl<C: Send + Sync + 'static> Manager<C> {
                     return self.compensate(run, OpState::Failed, &reason).await;
                 }
             };
-            if let Err(e) = self.journal.step_started(id, idx, &name, &intent) {
+            // The intent and the log line in one journal write.
+            let msg = format!("step {name} started");
+            if let Err(e) = self
+                .journal
+                .step_started_logged(id, idx, &name, &intent, &msg)
+            {
                 let reason = format!("step {name} not started: {e}");
                 return self.compensate(run, OpState::Failed, &reason).await;
             }
-            self.log(id, "info", &format!("step {name} started"));
+            tracing::info!(op = %id, "{msg}");
             progress.update(|t| t.start(cx.node));
             crate::fault::test_pause(&format!("{}:started:{idx}", run.kind)).await;
             match step.run(&cx).await {
                 Ok(result) => {
-                    if let Err(e) =
-                        self.journal
-                            .step_finished(id, idx, StepState::Done, Some(&result), None)
-                    {
+                    // The result, the log line and the progress with this
+                    // step done in one journal write.
+                    progress.update(|t| t.finish(cx.node));
+                    let msg = format!("step {name} done");
+                    let view = view_json(&progress.view());
+                    if let Err(e) = self.journal.step_done_logged(id, idx, &result, &msg, &view) {
                         // The step acted but the journal cannot say so: undo it
                         // rather than go on with an unrecorded change.
                         let reason = format!("step {name} done but not journaled: {e}");
                         return self.compensate(run, OpState::Failed, &reason).await;
                     }
-                    self.log(id, "info", &format!("step {name} done"));
+                    tracing::info!(op = %id, "{msg}");
                     results.insert(name, result);
-                    progress.update(|t| t.finish(cx.node));
-                    let _ = self.journal.save_progress(id, &view_json(&progress.view()));
                     crate::fault::test_pause(&format!("{}:done:{idx}", run.kind)).await;
                 }
                 Err(e) => {
@@ -337,8 +345,14 @@ impl<C: Send + Sync + 'static> Manager<C> {
             }
         }
         progress.update(|t| t.complete());
-        self.log(id, "info", "succeeded");
-        let _ = self.journal.set_state(id, OpState::Succeeded, None);
+        tracing::info!(op = %id, "succeeded");
+        let view = view_json(&progress.view());
+        if let Err(e) = self
+            .journal
+            .end(id, OpState::Succeeded, None, "succeeded", &view)
+        {
+            tracing::warn!(op = %id, "cannot write the journal: {e}");
+        }
         OpState::Succeeded
     }
 

@@ -181,6 +181,17 @@ impl<C> StepContext<C> {
             .collect())
     }
 
+    /// Writes several lines to the operation's durable log at once (one
+    /// journal write instead of one per line).
+    pub fn log_all(&self, msgs: &[String]) {
+        for m in msgs {
+            tracing::info!(op = %self.op_id, "{m}");
+        }
+        if let Err(e) = self.journal.log_all(&self.op_id, "info", msgs) {
+            tracing::warn!(op = %self.op_id, "cannot write the journal log: {e}");
+        }
+    }
+
     /// Writes a line to the operation's durable log.
     pub fn log(&self, msg: impl AsRef<str>) {
         let msg = msg.as_ref();

@@ -423,9 +423,22 @@ impl Step<App> for CheckTarget {
     fn run<'a>(&'a self, cx: &'a StepContext<App>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
             let peer = self.env.peer(&self.p.to)?;
-            let hello = peer.hello().await.map_err(StepError::failed)?;
             let snapped: Snapped = result(cx, "snapshot")?;
-            match peer.get::<Value>(&format!("/v1/vms/{}", self.p.name)).await {
+            // The questions are independent: asked at once.
+            let vm_path = format!("/v1/vms/{}", self.p.name);
+            let volumes: Vec<String> = snapped
+                .disks
+                .iter()
+                .map(|d| target_volume(&self.p, &d.device))
+                .collect();
+            let paths: Vec<String> = volumes.iter().map(|v| format!("/v1/volumes/{v}")).collect();
+            let (hello, vm, vols) = tokio::join!(
+                peer.hello(),
+                peer.get::<Value>(&vm_path),
+                futures::future::join_all(paths.iter().map(|p| peer.get::<Value>(p)))
+            );
+            let hello = hello.map_err(StepError::failed)?;
+            match vm {
                 Err(e) if not_found(&e) => {}
                 Err(e) => return Err(StepError::failed(e)),
                 Ok(_) => {
@@ -435,9 +448,8 @@ impl Step<App> for CheckTarget {
                     )));
                 }
             }
-            for d in &snapped.disks {
-                let v = target_volume(&self.p, &d.device);
-                match peer.get::<Value>(&format!("/v1/volumes/{v}")).await {
+            for (v, r) in volumes.iter().zip(vols) {
+                match r {
                     Err(e) if not_found(&e) => {}
                     Err(e) => return Err(StepError::failed(e)),
                     Ok(_) => {
@@ -468,6 +480,60 @@ struct CreateTarget {
     p: Params,
 }
 
+impl CreateTarget {
+    /// Creates one disk's volume on the target, then its export; also
+    /// returns the line to log.
+    async fn create_one(
+        &self,
+        peer: &PeerClient,
+        op_id: &str,
+        d: &SourceDisk,
+    ) -> Result<(TargetDisk, String), StepError> {
+        let volume = target_volume(&self.p, &d.device);
+        let export = target_export(op_id, &d.device);
+        let _: ferry_api::VolumeInfo = peer
+            .post(
+                "/v1/volumes",
+                &ferry_api::CreateVolume {
+                    name: volume.clone(),
+                    size: d.size,
+                },
+            )
+            .await
+            .map_err(StepError::failed)?;
+        let info: ferry_api::ExportInfo = peer
+            .post(
+                "/v1/exports",
+                &ferry_api::CreateExport {
+                    name: Some(export.clone()),
+                    volume: Some(volume.clone()),
+                    snapshot: None,
+                },
+            )
+            .await
+            .map_err(StepError::failed)?;
+        let uri = info.tcp_uri.ok_or_else(|| {
+            StepError::failed(format!(
+                "peer {} serves NBD on no TCP address: it cannot receive a copy",
+                self.p.to
+            ))
+        })?;
+        let line = format!(
+            "created volume {volume} ({} bytes) and its export on {}",
+            d.size, self.p.to
+        );
+        Ok((
+            TargetDisk {
+                device: d.device.clone(),
+                volume,
+                export,
+                uri,
+            },
+            line,
+        ))
+    }
+}
+
 impl Step<App> for CreateTarget {
     fn name(&self) -> &str {
         "create target volumes"
@@ -492,48 +558,24 @@ impl Step<App> for CreateTarget {
         Box::pin(async move {
             let peer = self.env.peer(&self.p.to)?;
             let snapped: Snapped = result(cx, "snapshot")?;
+            // The disks' volumes and exports are made at once (each
+            // volume before its export); undo deletes whichever of them
+            // exist.
+            let made = futures::future::join_all(
+                snapped
+                    .disks
+                    .iter()
+                    .map(|d| self.create_one(&peer, &cx.op_id, d)),
+            )
+            .await;
             let mut out = Vec::new();
-            for d in &snapped.disks {
-                let volume = target_volume(&self.p, &d.device);
-                let export = target_export(&cx.op_id, &d.device);
-                let _: ferry_api::VolumeInfo = peer
-                    .post(
-                        "/v1/volumes",
-                        &ferry_api::CreateVolume {
-                            name: volume.clone(),
-                            size: d.size,
-                        },
-                    )
-                    .await
-                    .map_err(StepError::failed)?;
-                let info: ferry_api::ExportInfo = peer
-                    .post(
-                        "/v1/exports",
-                        &ferry_api::CreateExport {
-                            name: Some(export.clone()),
-                            volume: Some(volume.clone()),
-                            snapshot: None,
-                        },
-                    )
-                    .await
-                    .map_err(StepError::failed)?;
-                let uri = info.tcp_uri.ok_or_else(|| {
-                    StepError::failed(format!(
-                        "peer {} serves NBD on no TCP address: it cannot receive a copy",
-                        self.p.to
-                    ))
-                })?;
-                cx.log(format!(
-                    "created volume {volume} ({} bytes) and its export on {}",
-                    d.size, self.p.to
-                ));
-                out.push(TargetDisk {
-                    device: d.device.clone(),
-                    volume,
-                    export,
-                    uri,
-                });
+            let mut lines = Vec::new();
+            for r in made {
+                let (t, line) = r?;
+                out.push(t);
+                lines.push(line);
             }
+            cx.log_all(&lines);
             Ok(json!({ "disks": out }))
         })
     }

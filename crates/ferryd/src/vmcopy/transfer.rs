@@ -13,10 +13,11 @@
 //!   their expected times: bytes / throughput, with throughputs measured on
 //!   this pair of hosts — first those the last copy to the same peer
 //!   measured ([`KnownRates`]; [`PRIOR`] before any), then the running
-//!   measurement after each leaf. Only leaves that have not started are
-//!   re-split: their fraction is 0, so the overall figure does not move
-//!   when they are (the split is inside a leaf whose total weight is
-//!   fixed).
+//!   measurement after each [`CHECKPOINT_EVERY`] piece (the transfer rate,
+//!   the current leaf's part included) and each leaf. Only leaves that
+//!   have not started are re-split: their fraction is 0, so the overall
+//!   figure does not move when they are (the split is inside a leaf whose
+//!   total weight is fixed).
 //! - Before its first node, the step weighs the operation's steps in
 //!   seconds (see [`step_weights`]): the fixed steps count for the time
 //!   they take. A disk weighs its expected seconds, next to an `open disks`
@@ -275,7 +276,7 @@ impl KnownRates {
 }
 
 /// Running totals behind [`Rates`].
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Measure {
     t_bytes: u64,
     t_secs: f64,
@@ -389,12 +390,19 @@ impl Flushing {
 }
 
 impl CopyData {
-    async fn open_disks(&self, cx: &StepContext<App>) -> Result<Vec<Disk>, StepError> {
+    /// Opens the snapshots and the target exports; also returns a log
+    /// line per disk (written with the step's next lines, in one journal
+    /// write).
+    async fn open_disks(
+        &self,
+        cx: &StepContext<App>,
+    ) -> Result<(Vec<Disk>, Vec<String>), StepError> {
         let snapped: Snapped = result(cx, "snapshot")?;
         let targets: Value = result(cx, "create target volumes")?;
         let targets: Vec<TargetDisk> = serde_json::from_value(targets["disks"].clone())
             .map_err(|e| StepError::failed(format!("malformed target disks: {e}")))?;
         let mut disks = Vec::new();
+        let mut lines = Vec::new();
         for (d, t) in snapped.disks.iter().zip(targets) {
             let pool = cx.app.pool.clone();
             let (volume, snapshot, size) = (d.volume.clone(), d.snapshot.clone(), d.size);
@@ -406,7 +414,7 @@ impl CopyData {
             })
             .await?;
             let (leaves, what) = leaves(layout, &ranges);
-            cx.log(format!(
+            lines.push(format!(
                 "disk {} ({}): {what}; {} bytes allocated in {} pieces",
                 d.device,
                 d.volume,
@@ -442,7 +450,7 @@ impl CopyData {
                 hashes: Default::default(),
             });
         }
-        Ok(disks)
+        Ok((disks, lines))
     }
 
     /// Sends `ranges` of a disk in units of at most `unit` bytes: each unit
@@ -663,7 +671,7 @@ impl Step<App> for CopyData {
         Box::pin(async move {
             let opened = Instant::now();
             let peer = self.env.peer(&self.p.to)?;
-            let disks = self.open_disks(cx).await?;
+            let (disks, mut lines) = self.open_disks(cx).await?;
             let mut done: HashMap<(usize, usize), u64> = HashMap::new();
             for line in cx.checkpoints()? {
                 if let Ok(m) = serde_json::from_str::<Mark>(&line) {
@@ -673,7 +681,7 @@ impl Step<App> for CopyData {
             }
             let resumed: u64 = done.values().sum();
             if resumed > 0 {
-                cx.log(format!(
+                lines.push(format!(
                     "resuming: {resumed} bytes were transferred before the interruption"
                 ));
             }
@@ -682,11 +690,12 @@ impl Step<App> for CopyData {
                 Some(r) => (r, "measured by the last copy to this peer"),
                 None => (PRIOR, "assumed: nothing measured yet"),
             };
-            cx.log(format!(
+            lines.push(format!(
                 "expected throughputs ({known}): transfer {:.1} MB/s, verify {:.1} MB/s",
                 prior.transfer / 1e6,
                 prior.verify / 1e6
             ));
+            cx.log_all(&lines);
             let grand: u64 = disks
                 .iter()
                 .flat_map(|d| d.leaves.iter().map(Leaf::bytes))
@@ -745,6 +754,23 @@ impl Step<App> for CopyData {
                 }
                 t.finish(on);
             });
+            // Re-splits the leaves not started yet by what was measured so
+            // far (their fraction is 0: the overall figure does not move).
+            let resplit = |m: &Measure, started: &[Vec<bool>]| {
+                let r = m.rates(prior);
+                cx.progress.update(|t| {
+                    for (dj, d) in disks.iter().enumerate() {
+                        for (lj, l) in d.leaves.iter().enumerate() {
+                            if !started[dj][lj] {
+                                let (tw, vw) = split(l.bytes(), r, limit);
+                                t.set_weight(nodes[dj][lj].transfer, tw);
+                                t.set_weight(nodes[dj][lj].verify, vw);
+                            }
+                        }
+                    }
+                });
+            };
+            let mut leaf_lines: Vec<String> = Vec::new();
             let mut measure = Measure::default();
             let mut pacer = Pacer {
                 limit,
@@ -770,6 +796,7 @@ impl Step<App> for CopyData {
                     cx.progress
                         .update(|t| t.set_fraction(n.transfer, at as f64 / total.max(1) as f64));
                     let t0 = Instant::now();
+                    let mut waited = std::time::Duration::ZERO;
                     let mut flushing: Option<Flushing> = None;
                     for piece in pieces(&todo, CHECKPOINT_EVERY) {
                         let pb: u64 = piece.iter().map(|(a, b)| b - a).sum();
@@ -785,8 +812,16 @@ impl Step<App> for CopyData {
                         at += pb;
                         through += pb;
                         if let Some(f) = flushing.take() {
+                            let w = Instant::now();
                             f.done(cx).await?;
+                            waited += w.elapsed();
                         }
+                        // Learn the transfer rate as the leaf goes (the
+                        // first leaves' split is otherwise a guess).
+                        let mut m = measure;
+                        m.t_bytes += at - skip;
+                        m.t_secs += t0.elapsed().as_secs_f64();
+                        resplit(&m, &started);
                         let mark = Mark {
                             disk: di,
                             leaf: li,
@@ -804,8 +839,9 @@ impl Step<App> for CopyData {
                         }
                     }
                     cx.progress.update(|t| t.finish(n.transfer));
+                    let t_took = t0.elapsed();
                     measure.t_bytes += total - skip;
-                    measure.t_secs += t0.elapsed().as_secs_f64();
+                    measure.t_secs += t_took.as_secs_f64();
                     // Verify the whole leaf while its last flush runs.
                     let v0 = Instant::now();
                     let mut vdone = 0u64;
@@ -827,32 +863,31 @@ impl Step<App> for CopyData {
                     measure.v_bytes += total;
                     measure.v_secs += v0.elapsed().as_secs_f64();
                     cx.progress.update(|t| t.finish(n.leaf));
-                    // Re-split the leaves not started yet by what was
-                    // measured so far (their fraction is 0: the overall
-                    // figure does not move).
-                    let r = measure.rates(prior);
-                    cx.progress.update(|t| {
-                        for (dj, d) in disks.iter().enumerate() {
-                            for (lj, l) in d.leaves.iter().enumerate() {
-                                if !started[dj][lj] {
-                                    let (tw, vw) = split(l.bytes(), r, limit);
-                                    t.set_weight(nodes[dj][lj].transfer, tw);
-                                    t.set_weight(nodes[dj][lj].verify, vw);
-                                }
-                            }
-                        }
-                    });
+                    resplit(&measure, &started);
+                    let secs = |d: std::time::Duration| d.as_secs_f64();
+                    let moved = (total - skip) as f64;
+                    let tt = secs(t_took);
+                    leaf_lines.push(format!(
+                        "{} {}: {} MiB, transfer {tt:.3}s ({:.0} MB/s, {:.3}s of it waiting for flushes), verify {:.3}s",
+                        disk.target.device,
+                        leaf.name,
+                        moved as f64 / (1 << 20) as f64,
+                        moved / tt.max(1e-9) / 1e6,
+                        secs(waited),
+                        secs(v0.elapsed()),
+                    ));
                 }
             }
             let r = measure.rates(prior);
             if measure.t_bytes >= BLOCK && measure.v_bytes >= BLOCK && limit.is_none() {
                 self.env.rates.set(&self.p.to, r);
             }
-            cx.log(format!(
+            leaf_lines.push(format!(
                 "sent {sent} bytes (resumed after {resumed} bytes sent before a restart), verified {verified} bytes, re-sent {resent}; transfer {:.1} MB/s, verify {:.1} MB/s",
                 r.transfer / 1e6,
                 r.verify / 1e6
             ));
+            cx.log_all(&leaf_lines);
             Ok(json!({
                 "sent": sent,
                 "resumed_from": resumed,
