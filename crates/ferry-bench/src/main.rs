@@ -35,6 +35,11 @@ fn main() -> anyhow::Result<()> {
             "--runtime" => opts.runtime_s = value("--runtime")?.parse()?,
             "--size" => opts.size = value("--size")?,
             "--trials" => opts.trials = value("--trials")?.parse()?,
+            // `<suite> --help` prints the usage rather than running the suite.
+            "--help" | "-h" => {
+                print!("{}", usage());
+                return Ok(());
+            }
             _ => opts.rest.push(a),
         }
     }

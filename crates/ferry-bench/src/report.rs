@@ -164,8 +164,14 @@ pub fn results_dir() -> PathBuf {
 
 /// A scratch directory for a suite's data files, on the same file system as
 /// the target directory (so the disk measured is the project's disk, not a tmpfs).
+/// A fresh scratch directory for a suite: under `FERRY_BENCH_SCRATCH` when
+/// set (e.g. a tmpfs, to take the disk out of a measurement), else under
+/// the target directory.
 pub fn scratch_dir(suite: &str) -> anyhow::Result<tempfile::TempDir> {
-    let base = target_dir().join("bench-scratch");
+    let base = match std::env::var_os("FERRY_BENCH_SCRATCH") {
+        Some(dir) => PathBuf::from(dir),
+        None => target_dir().join("bench-scratch"),
+    };
     std::fs::create_dir_all(&base)?;
     Ok(tempfile::Builder::new().prefix(suite).tempdir_in(base)?)
 }

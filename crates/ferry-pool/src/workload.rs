@@ -279,7 +279,10 @@ pub fn run_op(pool: &Pool, m: &Model, op: &Op) -> Result<Option<String>> {
             let data = pattern(*seed, *len);
             // Odd seeds try the non-blocking in-place path first, as the
             // NBD server does; it declines what it cannot do at once.
-            match (seed % 2 == 1).then(|| v.try_write_at(*off, &data)).flatten() {
+            match (seed % 2 == 1)
+                .then(|| v.try_write_at(*off, &data))
+                .flatten()
+            {
                 Some(r) => r?,
                 None => v.write_at(*off, &data)?,
             }
