@@ -116,6 +116,38 @@ impl PeerClient {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// Creates volume `volume` of `size` bytes on the peer, then a
+    /// read-write export `export` of it. Returns the export's TCP URI:
+    /// `None` when the peer serves NBD on no TCP address (it cannot then
+    /// receive data from another host).
+    pub async fn create_exported_volume(
+        &self,
+        volume: &str,
+        export: &str,
+        size: u64,
+    ) -> Result<Option<String>, PeerError> {
+        let _: ferry_api::VolumeInfo = self
+            .post(
+                "/v1/volumes",
+                &ferry_api::CreateVolume {
+                    name: volume.to_string(),
+                    size,
+                },
+            )
+            .await?;
+        let info: ferry_api::ExportInfo = self
+            .post(
+                "/v1/exports",
+                &ferry_api::CreateExport {
+                    name: Some(export.to_string()),
+                    volume: Some(volume.to_string()),
+                    snapshot: None,
+                },
+            )
+            .await?;
+        Ok(info.tcp_uri)
+    }
+
     /// `DELETE path`; the answer body is ignored.
     pub async fn delete(&self, path: &str) -> Result<(), PeerError> {
         self.call::<(), serde::de::IgnoredAny>(Method::DELETE, path, None)

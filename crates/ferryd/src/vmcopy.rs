@@ -491,33 +491,16 @@ impl CreateTarget {
     ) -> Result<(TargetDisk, String), StepError> {
         let volume = target_volume(&self.p, &d.device);
         let export = target_export(op_id, &d.device);
-        let _: ferry_api::VolumeInfo = peer
-            .post(
-                "/v1/volumes",
-                &ferry_api::CreateVolume {
-                    name: volume.clone(),
-                    size: d.size,
-                },
-            )
+        let uri = peer
+            .create_exported_volume(&volume, &export, d.size)
             .await
-            .map_err(StepError::failed)?;
-        let info: ferry_api::ExportInfo = peer
-            .post(
-                "/v1/exports",
-                &ferry_api::CreateExport {
-                    name: Some(export.clone()),
-                    volume: Some(volume.clone()),
-                    snapshot: None,
-                },
-            )
-            .await
-            .map_err(StepError::failed)?;
-        let uri = info.tcp_uri.ok_or_else(|| {
-            StepError::failed(format!(
-                "peer {} serves NBD on no TCP address: it cannot receive a copy",
-                self.p.to
-            ))
-        })?;
+            .map_err(StepError::failed)?
+            .ok_or_else(|| {
+                StepError::failed(format!(
+                    "peer {} serves NBD on no TCP address: it cannot receive a copy",
+                    self.p.to
+                ))
+            })?;
         let line = format!(
             "created volume {volume} ({} bytes) and its export on {}",
             d.size, self.p.to

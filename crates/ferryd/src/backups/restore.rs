@@ -460,32 +460,15 @@ impl Step<App> for PeerVolumes {
             let mut out = Vec::new();
             for (dev, volume, size) in &self.p.disks {
                 let export = peer_export(&cx.op_id, dev);
-                let _: ferry_api::VolumeInfo = peer
-                    .post(
-                        "/v1/volumes",
-                        &ferry_api::CreateVolume {
-                            name: volume.clone(),
-                            size: *size,
-                        },
-                    )
+                let uri = peer
+                    .create_exported_volume(volume, &export, *size)
                     .await
-                    .map_err(StepError::failed)?;
-                let info: ferry_api::ExportInfo = peer
-                    .post(
-                        "/v1/exports",
-                        &ferry_api::CreateExport {
-                            name: Some(export.clone()),
-                            volume: Some(volume.clone()),
-                            snapshot: None,
-                        },
-                    )
-                    .await
-                    .map_err(StepError::failed)?;
-                let uri = info.tcp_uri.ok_or_else(|| {
-                    StepError::failed(format!(
-                        "host {to} serves NBD on no TCP address: it cannot receive a restore"
-                    ))
-                })?;
+                    .map_err(StepError::failed)?
+                    .ok_or_else(|| {
+                        StepError::failed(format!(
+                            "host {to} serves NBD on no TCP address: it cannot receive a restore"
+                        ))
+                    })?;
                 cx.log(format!(
                     "created volume {volume} ({size} bytes) and its export on {to}"
                 ));

@@ -871,7 +871,7 @@ impl Step<App> for CopyData {
                         "{} {}: {} MiB, transfer {tt:.3}s ({:.0} MB/s, {:.3}s of it waiting for flushes), verify {:.3}s",
                         disk.target.device,
                         leaf.name,
-                        moved as f64 / (1 << 20) as f64,
+                        moved / (1 << 20) as f64,
                         moved / tt.max(1e-9) / 1e6,
                         secs(waited),
                         secs(v0.elapsed()),
