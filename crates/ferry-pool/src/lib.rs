@@ -54,9 +54,11 @@
 //!
 //! Data is written with `pwrite` to the data file. A write covering several
 //! whole chunks that need new space takes a run of chunks that follow each
-//! other in the data file (aligned at its end when no free run fits) and
-//! writes it with one pwrite: fewer syscalls, and the page cache keeps the
-//! run in large folios, which makes later reads of it cheaper.
+//! other in the data file (aligned at its end when no free run fits).
+//! Buffered writes go to the data file in pieces of at most 256 KiB: the
+//! page cache makes a folio of each piece, and while larger folios make
+//! later reads cheaper, ext4 walks every block of a folio on each small
+//! write into it; 256 KiB keeps most of both (BENCHMARKS.md "## pool").
 //! [`Volume::write_direct`] (bulk fills such as a restore) writes whole
 //! chunks with `O_DIRECT` instead, up to 8 MiB at once, into runs first
 //! allocated in the data file with `fallocate` (so ext4 lets several
