@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,15 +13,31 @@ use common::TestServer;
 use ferry_nbd::proto::*;
 use ferry_nbd::{Export, ExportOptions, MemoryExport, Server};
 
-struct Raw {
-    s: UnixStream,
+/// A raw client on a unix socket (the default) or TCP.
+struct Raw<S = UnixStream> {
+    s: S,
 }
 
 impl Raw {
     fn connect(t: &TestServer) -> Raw {
-        let mut s = UnixStream::connect(&t.sock).unwrap();
+        let s = UnixStream::connect(&t.sock).unwrap();
         // A guard against hangs only: every test expects prompt answers.
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        Raw::greeted(s)
+    }
+}
+
+impl Raw<TcpStream> {
+    fn connect_tcp(t: &TestServer) -> Raw<TcpStream> {
+        let s = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw::greeted(s)
+    }
+}
+
+impl<S: Read + Write> Raw<S> {
+    fn greeted(mut s: S) -> Raw<S> {
         let mut g = [0u8; 18];
         s.read_exact(&mut g).unwrap();
         assert_eq!(be64(&g[0..8]), NBDMAGIC);
@@ -482,7 +499,22 @@ fn slow_backend_replies_out_of_order_without_blocking_others() {
 #[test]
 fn large_payloads_in_pieces_and_reused_buffers_keep_every_byte() {
     let (t, m) = server();
-    let mut c = Raw::connect(&t);
+    large_payloads(&t, &m, Raw::connect);
+}
+
+/// The same over TCP, where a large payload arrives in many segments.
+#[test]
+fn large_payloads_over_tcp_keep_every_byte() {
+    let (t, m) = server();
+    large_payloads(&t, &m, Raw::connect_tcp);
+}
+
+fn large_payloads<S: Read + Write>(
+    t: &TestServer,
+    m: &MemoryExport,
+    connect: fn(&TestServer) -> Raw<S>,
+) {
+    let mut c = connect(t);
     c.structured();
     assert_eq!(c.go("disk"), REP_ACK);
     let big: Vec<u8> = (0..512u32 << 10).map(|i| (i % 251) as u8).collect();
@@ -569,7 +601,7 @@ fn large_payloads_in_pieces_and_reused_buffers_keep_every_byte() {
     // Half of a large payload, then gone: nothing of it is applied.
     c.request(CMD_WRITE, 0, 7, 0, 256 << 10, &[0x55u8; 100 << 10]);
     drop(c);
-    let mut c = Raw::connect(&t);
+    let mut c = connect(t);
     assert_eq!(c.go("disk"), REP_ACK);
     c.request(CMD_FLUSH, 0, 8, 0, 0, &[]);
     assert_eq!(c.simple(), (0, 8));
