@@ -590,24 +590,9 @@ fn read_in_place(ctx: &Ctx, req: &Request, pieces: &[(u64, u64, bool)], out: &mu
     out.resize(total, 0);
     let mut head = Vec::with_capacity(CHUNK_HEADER_LEN + 12);
     let mut pos = 0;
-    let count = pieces.len();
     for (i, &(off, n, hole)) in pieces.iter().enumerate() {
-        let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
         head.clear();
-        if hole {
-            chunk_header(&mut head, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
-            head.extend_from_slice(&off.to_be_bytes());
-            head.extend_from_slice(&(n as u32).to_be_bytes());
-        } else {
-            chunk_header(
-                &mut head,
-                flags,
-                REPLY_TYPE_OFFSET_DATA,
-                req.cookie,
-                n as u32 + 8,
-            );
-            head.extend_from_slice(&off.to_be_bytes());
-        }
+        piece_header(&mut head, req, pieces, i);
         out[pos..pos + head.len()].copy_from_slice(&head);
         pos += head.len();
         if hole {
@@ -651,6 +636,25 @@ fn pieces(req: &Request, extents: Option<Vec<crate::export::Extent>>) -> Vec<(u6
     pieces
 }
 
+/// Appends the chunk header of piece `i` of a structured read: a hole
+/// chunk whole, a data chunk up to its data. The last piece carries DONE.
+fn piece_header(out: &mut Vec<u8>, req: &Request, pieces: &[(u64, u64, bool)], i: usize) {
+    let (off, n, hole) = pieces[i];
+    let flags = if i + 1 == pieces.len() {
+        REPLY_FLAG_DONE
+    } else {
+        0
+    };
+    if hole {
+        chunk_header(out, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+        out.extend_from_slice(&off.to_be_bytes());
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    } else {
+        chunk_header(out, flags, REPLY_TYPE_OFFSET_DATA, req.cookie, n as u32 + 8);
+        out.extend_from_slice(&off.to_be_bytes());
+    }
+}
+
 /// Appends the chunks of a structured read, using only `try_read_at`:
 /// `None` (the caller truncates `out`) when the backend would block. A
 /// failed read replaces the reply by an error chunk.
@@ -662,17 +666,11 @@ fn encode_read(
 ) -> Option<()> {
     let e = &*ctx.export;
     let mark = out.len();
-    let count = pieces.len();
     for (i, &(off, n, hole)) in pieces.iter().enumerate() {
-        let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
+        piece_header(out, req, pieces, i);
         if hole {
-            chunk_header(out, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
-            out.extend_from_slice(&off.to_be_bytes());
-            out.extend_from_slice(&(n as u32).to_be_bytes());
             continue;
         }
-        chunk_header(out, flags, REPLY_TYPE_OFFSET_DATA, req.cookie, n as u32 + 8);
-        out.extend_from_slice(&off.to_be_bytes());
         let at = out.len();
         out.resize(at + n as usize, 0);
         if let Err(err) = e.try_read_at(off, &mut out[at..])? {

@@ -15,6 +15,16 @@ mod restore;
 mod snapshot;
 mod vmcopy;
 
+/// Writes every dirty page of the machine back (`sync`, untimed) before a
+/// timed job, so that the job does not pay for the write-back of what came
+/// before it (a fill, a set-up, another target's writes): the kernel's
+/// throttling otherwise strikes whichever job runs next.
+pub(crate) fn settle() -> anyhow::Result<()> {
+    let st = std::process::Command::new("sync").status()?;
+    anyhow::ensure!(st.success(), "sync failed: {st}");
+    Ok(())
+}
+
 /// Options every suite understands (each uses the ones that apply).
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -26,7 +26,7 @@ use ferry_pool::workload::Rng;
 use ferry_pool::{Pool, PoolOptions, Volume};
 
 use crate::report::{Measurement, Report, scratch_dir};
-use crate::suites::Options;
+use crate::suites::{Options, settle};
 
 trait Target: Send + Sync {
     fn read(&self, off: u64, buf: &mut [u8]) -> anyhow::Result<()>;
@@ -126,16 +126,6 @@ fn timed(t: &Arc<dyn Target>, size: u64, job: Job, secs: u64) -> anyhow::Result<
     } else {
         n / el
     })
-}
-
-/// Writes every dirty page of the machine back (untimed) before a job, so
-/// that no target pays for the write-back of the previous one's data: with
-/// gigabytes left dirty by a fill or a write job, the kernel's throttling
-/// struck whichever target ran next and swung the write rows by ±50 %.
-fn settle() -> anyhow::Result<()> {
-    let st = std::process::Command::new("sync").status()?;
-    anyhow::ensure!(st.success(), "sync failed: {st}");
-    Ok(())
 }
 
 fn fill(t: &dyn Target, size: u64, byte: u8) -> anyhow::Result<()> {

@@ -30,8 +30,8 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::report::{Measurement, Report, results_dir, scratch_dir};
-use crate::suites::Options;
 use crate::suites::daemon::{Daemon, ferryd_exe};
+use crate::suites::{Options, settle};
 
 const MIB: u64 = 1 << 20;
 
@@ -183,17 +183,6 @@ async fn define(d: &Daemon, name: &str, volumes: &[&str]) -> anyhow::Result<()> 
         }),
     )
     .await?;
-    Ok(())
-}
-
-/// Writes out what the set-up left dirty (images, imports), so that the
-/// measured copy does not pay for the set-up's write-back, nor one side
-/// more than the other.
-fn settle() -> anyhow::Result<()> {
-    let st = Command::new("sync").status().context("sync")?;
-    if !st.success() {
-        bail!("sync failed: {st}");
-    }
     Ok(())
 }
 
