@@ -84,8 +84,12 @@ impl Pool {
 
     /// Open the pool in `dir` (fails with `UnknownVersion` on a newer format).
     pub fn open(dir: impl AsRef<Path>) -> Result<Pool> {
+        let dir = dir.as_ref();
         Ok(Pool {
-            sh: pool::open(dir.as_ref())?,
+            sh: crate::error::store_guard(
+                || format!("open pool {}", dir.display()),
+                || pool::open(dir),
+            )?,
         })
     }
 

@@ -135,3 +135,31 @@ impl<T> Ctx<T> for std::result::Result<T, serde_json::Error> {
         self.map_err(|e| Error::with_source(ErrorKind::Metadata, context(), e))
     }
 }
+
+/// Run `f`, which reads the metadata store, turning a panic raised inside
+/// it into a `Metadata` error. The store checks its pages as it reads them
+/// and, for some damage, panics rather than returning an error (an
+/// `unreachable!` in its B-tree cursor, in release builds too); a damaged
+/// pool must give a clean error instead of taking its process down.
+pub(crate) fn store_guard<T>(
+    what: impl FnOnce() -> String,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Error::new(
+                ErrorKind::Metadata,
+                format!(
+                    "{}: the metadata store is damaged (its check failed: {msg})",
+                    what()
+                ),
+            ))
+        }
+    }
+}

@@ -40,10 +40,13 @@
 //! # Concurrency
 //!
 //! [`Pool`] and [`Volume`] are `Send + Sync` and cheap to clone. A read
-//! takes one shard's read lock of its volume (64 shards) while it preads;
-//! chunks that follow each other in the data file are read (or overwritten
-//! in place) with one pread/pwrite, the further shard or chunk locks only
-//! *tried*, so holding several cannot deadlock. Writers of one chunk
+//! takes no lock: it looks its chunks up in an atomic word per chunk (a
+//! mirror of the volume's 64 lock-striped shard maps), preads, and looks
+//! again; a word that changed meanwhile (the chunk may have been freed and
+//! reused) makes it read again under the shard locks. Chunks that follow
+//! each other in the data file are read (or overwritten in place) with one
+//! pread/pwrite; further shard or chunk locks are only *tried*, so holding
+//! several cannot deadlock. Writers of one chunk
 //! serialise on one of 256 striped chunk locks and hold their volume's state
 //! lock shared; a snapshot holds it exclusively, which makes a group
 //! snapshot atomic across its volumes. A [`Snapshot`] handle refuses reads
@@ -135,6 +138,7 @@
 mod control;
 pub mod crashtest;
 mod error;
+mod fastmap;
 pub mod format;
 mod hydrator;
 pub mod lazy;

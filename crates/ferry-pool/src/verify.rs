@@ -102,6 +102,10 @@ impl Pool {
     /// Check every invariant; returns the problems found (empty when clean).
     /// Waits for in-flight writes and holds new ones during the check.
     pub fn verify(&self) -> Result<Vec<String>> {
+        crate::error::store_guard(|| "verify pool".into(), || self.verify_store())
+    }
+
+    fn verify_store(&self) -> Result<Vec<String>> {
         let cat = self.sh.catalog.read().unwrap_or_else(|e| e.into_inner());
         let mut vols: Vec<_> = cat.by_id.values().cloned().collect();
         vols.sort_by_key(|v| v.id);

@@ -195,10 +195,11 @@ fn open_damaged(dir: &Path) -> Option<ErrorKind> {
 /// Where the last panic of this process was raised.
 static PANIC_AT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
-/// [`open_damaged`], except that redb's consistency checks that panic only
-/// in builds with debug assertions (release and fuzz builds return
-/// `StorageError::Corrupted`, which the pool reports as a Metadata error)
-/// count as such an error: `None`. Any other panic fails the test.
+/// [`open_damaged`], except that a panic of one of redb's consistency
+/// checks in a build with debug assertions counts as an error: `None`.
+/// `Pool::open` and `Pool::verify` turn panics inside the store into
+/// Metadata errors (some damage makes redb panic in release builds too), so
+/// such a panic can only come from elsewhere; any other panic fails the test.
 fn open_without_redb_debug_asserts(dir: &Path) -> Option<Option<ErrorKind>> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
