@@ -161,16 +161,37 @@ impl Snapshot {
         let cs = sh.chunk;
         let mut pos = off;
         let mut at = 0usize;
+        // Chunks that follow each other in the data file are read with one
+        // pread: (first physical chunk, offset within it, start in buf, length).
+        let mut run: Option<(u64, u64, usize, usize)> = None;
         while at < buf.len() {
             let c = pos / cs;
             let within = pos % cs;
             let n = ((cs - within) as usize).min(buf.len() - at);
             match meta::resolve(&map, &parents, self.lineage, c, self.epoch)? {
                 None | Some(ZERO) => buf[at..at + n].fill(0),
-                Some(p) => sh.pread(p, within, &mut buf[at..at + n])?,
+                Some(p) => match &mut run {
+                    Some((p0, w0, a0, len))
+                        if within == 0
+                            && *a0 + *len == at
+                            && p > *p0
+                            && *w0 + *len as u64 == (p - *p0) * cs =>
+                    {
+                        *len += n;
+                    }
+                    _ => {
+                        if let Some((p0, w0, a0, len)) = run.take() {
+                            sh.pread(p0, w0, &mut buf[a0..a0 + len])?;
+                        }
+                        run = Some((p, within, at, n));
+                    }
+                },
             }
             pos += n as u64;
             at += n;
+        }
+        if let Some((p0, w0, a0, len)) = run {
+            sh.pread(p0, w0, &mut buf[a0..a0 + len])?;
         }
         Ok(())
     }
