@@ -94,3 +94,33 @@ pub const SUITES: &[(&str, &str, SuiteFn)] = &[
         migrate::run,
     ),
 ];
+
+/// `--rounds N` among a suite's own arguments (`default` without it, at
+/// least 1); any other argument is an error naming the suite.
+pub fn rounds(suite: &str, opts: &Options, default: u32) -> anyhow::Result<u32> {
+    let mut it = opts.rest.iter();
+    let mut rounds = default;
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => {
+                rounds = it
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--rounds needs a value"))?
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--rounds: {e}"))?;
+            }
+            _ => anyhow::bail!("{suite}: unknown argument {a}"),
+        }
+    }
+    Ok(rounds.max(1))
+}
+
+/// The median of `v` (the upper of the middle two for an even count; NaN
+/// when empty). Sorts `v`.
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -245,25 +245,6 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// `--rounds N` among the suite's own arguments (default 2).
-fn rounds(opts: &Options) -> anyhow::Result<u32> {
-    let mut it = opts.rest.iter();
-    let mut rounds = 2;
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--rounds" => {
-                rounds = it
-                    .next()
-                    .context("--rounds needs a value")?
-                    .parse()
-                    .context("--rounds")?;
-            }
-            _ => bail!("nbd: unknown argument {a}"),
-        }
-    }
-    Ok(rounds.max(1))
-}
-
 const PEERS: [&str; 4] = ["ferry", "ferry-file", "nbdkit", "qemu-nbd"];
 
 /// All three servers run at once on the same file; every job runs on each
@@ -271,7 +252,7 @@ const PEERS: [&str; 4] = ["ferry", "ferry-file", "nbdkit", "qemu-nbd"];
 /// figure of each server counts. So load from other processes on a shared
 /// machine hits all three alike instead of whichever ran during a burst.
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
-    let rounds = rounds(opts)?;
+    let rounds = crate::suites::rounds("nbd", opts, 2)?;
     let dir = scratch_dir("nbd")?;
     let file: PathBuf = dir.path().join("data.img");
     eprintln!("nbd: writing {} of random data", opts.size);

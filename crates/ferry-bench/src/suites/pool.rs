@@ -26,7 +26,7 @@ use ferry_pool::workload::Rng;
 use ferry_pool::{Pool, PoolOptions, Volume};
 
 use crate::report::{Measurement, Report, scratch_dir};
-use crate::suites::{Options, settle};
+use crate::suites::{Options, median, settle};
 
 trait Target: Send + Sync {
     fn read(&self, off: u64, buf: &mut [u8]) -> anyhow::Result<()>;
@@ -202,10 +202,6 @@ fn snapshot_ms(pool: &Pool, vol: &str, n: usize, sync: &File) -> anyhow::Result<
         sync.sync_data()?;
         raw.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     Ok((median(&mut times), median(&mut raw)))
 }
 
@@ -227,15 +223,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let secs = u64::from(opts.runtime_s.max(1));
     // `--rounds N`: each job on each target N times, the best kept (more
     // rounds tame the noise of a shared machine).
-    let rounds = match opts.rest.iter().position(|a| a == "--rounds") {
-        Some(i) => opts
-            .rest
-            .get(i + 1)
-            .ok_or_else(|| anyhow::anyhow!("--rounds needs a value"))?
-            .parse::<usize>()?
-            .max(1),
-        None => 2,
-    };
+    let rounds = crate::suites::rounds("pool", opts, 2)? as usize;
     let dir = scratch_dir("pool")?;
 
     let raw_path = dir.path().join("raw.img");

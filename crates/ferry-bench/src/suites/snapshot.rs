@@ -21,8 +21,8 @@ use ferry_testkit::{Disk, GuestConfig, GuestImage, NbdServer, Workload, disk};
 use serde_json::{Value, json};
 
 use crate::report::{Measurement, Report};
-use crate::suites::Options;
 use crate::suites::daemon::{Daemon, ferryd_exe};
+use crate::suites::{Options, median};
 
 fn arg<T: std::str::FromStr>(rest: &[String], name: &str, default: T) -> T {
     rest.iter()
@@ -101,14 +101,6 @@ impl Drop for Watcher {
             let _ = t.join();
         }
     }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn max(v: &[f64]) -> f64 {

@@ -18,7 +18,8 @@
 //! (all random) of `--size` to the peer, against `qemu-img convert -n`
 //! between the same two NBD exports (the source volume's, the target's
 //! fresh volume). Ferry's time includes its verify pass; qemu-img's does
-//! not verify.
+//! not verify. `--rounds N` (default 3): each copy N times (to a new VM,
+//! and a new target volume for qemu-img), the medians compared.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -31,7 +32,7 @@ use serde_json::{Value, json};
 
 use crate::report::{Measurement, Report, results_dir, scratch_dir};
 use crate::suites::daemon::{Daemon, ferryd_exe};
-use crate::suites::{Options, settle};
+use crate::suites::{Options, median, settle};
 
 const MIB: u64 = 1 << 20;
 
@@ -375,6 +376,7 @@ async fn export(d: &Daemon, volume: &str) -> anyhow::Result<String> {
 
 async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
     let size = parse_size(&opts.size)?;
+    let rounds = crate::suites::rounds("copy", opts, 3)?;
     let p = pair("copy").await?;
     let mut r = Report::new("copy");
     for kind in ["sparse", "dense"] {
@@ -394,45 +396,65 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
         let vol = format!("{kind}-disk");
         p.src.import(&vol, &raw).await?;
         define(&p.src, kind, &[&vol]).await?;
-        // Ferry: the whole operation, transfer and verify.
-        settle()?;
-        let t0 = Instant::now();
-        let s = p
-            .src
-            .post(
-                &format!("/v1/vms/{kind}/copy"),
-                json!({ "to": "target", "name": format!("{kind}-ferry") }),
-            )
-            .await?;
-        let op = wait_closely(&p.src, s["operation"].as_str().context("operation id")?).await?;
-        let ferry = t0.elapsed().as_secs_f64();
-        print_log(&op, kind, |m| {
-            m.starts_with("sent ")
-                || m.starts_with("expected")
-                || m.starts_with("step ")
-                || m.contains(", transfer ")
-        });
-        // qemu-img convert between the same kind of exports: the source
-        // volume's, and a fresh volume on the target.
-        let dst_vol = format!("{kind}-qemu");
-        p.dst
-            .post("/v1/volumes", json!({ "name": dst_vol, "size": size }))
-            .await?;
         let from = export(&p.src, &vol).await?;
-        let to = export(&p.dst, &dst_vol).await?;
-        settle()?;
-        let t0 = Instant::now();
-        let st = Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "8"])
-            .arg(&from)
-            .arg(&to)
-            .status()
-            .context("qemu-img")?;
-        if !st.success() {
-            bail!("qemu-img convert failed: {st}");
+        let (mut ferry, mut qemu) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Alternate which goes first: a device whose writes slow down
+            // after a burst must not favour one side.
+            for ferry_turn in [round % 2 == 0, round % 2 == 1] {
+                if ferry_turn {
+                    // Ferry: the whole operation, transfer and verify.
+                    settle()?;
+                    let t0 = Instant::now();
+                    let s = p
+                        .src
+                        .post(
+                            &format!("/v1/vms/{kind}/copy"),
+                            json!({ "to": "target", "name": format!("{kind}-ferry-{round}") }),
+                        )
+                        .await?;
+                    let id = s["operation"].as_str().context("operation id")?;
+                    let op = wait_closely(&p.src, id).await?;
+                    ferry.push(t0.elapsed().as_secs_f64());
+                    if round == 0 {
+                        print_log(&op, kind, |m| {
+                            m.starts_with("sent ")
+                                || m.starts_with("expected")
+                                || m.starts_with("step ")
+                                || m.contains(", transfer ")
+                        });
+                    }
+                    continue;
+                }
+                // qemu-img convert between the same kind of exports: the
+                // source volume's, and a fresh volume on the target.
+                let dst_vol = format!("{kind}-qemu-{round}");
+                p.dst
+                    .post("/v1/volumes", json!({ "name": dst_vol, "size": size }))
+                    .await?;
+                let to = export(&p.dst, &dst_vol).await?;
+                settle()?;
+                let t0 = Instant::now();
+                let st = Command::new("qemu-img")
+                    .args(["convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "8"])
+                    .arg(&from)
+                    .arg(&to)
+                    .status()
+                    .context("qemu-img")?;
+                if !st.success() {
+                    bail!("qemu-img convert failed: {st}");
+                }
+                qemu.push(t0.elapsed().as_secs_f64());
+            }
+            eprintln!(
+                "{kind} round {round}: ferry {:.3}s (with verify), qemu-img convert {:.3}s",
+                ferry[round as usize], qemu[round as usize]
+            );
         }
-        let qemu = t0.elapsed().as_secs_f64();
-        eprintln!("{kind}: ferry {ferry:.2}s (with verify), qemu-img convert {qemu:.2}s");
+        let (ferry, qemu) = (median(&mut ferry), median(&mut qemu));
+        eprintln!(
+            "{kind}: median of {rounds}: ferry {ferry:.3}s (with verify), qemu-img convert {qemu:.3}s"
+        );
         r.push(
             Measurement::new(format!("{kind}-copy-time"), "s", ferry)
                 .peer("qemu-img-convert", qemu)
