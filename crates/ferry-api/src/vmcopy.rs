@@ -36,10 +36,21 @@ pub struct HashRanges {
     pub volume: String,
     /// `[offset, length]` pairs, each at most 16 MiB.
     pub ranges: Vec<(u64, u64)>,
+    /// `xxh3-128` or `blake3` (the default, which copies before
+    /// `algorithm` existed asked for).
+    #[serde(default = "blake3_name")]
+    pub algorithm: String,
 }
 
-/// The BLAKE3 hash (hex) of each range, in the order asked.
+fn blake3_name() -> String {
+    "blake3".into()
+}
+
+/// The hash (hex, of the algorithm asked) of each range, in the order asked.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct RangeHashes {
     pub hashes: Vec<String>,
+    /// The algorithm of `hashes` (`blake3` when absent).
+    #[serde(default = "blake3_name")]
+    pub algorithm: String,
 }

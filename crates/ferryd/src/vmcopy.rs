@@ -33,7 +33,7 @@
 pub mod relay;
 mod transfer;
 
-pub use transfer::hash_ranges;
+pub use transfer::{Algorithm, hash_ranges};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};

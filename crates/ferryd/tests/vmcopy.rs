@@ -638,3 +638,34 @@ async fn a_third_host_coordinates_the_copy() {
             .contains(&"cancelled".to_string())
     );
 }
+
+#[tokio::test]
+async fn the_hash_call_answers_in_the_algorithm_asked_and_blake3_by_default() {
+    let h = Host::named("hashes");
+    let (s, v) = h
+        .post("/v1/volumes", json!({ "name": "hv", "size": 4 * MIB }))
+        .await;
+    assert!(s == 200 || s == 201, "{v}");
+    let zeros = vec![0u8; MIB as usize];
+    let ask = |alg: Option<&str>| {
+        let mut b = json!({ "volume": "hv", "ranges": [[0, MIB], [MIB, MIB]] });
+        if let Some(a) = alg {
+            b["algorithm"] = json!(a);
+        }
+        b
+    };
+    // A copy of an earlier version names no hash: BLAKE3.
+    let (s, v) = h.post("/v1/peer/copy/hash", ask(None)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["algorithm"], "blake3");
+    let b3 = blake3::hash(&zeros).to_hex().to_string();
+    assert_eq!(v["hashes"], json!([b3, b3]));
+    let (s, v) = h.post("/v1/peer/copy/hash", ask(Some("xxh3-128"))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["algorithm"], "xxh3-128");
+    let x = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&zeros));
+    assert_eq!(v["hashes"], json!([x, x]));
+    let (s, v) = h.post("/v1/peer/copy/hash", ask(Some("md5"))).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("unknown hash"), "{v}");
+}

@@ -138,8 +138,8 @@ fn relay(d: &Daemon, vm: String, from: String, req: VmCopyRequest) -> Result<Str
     Ok(d.ops.start(vmcopy::relay::KIND, params)?)
 }
 
-/// Hashes ranges of a volume of this host (BLAKE3 each), for a peer that
-/// copied to it and verifies.
+/// Hashes ranges of a volume of this host (XXH3-128 or BLAKE3 each), for a
+/// peer that copied to it and verifies.
 pub async fn hash(
     State(d): State<Arc<Daemon>>,
     Body(req): Body<HashRanges>,
@@ -150,15 +150,24 @@ pub async fn hash(
             &format!("range {off}+{len} is above 16 MiB"),
         ));
     }
+    let Some(algorithm) = vmcopy::Algorithm::named(&req.algorithm) else {
+        return Err(bad_field(
+            "algorithm",
+            &format!("unknown hash {:?} (xxh3-128 or blake3)", req.algorithm),
+        ));
+    };
     let pool = d.pool().clone();
     let vol = req.volume.clone();
     let hashes = blocking(move || {
         let v = pool.volume(&vol)?;
-        vmcopy::hash_ranges(&req.ranges, |off, buf| {
+        vmcopy::hash_ranges(algorithm, &req.ranges, |off, buf| {
             v.read_at(off, buf).map_err(|e| e.to_string())
         })
         .map_err(|e| ferry_pool::Error::new(ferry_pool::ErrorKind::InvalidArgument, e))
     })
     .await?;
-    Ok(Json(RangeHashes { hashes }))
+    Ok(Json(RangeHashes {
+        hashes,
+        algorithm: req.algorithm,
+    }))
 }
