@@ -17,9 +17,12 @@
 //! `copy`: time to copy a sparse disk (GPT, ~10 % data) and a dense disk
 //! (all random) of `--size` to the peer, against `qemu-img convert -n`
 //! between the same two NBD exports (the source volume's, the target's
-//! fresh volume). Ferry's time includes its verify pass; qemu-img's does
-//! not verify. `--rounds N` (default 3): each copy N times (to a new VM,
-//! and a new target volume for qemu-img), the medians compared.
+//! fresh volume). Ferry's time includes its verify pass and its flushes;
+//! qemu-img's does not verify, and by default (destination cache mode
+//! `unsafe`) never flushes: peer `qemu-img-convert-t-writeback` is the
+//! same with `-t writeback`, which flushes at the end. `--rounds N`
+//! (default 3): each copy N times (to a new VM, to new target volumes for
+//! qemu-img), the three taking turns going first; medians compared.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -397,12 +400,14 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
         p.src.import(&vol, &raw).await?;
         define(&p.src, kind, &[&vol]).await?;
         let from = export(&p.src, &vol).await?;
-        let (mut ferry, mut qemu) = (Vec::new(), Vec::new());
+        // [Ferry, qemu-img convert, qemu-img convert -t writeback].
+        let mut times: [Vec<f64>; 3] = Default::default();
         for round in 0..rounds {
-            // Alternate which goes first: a device whose writes slow down
+            // Take turns going first: a device whose writes slow down
             // after a burst must not favour one side.
-            for ferry_turn in [round % 2 == 0, round % 2 == 1] {
-                if ferry_turn {
+            for k in 0..3 {
+                let who = (k + round as usize) % 3;
+                if who == 0 {
                     // Ferry: the whole operation, transfer and verify.
                     settle()?;
                     let t0 = Instant::now();
@@ -415,7 +420,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                         .await?;
                     let id = s["operation"].as_str().context("operation id")?;
                     let op = wait_closely(&p.src, id).await?;
-                    ferry.push(t0.elapsed().as_secs_f64());
+                    times[0].push(t0.elapsed().as_secs_f64());
                     if round == 0 {
                         print_log(&op, kind, |m| {
                             m.starts_with("sent ")
@@ -427,16 +432,23 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                     continue;
                 }
                 // qemu-img convert between the same kind of exports: the
-                // source volume's, and a fresh volume on the target.
-                let dst_vol = format!("{kind}-qemu-{round}");
+                // source volume's, and a fresh volume on the target. Its
+                // default cache mode for the destination is `unsafe`: it
+                // never flushes, so the copy is not durable when it exits;
+                // `-t writeback` flushes at the end, as Ferry's copy does.
+                let dst_vol = format!("{kind}-qemu-{round}-{who}");
                 p.dst
                     .post("/v1/volumes", json!({ "name": dst_vol, "size": size }))
                     .await?;
                 let to = export(&p.dst, &dst_vol).await?;
+                let mut args = vec!["convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "8"];
+                if who == 2 {
+                    args.extend(["-t", "writeback"]);
+                }
                 settle()?;
                 let t0 = Instant::now();
                 let st = Command::new("qemu-img")
-                    .args(["convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "8"])
+                    .args(&args)
                     .arg(&from)
                     .arg(&to)
                     .status()
@@ -444,20 +456,21 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                 if !st.success() {
                     bail!("qemu-img convert failed: {st}");
                 }
-                qemu.push(t0.elapsed().as_secs_f64());
+                times[who].push(t0.elapsed().as_secs_f64());
             }
             eprintln!(
-                "{kind} round {round}: ferry {:.3}s (with verify), qemu-img convert {:.3}s",
-                ferry[round as usize], qemu[round as usize]
+                "{kind} round {round}: ferry {:.3}s (with verify), qemu-img convert {:.3}s, with -t writeback {:.3}s",
+                times[0][round as usize], times[1][round as usize], times[2][round as usize]
             );
         }
-        let (ferry, qemu) = (median(&mut ferry), median(&mut qemu));
+        let [ferry, qemu, durable] = times.map(|mut t| median(&mut t));
         eprintln!(
-            "{kind}: median of {rounds}: ferry {ferry:.3}s (with verify), qemu-img convert {qemu:.3}s"
+            "{kind}: median of {rounds}: ferry {ferry:.3}s (with verify), qemu-img convert {qemu:.3}s, with -t writeback {durable:.3}s"
         );
         r.push(
             Measurement::new(format!("{kind}-copy-time"), "s", ferry)
                 .peer("qemu-img-convert", qemu)
+                .peer("qemu-img-convert-t-writeback", durable)
                 .lower_is_better(),
         );
     }
