@@ -247,7 +247,7 @@ impl Step<App> for CopyIn {
                 .map_err(|e| StepError::failed(format!("block status of {path}: {e}")))?;
             let mut meter = Meter {
                 cx,
-                total: ranges.iter().map(|(s, e)| e - s).sum(),
+                total: span_bytes(&ranges),
                 done: 0,
                 written: 0,
                 paused: false,
@@ -555,7 +555,7 @@ impl Step<App> for CopyOut {
             }
             let mut meter = Meter {
                 cx,
-                total: ranges.iter().map(|(s, e)| e - s).sum(),
+                total: span_bytes(&ranges),
                 done: 0,
                 written: 0,
                 paused: false,
@@ -678,6 +678,11 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .await
         .map_err(StepError::failed)?
         .map_err(StepError::failed)
+}
+
+/// Bytes covered by `[start, end)` ranges.
+pub(crate) fn span_bytes(ranges: &[(u64, u64)]) -> u64 {
+    ranges.iter().map(|(s, e)| e - s).sum()
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ use serde_json::{Value, json};
 
 use super::{Env, Params, Snapped, TargetDisk, result};
 use crate::daemon::App;
-use crate::operations::{blocking, snapshot_data_ranges};
+use crate::operations::{blocking, snapshot_data_ranges, span_bytes};
 
 /// Hash unit of verify (and the unit of zero detection).
 pub const BLOCK: u64 = 1 << 20;
@@ -90,7 +90,7 @@ pub(crate) struct Leaf {
 
 impl Leaf {
     pub fn bytes(&self) -> u64 {
-        self.ranges.iter().map(|(s, e)| e - s).sum()
+        span_bytes(&self.ranges)
     }
 }
 
@@ -880,10 +880,8 @@ impl Step<App> for CopyData {
             let (checks, mut to_check) = tokio::sync::mpsc::unbounded_channel::<Check>();
             let transfer = async {
                 let mut sent = 0u64;
-                let mut started = vec![vec![false; 0]; disks.len()];
-                for (di, d) in disks.iter().enumerate() {
-                    started[di] = vec![false; d.leaves.len()];
-                }
+                let mut started: Vec<Vec<bool>> =
+                    disks.iter().map(|d| vec![false; d.leaves.len()]).collect();
                 // The flush of the last piece sent: it runs while the next
                 // piece (of this leaf or the next) is sent, and is waited
                 // for before the one after.
@@ -914,7 +912,7 @@ impl Step<App> for CopyData {
                         let t0 = Instant::now();
                         let mut waited = std::time::Duration::ZERO;
                         for piece in pieces(&todo, CHECKPOINT_EVERY) {
-                            let pb: u64 = piece.iter().map(|(a, b)| b - a).sum();
+                            let pb = span_bytes(&piece);
                             let base = at;
                             let mut got = 0u64;
                             sent += self
@@ -1003,7 +1001,7 @@ impl Step<App> for CopyData {
                         })
                         .await?;
                     let took = v0.elapsed().as_secs_f64();
-                    let bytes: u64 = c.ranges.iter().map(|(a, b)| b - a).sum();
+                    let bytes = span_bytes(&c.ranges);
                     let e = vdone.entry((c.disk, c.leaf)).or_default();
                     e.0 += bytes;
                     e.1 += took;
@@ -1116,9 +1114,8 @@ mod tests {
         for k in [0, 5, 10, 15, 20, 25, 30] {
             let mut both = upto(&r, k);
             both.extend(after(&r, k));
-            let bytes = |v: &[(u64, u64)]| v.iter().map(|(a, b)| b - a).sum::<u64>();
-            assert_eq!(bytes(&upto(&r, k)), k.min(25));
-            assert_eq!(bytes(&both), 25, "at {k}");
+            assert_eq!(span_bytes(&upto(&r, k)), k.min(25));
+            assert_eq!(span_bytes(&both), 25, "at {k}");
             assert!(both.iter().all(|(a, b)| a < b), "no empty ranges at {k}");
         }
         assert_eq!(upto(&r, 12), vec![(0, 10), (20, 22)]);
