@@ -502,7 +502,7 @@ impl Volume {
             return None;
         }
         let mut held = Vec::new();
-        let mut plan = Vec::new();
+        let mut plan: Vec<(u64, u64, usize, usize)> = Vec::new();
         for (c, within, n, at) in self.pieces(off, data.len() as u64) {
             // Two chunks of one request on one lock stripe: the second try
             // fails and the write takes the blocking path.
@@ -511,7 +511,20 @@ impl Volume {
             if !(s.own && s.phys != ZERO && st.exclusive(s.epoch)) {
                 return None;
             }
-            plan.push((s.phys, within, at, n));
+            // Chunks that follow each other in the data file too are
+            // written at once (in `pwrite`'s pieces): a 1 MiB write was 16
+            // pwrites, each taking the file's lock.
+            match plan.last_mut() {
+                Some((p, w, a, m))
+                    if within == 0
+                        && s.phys == *p + (*w + *m as u64) / self.sh.chunk
+                        && (*w + *m as u64).is_multiple_of(self.sh.chunk)
+                        && *a + *m == at =>
+                {
+                    *m += n
+                }
+                _ => plan.push((s.phys, within, at, n)),
+            }
         }
         let mut result = Ok(());
         for (phys, within, at, n) in plan {

@@ -491,6 +491,16 @@ fn try_write_writes_only_in_place_and_leaves_the_rest_untouched() {
     // The copied chunk is the volume's own now: in place again.
     v.try_write_at(200, &[4u8; 10]).expect("in place").unwrap();
     expect[200..210].fill(4);
+    // Chunks copied in reverse order lie in the data file the other way
+    // round: a write across them is not one run of the file.
+    v.write_at(2 * C + 1, &[2u8; 3]).unwrap();
+    v.write_at(C + 1, &[1u8; 3]).unwrap();
+    expect[2 * C as usize + 1..2 * C as usize + 4].fill(2);
+    expect[C as usize + 1..C as usize + 4].fill(1);
+    v.try_write_at(2 * C - 50, &[3u8; 100])
+        .expect("in place")
+        .unwrap();
+    expect[2 * C as usize - 50..2 * C as usize + 50].fill(3);
     let snap = p.open_snapshot("s").unwrap();
     let mut b = vec![0u8; 64 * C as usize];
     snap.read_at(0, &mut b).unwrap();
