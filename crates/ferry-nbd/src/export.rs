@@ -193,11 +193,12 @@ pub fn nbd_errno(e: &io::Error) -> u32 {
 /// page cache, which the kernel throttles when too much is dirty — on the
 /// connection's task: a short write takes microseconds there and saves two
 /// thread hops. Writes up to [`InlineWrites::MAX`] (2 MiB) qualify: a
-/// buffered 1 MiB write takes ~0.3 ms of copying on any thread, and
-/// handing it to a blocking thread cost two context switches per write,
-/// a tenth of the server's time in 1 MiB sequential writes (0.75× nbdkit's
-/// rate over TCP with 64 KiB as the limit, 0.95× with 2 MiB). One that
-/// took long *and slept* (the thread gave the CPU up
+/// payload just received is in this core's cache, while another thread
+/// would fetch it from this core's (its copy into the page cache then took
+/// 56 % of the server's time instead of 11–28 %) after a cross-core
+/// wake-up. 1 MiB writes over TCP ran at 0.70× nbdkit's rate with 64 KiB
+/// as the limit, 0.93× with 2 MiB (BENCHMARKS.md, nbd, session 10). One
+/// that took long *and slept* (the thread gave the CPU up
 /// itself: throttling, waiting on write-back or a lock) stops inline
 /// writes for a while, so that writes sleep in parallel on blocking
 /// threads instead of one after the other. A write that was only preempted

@@ -64,7 +64,7 @@ const SPARE_MAX: usize = (4 << 20) + 4096;
 /// Bytes of spare buffers a busy connection keeps at most: enough for the
 /// replies of 32 reads of 1 MiB in flight (with 8 MiB, a client with 16 in
 /// flight got a fresh buffer for every other read, and faulting in and
-/// zeroing it took a sixth of the server's time).
+/// zeroing it took a tenth of the server's time).
 const SPARE_BYTES: usize = 40 << 20;
 /// What a connection keeps once it has had nothing to do for
 /// [`SPARE_IDLE`]: an idle connection does not sit on a busy one's buffers.
