@@ -502,7 +502,7 @@ impl Volume {
             return None;
         }
         let mut held = Vec::new();
-        let mut plan: Vec<(u64, u64, usize, usize)> = Vec::new();
+        let mut plan = Vec::new();
         for (c, within, n, at) in self.pieces(off, data.len() as u64) {
             // Two chunks of one request on one lock stripe: the second try
             // fails and the write takes the blocking path.
@@ -513,16 +513,11 @@ impl Volume {
             }
             // Chunks that follow each other in the data file too are
             // written at once (in `pwrite`'s pieces): a 1 MiB write was 16
-            // pwrites, each taking the file's lock.
+            // pwrites, each taking the file's lock. Pieces are consecutive,
+            // so a run so far ends where this chunk starts: it continues
+            // when this chunk is the one after the run's last in the file.
             match plan.last_mut() {
-                Some((p, w, a, m))
-                    if within == 0
-                        && s.phys == *p + (*w + *m as u64) / self.sh.chunk
-                        && (*w + *m as u64).is_multiple_of(self.sh.chunk)
-                        && *a + *m == at =>
-                {
-                    *m += n
-                }
+                Some((p, w, _, m)) if s.phys == *p + (*w + *m as u64) / self.sh.chunk => *m += n,
                 _ => plan.push((s.phys, within, at, n)),
             }
         }
