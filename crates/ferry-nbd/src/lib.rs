@@ -40,6 +40,7 @@
 //! blocking facade for synchronous callers.
 
 pub mod backend;
+pub mod buffers;
 pub mod client;
 pub mod error;
 pub mod export;

@@ -13,20 +13,22 @@
 //!
 //! Large transfers avoid copies the kernel already makes: a large write's
 //! payload is read from the socket into a buffer of its own, and the
-//! buffers of replies and payloads are kept per connection and reused, so
-//! a large read overwrites an earlier reply's bytes in place instead of
-//! faulting in and zeroing a fresh buffer.
+//! buffers of replies and payloads are kept per connection and then by
+//! the server ([`crate::buffers`]) and reused, so a large read overwrites
+//! an earlier reply's bytes in place instead of faulting in and zeroing a
+//! fresh buffer.
 //!
 //! A client that breaks the protocol is disconnected; replies already
 //! written and writes already acknowledged are unaffected.
 
 use std::io;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::buffers::{Reserve, SPARE_IDLE, SPARE_IDLE_BYTES, Spares};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{Export, nbd_errno};
 use crate::handshake::Session;
@@ -57,84 +59,6 @@ struct Ctx {
     structured: bool,
     contexts: Vec<(u32, String)>,
     spares: Spares,
-}
-
-/// Buffers larger than this are not kept for reuse.
-const SPARE_MAX: usize = (4 << 20) + 4096;
-/// Bytes of spare buffers a busy connection keeps at most: enough for the
-/// replies of 32 reads of 1 MiB in flight (with 8 MiB, a client with 16 in
-/// flight got a fresh buffer for every other read, and faulting in and
-/// zeroing it took a tenth of the server's time).
-const SPARE_BYTES: usize = 40 << 20;
-/// What a connection keeps once it has had nothing to do for
-/// [`SPARE_IDLE`]: an idle connection does not sit on a busy one's buffers.
-const SPARE_IDLE_BYTES: usize = 4 << 20;
-const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Reply and payload buffers of one connection, kept for the next
-/// requests once their reply is written: a fresh 1 MiB buffer per request
-/// costs the kernel a page fault and a page clearing per 4 KiB, a quarter
-/// of the server's CPU time in large sequential transfers.
-#[derive(Default)]
-struct Spares(Mutex<(Vec<Vec<u8>>, usize)>);
-
-impl Spares {
-    /// A kept buffer as it was given back: its length counts bytes written
-    /// earlier (contents of no meaning), which a reply sized in place
-    /// overwrites without zeroing them first ([`read_in_place`]).
-    fn take_used(&self) -> Vec<u8> {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match g.0.pop() {
-            Some(v) => {
-                g.1 -= v.capacity();
-                v
-            }
-            None => Vec::new(),
-        }
-    }
-
-    /// An empty buffer, with the capacity of an earlier one if any is kept.
-    fn take(&self) -> Vec<u8> {
-        let mut v = self.take_used();
-        v.clear();
-        v
-    }
-
-    /// A buffer holding a copy of `data`.
-    fn copy_of(&self, data: &[u8]) -> Vec<u8> {
-        let mut v = self.take();
-        v.extend_from_slice(data);
-        v
-    }
-
-    /// Bytes of the buffers kept.
-    fn held(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).1
-    }
-
-    /// Lets go of kept buffers beyond `keep` bytes.
-    fn trim(&self, keep: usize) {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        while g.1 > keep {
-            match g.0.pop() {
-                Some(v) => g.1 -= v.capacity(),
-                None => break,
-            }
-        }
-    }
-
-    /// Keeps `v` for reuse, unless it is too large or enough are kept.
-    fn give(&self, v: Vec<u8>) {
-        let cap = v.capacity();
-        if cap == 0 || cap > SPARE_MAX {
-            return;
-        }
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 + cap <= SPARE_BYTES {
-            g.1 += cap;
-            g.0.push(v);
-        }
-    }
 }
 
 /// A write's data: in the connection's input buffer, or read into a
@@ -170,6 +94,7 @@ enum Handled {
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     session: Session,
+    reserve: Arc<Reserve>,
 ) -> Result<()> {
     let export = session.entry.export.clone();
     let ctx = Arc::new(Ctx {
@@ -178,7 +103,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         export,
         structured: session.structured,
         contexts: session.contexts,
-        spares: Spares::default(),
+        spares: Spares::new(reserve),
     });
     let name = session.entry.name.clone();
     let err = |what: &str, e: io::Error| Error::io(format!("export {name}: {what}"), e);
@@ -219,8 +144,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             } else if plen >= OWN_PAYLOAD_MIN {
                 // A large write's payload is read from the socket straight
                 // into a buffer of its own, not copied out of `inbuf`.
-                let mut p = ctx.spares.take();
-                p.reserve(plen);
+                let mut p = ctx.spares.take(plen);
                 p.extend_from_slice(&avail[REQUEST_LEN..]);
                 inbuf.clear();
                 start = 0;
@@ -362,10 +286,13 @@ fn spawn(
     let ctx = ctx.clone();
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
-        let mut out = ctx.spares.take_used();
-        if req.kind != CMD_READ {
-            out.clear();
-        }
+        // A read's reply is sized in place over a kept buffer; any other
+        // is a few bytes.
+        let mut out = if req.kind == CMD_READ {
+            ctx.spares.take_used(req.length as usize + 64)
+        } else {
+            Vec::with_capacity(64)
+        };
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             run_blocking(&ctx, &req, payload.as_deref().unwrap_or(&[]), &mut out)
         }));
@@ -753,37 +680,5 @@ fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
             out.extend_from_slice(&l.to_be_bytes());
             out.extend_from_slice(&f.to_be_bytes());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spares_keep_a_busy_connections_buffers_and_trim_to_what_idle_keeps() {
-        let s = Spares::default();
-        let mib = 1 << 20;
-        // Sixteen 1 MiB replies in flight come back: all are kept.
-        for _ in 0..16 {
-            s.give(Vec::with_capacity(mib));
-        }
-        assert_eq!(s.held(), 16 * mib);
-        // Beyond the cap, buffers are let go.
-        for _ in 0..40 {
-            s.give(Vec::with_capacity(mib));
-        }
-        assert_eq!(s.held(), SPARE_BYTES);
-        // Oversized ones are never kept.
-        s.trim(0);
-        s.give(Vec::with_capacity(SPARE_MAX + 1));
-        assert_eq!(s.held(), 0);
-        for _ in 0..16 {
-            s.give(Vec::with_capacity(mib));
-        }
-        s.trim(SPARE_IDLE_BYTES);
-        assert_eq!(s.held(), SPARE_IDLE_BYTES);
-        assert!(s.take().capacity() >= mib);
-        assert_eq!(s.held(), SPARE_IDLE_BYTES - mib);
     }
 }

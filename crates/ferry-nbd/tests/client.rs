@@ -50,6 +50,41 @@ fn start_peer(cmd: &mut Command, sock: &Path) -> Peer {
     p
 }
 
+/// Waits up to 5 s for the server to have `n` connections open.
+fn wait_connections(t: &TestServer, n: usize) {
+    let t0 = Instant::now();
+    while t.server.connections() != n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{} connections open, expected {n}",
+            t.server.connections()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_dropped_client_closes_its_connection() {
+    // It used to stay open (the reply reader held the socket) with the
+    // server's buffers and the export, once per connection of every copy.
+    let t = TestServer::with_export("d", Arc::new(MemoryExport::new(4 * MIB)));
+    let addr = Address::Unix(t.sock.clone());
+    let c =
+        t.rt.block_on(Client::connect(&addr, &cfg("d", &[])))
+            .unwrap();
+    t.rt.block_on(c.write_at(0, &[7u8; 4096], false)).unwrap();
+    wait_connections(&t, 1);
+    drop(c);
+    wait_connections(&t, 0);
+    let p =
+        t.rt.block_on(Pool::connect(addr, cfg("d", &[]), 3))
+            .unwrap();
+    assert_eq!(p.connections(), 3);
+    wait_connections(&t, 3);
+    drop(p);
+    wait_connections(&t, 0);
+}
+
 #[test]
 fn own_client_against_own_server() {
     let m = Arc::new(MemoryExport::new(16 * MIB));

@@ -109,6 +109,18 @@ pub struct Client {
     structured: bool,
     contexts: Vec<(u32, String)>,
     export: String,
+    /// The task reading replies. It holds the socket's read half, so the
+    /// connection stays open until it ends: dropping the client ends it.
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Client {
+    /// Closes the connection (the server sees the client go, as after a
+    /// disconnect; requests not answered yet were abandoned with their
+    /// futures).
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Client {
@@ -125,7 +137,7 @@ impl Client {
         });
         let s2 = shared.clone();
         let structured = n.structured;
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let e = read_replies(r, &s2, structured).await;
             s2.dead.store(true, Ordering::SeqCst);
             let mut p = s2.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -135,7 +147,8 @@ impl Client {
                     format!("connection lost: {e}"),
                 )));
             }
-        });
+        })
+        .abort_handle();
         Ok(Client {
             writer: tokio::sync::Mutex::new(w),
             shared,
@@ -145,6 +158,7 @@ impl Client {
             structured: n.structured,
             contexts: n.contexts,
             export: cfg.export.clone(),
+            reader,
         })
     }
 
