@@ -40,10 +40,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_backup::is_zero;
 use ferry_nbd::ClientConfig;
+use ferry_nbd::buffers::Reserve;
 use ferry_nbd::client::{Address, Pool as NbdPool};
 use ferry_ops::{BoxFuture, NodeId, Recovery, Step, StepContext, StepError, test_pause};
 use ferry_pool::Snapshot as PoolSnapshot;
@@ -233,15 +234,18 @@ pub fn hash_ranges(
     ranges: &[(u64, u64)],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
 ) -> Result<Vec<String>, String> {
-    let mut buf = Vec::new();
-    ranges
+    let longest = ranges.iter().map(|r| r.1 as usize).max().unwrap_or(0);
+    let mut buf = spare(longest);
+    let hashes = ranges
         .iter()
         .map(|&(off, len)| {
-            buf.resize(len as usize, 0);
-            read(off, &mut buf)?;
-            Ok(algorithm.hex(&buf))
+            let b = &mut buf[..len as usize];
+            read(off, b)?;
+            Ok(algorithm.hex(b))
         })
-        .collect()
+        .collect();
+    spares().give(buf);
+    hashes
 }
 
 /// One transfer unit read from the snapshot: its data, the hash of each
@@ -254,30 +258,31 @@ struct Unit {
     runs: Vec<(usize, usize)>,
 }
 
-/// Buffers of units sent, for the next units (no allocation and zeroing of
-/// [`XFER`] bytes per unit).
-#[derive(Default)]
-struct Spare(std::sync::Mutex<Vec<Vec<u8>>>);
+/// Buffers of units sent and of ranges hashed, for the next units and
+/// the next copies: a fresh 4 MiB buffer costs a page fault and a page
+/// clearing per 4 KiB (a copy of 80 MiB faulted in ~40 MB of them on the
+/// sending host before they were kept beyond one disk, `perf record -e
+/// page-faults`). Kept up to [`IN_FLIGHT`] units' worth, for 30 s unused.
+fn spares() -> &'static Arc<Reserve> {
+    static SPARES: std::sync::OnceLock<Arc<Reserve>> = std::sync::OnceLock::new();
+    SPARES.get_or_init(|| Reserve::new(IN_FLIGHT * XFER as usize, Duration::from_secs(30)))
+}
 
-impl Spare {
-    fn take(&self, n: usize) -> Vec<u8> {
-        let b = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match b {
-            Some(b) if b.len() >= n => b,
-            _ => vec![0u8; n.max(XFER as usize)],
+/// A buffer of at least `n` bytes (contents of no meaning).
+fn spare(n: usize) -> Vec<u8> {
+    match spares().take_at_least(n) {
+        Some(mut b) => {
+            if b.len() < n {
+                b.resize(n, 0);
+            }
+            b
         }
-    }
-
-    fn give(&self, b: Vec<u8>) {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if s.len() < IN_FLIGHT {
-            s.push(b);
-        }
+        None => vec![0u8; n.max(XFER as usize)],
     }
 }
 
-fn read_unit(snap: &PoolSnapshot, spare: &Spare, off: u64, n: u64) -> Result<Unit, String> {
-    let mut data = spare.take(n as usize);
+fn read_unit(snap: &PoolSnapshot, off: u64, n: u64) -> Result<Unit, String> {
+    let mut data = spare(n as usize);
     let unit = &mut data[..n as usize];
     snap.read_at(off, unit).map_err(|e| e.to_string())?;
     let mut hashes = Vec::new();
@@ -383,7 +388,6 @@ struct Disk {
     /// missing here, say sent before a restart, are hashed again from the
     /// snapshot).
     hashes: std::sync::Mutex<HashMap<(u64, u64), String>>,
-    spare: Arc<Spare>,
 }
 
 /// Ranges of a leaf sent (or found sent by an earlier run) and to be
@@ -536,7 +540,6 @@ impl CopyData {
                 nbd: Arc::new(nbd),
                 leaves,
                 hashes: Default::default(),
-                spare: Default::default(),
             });
         }
         Ok((disks, lines))
@@ -558,8 +561,8 @@ impl CopyData {
         let (nbd, vol) = (&disk.nbd, &disk.target.volume);
         let mut writes = futures::stream::iter(cut(ranges, unit))
             .map(|(off, n)| {
-                let (snap, spare) = (disk.snap.clone(), disk.spare.clone());
-                let read = tokio::task::spawn_blocking(move || read_unit(&snap, &spare, off, n));
+                let snap = disk.snap.clone();
+                let read = tokio::task::spawn_blocking(move || read_unit(&snap, off, n));
                 async move {
                     let u = read.await.map_err(StepError::failed)?.map_err(|e| {
                         StepError::failed(format!(
@@ -575,7 +578,7 @@ impl CopyData {
                         })?;
                         sent += (b - a) as u64;
                     }
-                    disk.spare.give(u.data);
+                    spares().give(u.data);
                     Ok::<_, StepError>((n, sent, u.hashes))
                 }
             })
