@@ -421,7 +421,9 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                     let id = s["operation"].as_str().context("operation id")?;
                     let op = wait_closely(&p.src, id).await?;
                     times[0].push(t0.elapsed().as_secs_f64());
-                    if round == 0 {
+                    // The last round's log: the first pays for first use
+                    // (buffers, connections' warm-up) that later ones do not.
+                    if round + 1 == rounds {
                         print_log(&op, kind, |m| {
                             m.starts_with("sent ")
                                 || m.starts_with("expected")

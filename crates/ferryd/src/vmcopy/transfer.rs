@@ -260,7 +260,7 @@ struct Unit {
 
 /// Buffers of units sent and of ranges hashed, for the next units and
 /// the next copies: a fresh 4 MiB buffer costs a page fault and a page
-/// clearing per 4 KiB (a copy of 80 MiB faulted in ~40 MB of them on the
+/// clearing per 4 KiB (a copy of 80 MiB faulted in ~32 MB of them on the
 /// sending host before they were kept beyond one disk, `perf record -e
 /// page-faults`). Kept up to [`IN_FLIGHT`] units' worth, for 30 s unused.
 fn spares() -> &'static Arc<Reserve> {
