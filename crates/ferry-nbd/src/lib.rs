@@ -28,7 +28,9 @@
 //!   FUA, or after a FLUSH (which covers every write acknowledged on any
 //!   connection when CAN_MULTI_CONN is advertised), after it is durable. A
 //!   `kill -9` of the server therefore loses at most writes that were never
-//!   flushed, which NBD allows; a client reconnects and goes on.
+//!   flushed, which NBD allows; a client reconnects and goes on. A write
+//!   never acknowledged (the client gone mid-payload, a crash) may be
+//!   partly applied, as on any disk.
 //! - **Hostile clients**: bad magic, oversize payloads (over 32 MiB),
 //!   unknown commands and flags get an error or a disconnect of that
 //!   connection only; each connection has at most

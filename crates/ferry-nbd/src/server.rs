@@ -226,7 +226,7 @@ impl Server {
                 .await
                 .map_err(|e| Error::io("accepting a TCP connection", e))?;
             let _ = stream.set_nodelay(true);
-            self.spawn(stream, addr.to_string());
+            self.spawn(stream, addr.to_string(), false);
         }
     }
 
@@ -238,17 +238,19 @@ impl Server {
                 .await
                 .map_err(|e| Error::io("accepting a unix connection", e))?;
             enlarge_send_buffer(&stream);
-            self.spawn(stream, "unix".into());
+            self.spawn(stream, "unix".into(), true);
         }
     }
 
-    fn spawn<S>(&self, stream: S, peer: String)
+    /// Runs a connection on its own task; `unix`: its client can queue
+    /// little (see [`Server::run`]).
+    fn spawn<S>(&self, stream: S, peer: String, unix: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let server = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = server.handle(stream).await {
+            if let Err(e) = server.run(stream, unix).await {
                 tracing::debug!(peer, error = %e, "nbd connection ended");
             }
         });
@@ -256,7 +258,17 @@ impl Server {
 
     /// Runs one connection to its end: handshake, optional STARTTLS, then
     /// the transmission phase.
-    pub async fn handle<S>(&self, mut stream: S) -> Result<()>
+    pub async fn handle<S>(&self, stream: S) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.run(stream, false).await
+    }
+
+    /// [`Server::handle`]; `unix`: the client can queue only a unix
+    /// socket's send buffer, so large writes are applied in pieces as
+    /// their payload arrives.
+    async fn run<S>(&self, mut stream: S, unix: bool) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -268,7 +280,7 @@ impl Server {
         match handshake::negotiate(&mut stream, shared, peer, no_zeroes).await? {
             Outcome::Abort => Ok(()),
             Outcome::Go(session) => {
-                transmission::serve(stream, session, shared.reserve.clone()).await
+                transmission::serve(stream, session, shared.reserve.clone(), unix).await
             }
             Outcome::StartTls => {
                 let acceptor = shared
@@ -283,7 +295,7 @@ impl Server {
                 peer.verified_client = tls.get_ref().1.peer_certificates().is_some();
                 match handshake::negotiate(&mut tls, shared, peer, no_zeroes).await? {
                     Outcome::Go(session) => {
-                        transmission::serve(tls, session, shared.reserve.clone()).await
+                        transmission::serve(tls, session, shared.reserve.clone(), unix).await
                     }
                     Outcome::Abort => Ok(()),
                     Outcome::StartTls => Err(Error::new(ErrorKind::Protocol, "second starttls")),

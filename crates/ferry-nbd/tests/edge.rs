@@ -598,7 +598,8 @@ fn large_payloads<S: Read + Write>(
         }[..],
         &big[..]
     );
-    // Half of a large payload, then gone: nothing of it is applied.
+    // Half of a large payload (less than a piece applied as it arrives
+    // over a unix socket), then gone: nothing of it is applied.
     c.request(CMD_WRITE, 0, 7, 0, 256 << 10, &[0x55u8; 100 << 10]);
     drop(c);
     let mut c = connect(t);
@@ -608,4 +609,114 @@ fn large_payloads<S: Read + Write>(
     let mut b = vec![0u8; 256 << 10];
     m.read_at(0, &mut b).unwrap();
     assert!(b[..] == big[..256 << 10], "half-sent write must not apply");
+}
+
+/// A backend whose inline writes (`try_write_at`) succeed once, then
+/// decline (the write must go to a thread) or fail: the pieces of a large
+/// write applied as its payload arrives over a unix socket.
+struct PieceExport {
+    inner: MemoryExport,
+    /// Inline writes so far, and the offsets written inline.
+    inline: std::sync::Mutex<Vec<u64>>,
+    fail: bool,
+}
+
+impl Export for PieceExport {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        self.inner.write_at(offset, data, fua)
+    }
+    fn try_write_at(&self, offset: u64, data: &[u8], fua: bool) -> Option<std::io::Result<()>> {
+        let mut seen = self.inline.lock().unwrap();
+        seen.push(offset);
+        match seen.len() {
+            1 => Some(self.inner.write_at(offset, data, fua)),
+            _ if self.fail => Some(Err(std::io::Error::from_raw_os_error(EIO as i32))),
+            _ => None,
+        }
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, p: bool, f: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, p, f)
+    }
+    fn block_status(&self, c: &str, o: u64, l: u64) -> std::io::Result<Vec<ferry_nbd::Extent>> {
+        self.inner.block_status(c, o, l)
+    }
+}
+
+/// Sends a 1 MiB write in three parts with pauses (so that the server has
+/// whole pieces before the payload is complete) and returns its reply.
+fn write_in_parts(c: &mut Raw, cookie: u64, data: &[u8]) -> (u32, u64) {
+    let mut head = Vec::new();
+    Request {
+        flags: 0,
+        kind: CMD_WRITE,
+        cookie,
+        offset: 0,
+        length: data.len() as u32,
+    }
+    .encode(&mut head);
+    head.extend_from_slice(&data[..300 << 10]);
+    c.s.write_all(&head).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.s.write_all(&data[300 << 10..700 << 10]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.s.write_all(&data[700 << 10..]).unwrap();
+    c.simple()
+}
+
+#[test]
+fn a_large_write_over_unix_is_applied_in_pieces_and_a_declined_piece_goes_to_a_thread() {
+    let e = Arc::new(PieceExport {
+        inner: MemoryExport::new(2 << 20),
+        inline: Default::default(),
+        fail: false,
+    });
+    let t = TestServer::with_export("d", e.clone());
+    let mut c = Raw::connect(&t);
+    assert_eq!(c.go("d"), REP_ACK);
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    assert_eq!(write_in_parts(&mut c, 1, &data), (0, 1));
+    // The first piece went in while the rest was on its way; the second
+    // was declined, and the rest of the write was done on a thread.
+    assert_eq!(*e.inline.lock().unwrap(), vec![0, 128 << 10]);
+    let mut got = vec![0u8; data.len()];
+    e.inner.read_at(0, &mut got).unwrap();
+    assert!(got == data, "every byte written");
+    // The connection goes on.
+    c.request(CMD_FLUSH, 0, 2, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 2));
+}
+
+#[test]
+fn a_failed_piece_fails_the_write_and_the_connection_goes_on() {
+    let e = Arc::new(PieceExport {
+        inner: MemoryExport::new(2 << 20),
+        inline: Default::default(),
+        fail: true,
+    });
+    let t = TestServer::with_export("d", e.clone());
+    let mut c = Raw::connect(&t);
+    assert_eq!(c.go("d"), REP_ACK);
+    let data = vec![9u8; 1 << 20];
+    assert_eq!(write_in_parts(&mut c, 1, &data), (EIO, 1));
+    // The rest of the payload was read, not taken for requests.
+    c.request(CMD_READ, 0, 2, 0, 4096, &[]);
+    assert_eq!(c.simple(), (0, 2));
+    let mut d = [0u8; 4096];
+    c.s.read_exact(&mut d).unwrap();
+    assert!(d.iter().all(|b| *b == 9), "the first piece was applied");
 }
