@@ -410,13 +410,48 @@ fn client_that_never_reads_replies_blocks_only_itself() {
 /// A fake for a fault a real backend cannot be made to show on demand: a
 /// read that blocks (a lazy volume waiting on a network fetch) until the
 /// test opens the gate.
-struct SlowExport {
+/// A memory backend with quirks: reads at offset 0 that wait for a gate
+/// (a slow backend), or inline writes (`try_write_at`) that succeed once,
+/// then decline (the write must go to a thread) or fail — to see the
+/// pieces of a large write applied as its payload arrives over a unix
+/// socket.
+struct QuirkyExport {
     inner: MemoryExport,
-    gate: std::sync::Mutex<bool>,
-    cv: std::sync::Condvar,
+    /// Reads at 0 wait until this opens.
+    gate: Option<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    /// Offsets of the inline writes so far, when they are watched.
+    inline: Option<std::sync::Mutex<Vec<u64>>>,
+    /// Inline writes after the first fail (else they decline).
+    fail: bool,
 }
 
-impl Export for SlowExport {
+impl QuirkyExport {
+    fn slow(size: u64) -> Self {
+        QuirkyExport {
+            inner: MemoryExport::new(size),
+            gate: Some(Default::default()),
+            inline: None,
+            fail: false,
+        }
+    }
+
+    fn pieces(size: u64, fail: bool) -> Self {
+        QuirkyExport {
+            inner: MemoryExport::new(size),
+            gate: None,
+            inline: Some(Default::default()),
+            fail,
+        }
+    }
+
+    fn open_gate(&self) {
+        let (open, cv) = self.gate.as_ref().unwrap();
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+}
+
+impl Export for QuirkyExport {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -424,19 +459,28 @@ impl Export for SlowExport {
         true
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if offset == 0 {
-            let mut open = self.gate.lock().unwrap();
+        if let Some((open, cv)) = self.gate.as_ref().filter(|_| offset == 0) {
+            let mut open = open.lock().unwrap();
             while !*open {
-                open = self.cv.wait(open).unwrap();
+                open = cv.wait(open).unwrap();
             }
         }
         self.inner.read_at(offset, buf)
     }
     fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> Option<std::io::Result<()>> {
-        (offset != 0).then(|| self.inner.read_at(offset, buf))
+        (self.gate.is_none() || offset != 0).then(|| self.inner.read_at(offset, buf))
     }
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
         self.inner.write_at(offset, data, fua)
+    }
+    fn try_write_at(&self, offset: u64, data: &[u8], fua: bool) -> Option<std::io::Result<()>> {
+        let mut seen = self.inline.as_ref()?.lock().unwrap();
+        seen.push(offset);
+        match seen.len() {
+            1 => Some(self.inner.write_at(offset, data, fua)),
+            _ if self.fail => Some(Err(std::io::Error::from_raw_os_error(EIO as i32))),
+            _ => None,
+        }
     }
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
@@ -454,11 +498,7 @@ impl Export for SlowExport {
 
 #[test]
 fn slow_backend_replies_out_of_order_without_blocking_others() {
-    let slow = Arc::new(SlowExport {
-        inner: MemoryExport::new(1 << 20),
-        gate: std::sync::Mutex::new(false),
-        cv: std::sync::Condvar::new(),
-    });
+    let slow = Arc::new(QuirkyExport::slow(1 << 20));
     slow.inner.write_at(4096, &[7u8; 512], false).unwrap();
     let t = TestServer::with_export("slow", slow.clone());
     let mut c = Raw::connect(&t);
@@ -479,8 +519,7 @@ fn slow_backend_replies_out_of_order_without_blocking_others() {
     other.request(CMD_WRITE, 0, 3, 8192, 512, &[1u8; 512]);
     assert_eq!(other.simple(), (0, 3));
     // Open the gate: the slow reads complete.
-    *slow.gate.lock().unwrap() = true;
-    slow.cv.notify_all();
+    slow.open_gate();
     let mut seen = Vec::new();
     for _ in 0..8 {
         let (e, cookie) = c.simple();
@@ -611,52 +650,6 @@ fn large_payloads<S: Read + Write>(
     assert!(b[..] == big[..256 << 10], "half-sent write must not apply");
 }
 
-/// A backend whose inline writes (`try_write_at`) succeed once, then
-/// decline (the write must go to a thread) or fail: the pieces of a large
-/// write applied as its payload arrives over a unix socket.
-struct PieceExport {
-    inner: MemoryExport,
-    /// Inline writes so far, and the offsets written inline.
-    inline: std::sync::Mutex<Vec<u64>>,
-    fail: bool,
-}
-
-impl Export for PieceExport {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn can_multi_conn(&self) -> bool {
-        true
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
-        self.inner.write_at(offset, data, fua)
-    }
-    fn try_write_at(&self, offset: u64, data: &[u8], fua: bool) -> Option<std::io::Result<()>> {
-        let mut seen = self.inline.lock().unwrap();
-        seen.push(offset);
-        match seen.len() {
-            1 => Some(self.inner.write_at(offset, data, fua)),
-            _ if self.fail => Some(Err(std::io::Error::from_raw_os_error(EIO as i32))),
-            _ => None,
-        }
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.trim(offset, len)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, p: bool, f: bool) -> std::io::Result<()> {
-        self.inner.write_zeroes(o, l, p, f)
-    }
-    fn block_status(&self, c: &str, o: u64, l: u64) -> std::io::Result<Vec<ferry_nbd::Extent>> {
-        self.inner.block_status(c, o, l)
-    }
-}
-
 /// Sends a 1 MiB write in three parts with pauses (so that the server has
 /// whole pieces before the payload is complete) and returns its reply.
 fn write_in_parts(c: &mut Raw, cookie: u64, data: &[u8]) -> (u32, u64) {
@@ -678,21 +671,27 @@ fn write_in_parts(c: &mut Raw, cookie: u64, data: &[u8]) -> (u32, u64) {
     c.simple()
 }
 
-#[test]
-fn a_large_write_over_unix_is_applied_in_pieces_and_a_declined_piece_goes_to_a_thread() {
-    let e = Arc::new(PieceExport {
-        inner: MemoryExport::new(2 << 20),
-        inline: Default::default(),
-        fail: false,
-    });
+/// A unix connection to a [`QuirkyExport::pieces`] export (the server
+/// must outlive the client).
+fn pieces_client(fail: bool) -> (Arc<QuirkyExport>, TestServer, Raw) {
+    let e = Arc::new(QuirkyExport::pieces(2 << 20, fail));
     let t = TestServer::with_export("d", e.clone());
     let mut c = Raw::connect(&t);
     assert_eq!(c.go("d"), REP_ACK);
+    (e, t, c)
+}
+
+#[test]
+fn a_large_write_over_unix_is_applied_in_pieces_and_a_declined_piece_goes_to_a_thread() {
+    let (e, _t, mut c) = pieces_client(false);
     let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
     assert_eq!(write_in_parts(&mut c, 1, &data), (0, 1));
     // The first piece went in while the rest was on its way; the second
     // was declined, and the rest of the write was done on a thread.
-    assert_eq!(*e.inline.lock().unwrap(), vec![0, 128 << 10]);
+    assert_eq!(
+        *e.inline.as_ref().unwrap().lock().unwrap(),
+        vec![0, 128 << 10]
+    );
     let mut got = vec![0u8; data.len()];
     e.inner.read_at(0, &mut got).unwrap();
     assert!(got == data, "every byte written");
@@ -703,16 +702,14 @@ fn a_large_write_over_unix_is_applied_in_pieces_and_a_declined_piece_goes_to_a_t
 
 #[test]
 fn a_failed_piece_fails_the_write_and_the_connection_goes_on() {
-    let e = Arc::new(PieceExport {
-        inner: MemoryExport::new(2 << 20),
-        inline: Default::default(),
-        fail: true,
-    });
-    let t = TestServer::with_export("d", e.clone());
-    let mut c = Raw::connect(&t);
-    assert_eq!(c.go("d"), REP_ACK);
+    let (e, _t, mut c) = pieces_client(true);
     let data = vec![9u8; 1 << 20];
     assert_eq!(write_in_parts(&mut c, 1, &data), (EIO, 1));
+    // The second piece failed; none was tried after it.
+    assert_eq!(
+        *e.inline.as_ref().unwrap().lock().unwrap(),
+        vec![0, 128 << 10]
+    );
     // The rest of the payload was read, not taken for requests.
     c.request(CMD_READ, 0, 2, 0, 4096, &[]);
     assert_eq!(c.simple(), (0, 2));
