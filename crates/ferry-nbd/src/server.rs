@@ -268,7 +268,7 @@ impl Server {
     /// [`Server::handle`]; `unix`: the client can queue only a unix
     /// socket's send buffer, so large writes are applied in pieces as
     /// their payload arrives.
-    async fn run<S>(&self, mut stream: S, unix: bool) -> Result<()>
+    pub(crate) async fn run<S>(&self, mut stream: S, unix: bool) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {

@@ -40,6 +40,9 @@ fn seeds() -> Vec<Vec<u8>> {
         opt(&mut v, OPT_GO, &i.encode());
         let reqs = [
             (CMD_WRITE, CMD_FLAG_FUA, 4096u64, 512u32),
+            // Large enough to be applied in pieces (inputs of odd length
+            // are served as over a unix socket).
+            (CMD_WRITE, 0, 65536, 300 << 10),
             (CMD_READ, 0, 0, 8192),
             (CMD_READ, 0, 0, 128 << 10),
             (CMD_BLOCK_STATUS, 0, 0, 1 << 20),
