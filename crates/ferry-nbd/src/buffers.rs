@@ -42,10 +42,44 @@ pub struct Reserve {
 }
 
 struct Held {
-    bufs: Vec<Vec<u8>>,
-    bytes: usize,
+    shelf: Shelf,
     used: Instant,
     watched: bool,
+}
+
+/// Buffers and the bytes of their capacities.
+#[derive(Default)]
+struct Shelf {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Shelf {
+    /// The most recently put buffer of at least `min` bytes of capacity
+    /// (its pages the likeliest in cache).
+    fn take_at_least(&mut self, min: usize) -> Option<Vec<u8>> {
+        let i = self.bufs.iter().rposition(|b| b.capacity() >= min)?;
+        let v = self.bufs.swap_remove(i);
+        self.bytes -= v.capacity();
+        Some(v)
+    }
+
+    /// The most recently put buffer.
+    fn pop(&mut self) -> Option<Vec<u8>> {
+        let v = self.bufs.pop()?;
+        self.bytes -= v.capacity();
+        Some(v)
+    }
+
+    /// Keeps `v` if that stays within `cap` bytes; gives it back if not.
+    fn put(&mut self, v: Vec<u8>, cap: usize) -> Result<(), Vec<u8>> {
+        if self.bytes + v.capacity() > cap {
+            return Err(v);
+        }
+        self.bytes += v.capacity();
+        self.bufs.push(v);
+        Ok(())
+    }
 }
 
 impl Reserve {
@@ -55,8 +89,7 @@ impl Reserve {
             cap,
             idle,
             inner: Mutex::new(Held {
-                bufs: Vec::new(),
-                bytes: 0,
+                shelf: Shelf::default(),
                 used: Instant::now(),
                 watched: false,
             }),
@@ -73,25 +106,19 @@ impl Reserve {
     pub fn take_at_least(&self, len: usize) -> Option<Vec<u8>> {
         let mut g = self.lock();
         g.used = Instant::now();
-        let i = g.bufs.iter().rposition(|b| b.capacity() >= len)?;
-        let v = g.bufs.swap_remove(i);
-        g.bytes -= v.capacity();
-        Some(v)
+        g.shelf.take_at_least(len)
     }
 
     /// Keeps `v` if there is room (it is dropped otherwise).
     pub fn give(self: &Arc<Self>, v: Vec<u8>) {
-        let cap = v.capacity();
-        if cap == 0 {
+        if v.capacity() == 0 {
             return;
         }
         let mut g = self.lock();
         g.used = Instant::now();
-        if g.bytes + cap > self.cap {
+        if g.shelf.put(v, self.cap).is_err() {
             return;
         }
-        g.bytes += cap;
-        g.bufs.push(v);
         if !g.watched
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
@@ -102,7 +129,7 @@ impl Reserve {
 
     /// Bytes of the buffers kept.
     pub fn held(&self) -> usize {
-        self.lock().bytes
+        self.lock().shelf.bytes
     }
 
     /// Lets go of every buffer if the reserve was not used for its idle
@@ -112,8 +139,7 @@ impl Reserve {
         if g.used.elapsed() < self.idle {
             return false;
         }
-        g.bufs = Vec::new();
-        g.bytes = 0;
+        g.shelf = Shelf::default();
         g.watched = false;
         true
     }
@@ -139,19 +165,19 @@ async fn watch(r: Weak<Reserve>) {
 /// has when it ends, go to the server's [`Reserve`], which it draws on when
 /// it has none.
 pub(crate) struct Spares {
-    held: Mutex<(Vec<Vec<u8>>, usize)>,
+    held: Mutex<Shelf>,
     reserve: Arc<Reserve>,
 }
 
 impl Spares {
     pub(crate) fn new(reserve: Arc<Reserve>) -> Self {
         Spares {
-            held: Mutex::new((Vec::new(), 0)),
+            held: Mutex::new(Shelf::default()),
             reserve,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Vec<u8>>, usize)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shelf> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -161,15 +187,7 @@ impl Spares {
     /// them first. A new one when none is kept here or in the reserve (a
     /// smaller one grown would be copied and faulted in all the same).
     pub(crate) fn take_used(&self, min: usize) -> Vec<u8> {
-        let mine = {
-            let mut g = self.lock();
-            let i = g.0.iter().rposition(|b| b.capacity() >= min);
-            i.map(|i| {
-                let v = g.0.swap_remove(i);
-                g.1 -= v.capacity();
-                v
-            })
-        };
+        let mine = self.lock().take_at_least(min);
         mine.or_else(|| self.reserve.take_at_least(min))
             .unwrap_or_else(|| Vec::with_capacity(min))
     }
@@ -190,7 +208,7 @@ impl Spares {
 
     /// Bytes of the buffers kept.
     pub(crate) fn held(&self) -> usize {
-        self.lock().1
+        self.lock().bytes
     }
 
     /// Hands kept buffers beyond `keep` bytes to the reserve.
@@ -198,14 +216,10 @@ impl Spares {
         let mut extra = Vec::new();
         {
             let mut g = self.lock();
-            while g.1 > keep {
-                match g.0.pop() {
-                    Some(v) => {
-                        g.1 -= v.capacity();
-                        extra.push(v);
-                    }
-                    None => break,
-                }
+            while g.bytes > keep
+                && let Some(v) = g.pop()
+            {
+                extra.push(v);
             }
         }
         for v in extra {
@@ -217,16 +231,11 @@ impl Spares {
     /// allocator serves those from memory it has) or too large; beyond
     /// what a connection keeps it goes to the reserve.
     pub(crate) fn give(&self, v: Vec<u8>) {
-        let cap = v.capacity();
-        if !(SPARE_MIN..=SPARE_MAX).contains(&cap) {
+        if !(SPARE_MIN..=SPARE_MAX).contains(&v.capacity()) {
             return;
         }
-        let mut g = self.lock();
-        if g.1 + cap <= SPARE_BYTES {
-            g.1 += cap;
-            g.0.push(v);
-        } else {
-            drop(g);
+        let kept = self.lock().put(v, SPARE_BYTES);
+        if let Err(v) = kept {
             self.reserve.give(v);
         }
     }

@@ -149,11 +149,15 @@ impl Default for Server {
 
 impl Server {
     pub fn new() -> Self {
+        Self::with(None, TlsMode::Off)
+    }
+
+    fn with(tls: Option<TlsAcceptor>, tls_mode: TlsMode) -> Self {
         Server {
             shared: Arc::new(Shared {
                 exports: RwLock::new(BTreeMap::new()),
-                tls: None,
-                tls_mode: TlsMode::Off,
+                tls,
+                tls_mode,
                 reserve: Reserve::new(RESERVE_BYTES, RESERVE_IDLE),
                 connections: AtomicUsize::new(0),
             }),
@@ -162,15 +166,7 @@ impl Server {
 
     /// A server with TLS; `mode` must not be `Off`.
     pub fn with_tls(config: Arc<rustls::ServerConfig>, mode: TlsMode) -> Self {
-        Server {
-            shared: Arc::new(Shared {
-                exports: RwLock::new(BTreeMap::new()),
-                tls: Some(TlsAcceptor::from(config)),
-                tls_mode: mode,
-                reserve: Reserve::new(RESERVE_BYTES, RESERVE_IDLE),
-                connections: AtomicUsize::new(0),
-            }),
-        }
+        Self::with(Some(TlsAcceptor::from(config)), mode)
     }
 
     /// Adds (or replaces) an export. Names may not contain `/`, which

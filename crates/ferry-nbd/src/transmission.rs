@@ -170,7 +170,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         break;
                     }
                     if let Some(st) = st.as_mut() {
-                        st.apply(&ctx, &req, &p, plen, false);
+                        st.apply(&ctx, &req, &p);
                     }
                 }
                 if p.len() < plen {
@@ -184,7 +184,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 p.truncate(plen);
                 match st {
                     Some(mut st) => {
-                        st.apply(&ctx, &req, &p, plen, true);
+                        st.apply(&ctx, &req, &p);
                         st.finish(&ctx, &req, p, &mut out, &tx)
                     }
                     None => handle(&ctx, &req, Payload::Owned(p), &mut out, &tx),
@@ -330,10 +330,14 @@ fn streamable(ctx: &Ctx, req: &Request) -> bool {
         && !ctx.read_only
         && req.flags & !KNOWN_FLAGS == 0
         && req.flags & CMD_FLAG_FUA == 0
-        && req
-            .offset
-            .checked_add(req.length.into())
-            .is_some_and(|e| e <= ctx.size)
+        && in_range(ctx, req)
+}
+
+/// Whether a request's range lies within the export.
+fn in_range(ctx: &Ctx, req: &Request) -> bool {
+    req.offset
+        .checked_add(req.length.into())
+        .is_some_and(|e| e <= ctx.size)
 }
 
 /// A large write applied [`WRITE_PIECE`] by [`WRITE_PIECE`] while the
@@ -365,13 +369,13 @@ struct Streamed {
 impl Streamed {
     /// Writes the whole pieces of `p` (the payload received so far, maybe
     /// followed by the next requests) not written yet, and the rest of the
-    /// payload too once it is all there (`last`).
-    fn apply(&mut self, ctx: &Ctx, req: &Request, p: &[u8], plen: usize, last: bool) {
-        let piece = WRITE_PIECE;
+    /// payload too once it is all there.
+    fn apply(&mut self, ctx: &Ctx, req: &Request, p: &[u8]) {
+        let plen = req.length as usize;
         let have = p.len().min(plen);
         while self.errno.is_none() && !self.declined && self.applied < have {
-            let end = (self.applied + piece).min(have);
-            if end - self.applied < piece && !(last && end == plen) {
+            let end = (self.applied + WRITE_PIECE).min(have);
+            if end - self.applied < WRITE_PIECE && end < plen {
                 return;
             }
             match ctx.export.try_write_at(
@@ -430,8 +434,7 @@ fn handle(
         error_reply(ctx, req, EINVAL, "unknown command flags", out);
         return Handled::Inline;
     }
-    let end = req.offset.checked_add(req.length.into());
-    let in_range = end.is_some_and(|e| e <= ctx.size);
+    let in_range = in_range(ctx, req);
     match req.kind {
         CMD_DISC => Handled::Disconnect,
         CMD_READ => {
