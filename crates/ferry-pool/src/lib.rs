@@ -46,7 +46,10 @@
 //! reused) makes it read again under the shard locks. Chunks that follow
 //! each other in the data file are read (or overwritten in place) with one
 //! pread/pwrite; further shard or chunk locks are only *tried*, so holding
-//! several cannot deadlock. Writers of one chunk
+//! several cannot deadlock. [`Volume::try_read_mapped`] hands a read out
+//! as places in the data file mapped read-only, for a server to `send`
+//! from; its chunks stay pinned (a pinned chunk that is freed is reused
+//! only once unpinned) until the [`MappedRead`] is dropped. Writers of one chunk
 //! serialise on one of 256 striped chunk locks and hold their volume's state
 //! lock shared; a snapshot holds it exclusively, which makes a group
 //! snapshot atomic across its volumes. A [`Snapshot`] handle refuses reads
@@ -142,6 +145,7 @@ mod fastmap;
 pub mod format;
 mod hydrator;
 pub mod lazy;
+mod mapped;
 mod meta;
 mod pool;
 mod profile;
@@ -233,6 +237,7 @@ pub use control::{Pool, SnapshotInfo, VolumeInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use hydrator::{HydrationProgress, Hydrator, HydratorOptions};
 pub use lazy::ChunkSource;
+pub use mapped::MappedRead;
 pub use pool::{DATA_FILE, DIRECT_ALIGN, META_FILE, PoolOptions, Recovery};
 pub use profile::ProfileLimit;
 pub use snapshot::Snapshot;

@@ -57,13 +57,19 @@ impl Default for PoolOptions {
 }
 
 /// Free physical chunks. `used` counts chunks referenced by metadata (durable
-/// or pending) plus chunks freed by a change that is not yet durable.
+/// or pending) plus chunks freed by a change that is not yet durable and
+/// freed chunks in `limbo`.
 #[derive(Debug, Default)]
 pub(crate) struct Alloc {
     pub free: BTreeSet<u64>,
     pub hw: u64,
     pub used: u64,
     pub limit: Option<u64>,
+    /// Chunks being sent from the mapped data file, and by how many
+    /// reads (see [`crate::mapped`]).
+    pub pinned: HashMap<u64, u32>,
+    /// Freed chunks still pinned: free once unpinned.
+    pub limbo: BTreeSet<u64>,
 }
 
 /// Metadata changes not yet committed: map entries (None = delete) and the
@@ -127,6 +133,9 @@ pub(crate) struct Shared {
     pub profiling: Mutex<Vec<Arc<VolInner>>>,
     /// The running kernel's boot id, written in each stage log.
     pub boot: BootId,
+    /// The data file mapped read-only, for reads sent from it (see
+    /// [`crate::mapped`]); replaced by a larger one as the file grows.
+    pub map: RwLock<Option<Arc<memmap2::MmapRaw>>>,
     /// What the stage logs held when the pool was opened.
     pub recovery: Recovery,
 }
@@ -536,7 +545,10 @@ impl Shared {
         }
         let mut a = lock(&self.alloc);
         for p in frees {
-            if a.free.insert(p) {
+            // A chunk being sent from the mapping is not reused under it.
+            if a.pinned.contains_key(&p) {
+                a.limbo.insert(p);
+            } else if a.free.insert(p) {
                 a.used -= 1;
             }
         }
@@ -725,6 +737,7 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
         profiling: Mutex::new(Vec::new()),
         boot,
         recovery,
+        map: RwLock::new(None),
     }))
 }
 

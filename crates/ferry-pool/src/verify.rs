@@ -118,9 +118,12 @@ impl Pool {
         let txn = self.sh.db.begin_read().ctx(|| "verify".into())?;
         let map = txn.open_table(MAP).ctx(|| "open map".into())?;
         let ep = txn.open_table(EPOCHS).ctx(|| "open epochs".into())?;
+        // Freed chunks still being sent (limbo) count as used until the
+        // send ends, and as free here.
         let (free, hw, used_count) = {
             let a = lock(&self.sh.alloc);
-            (a.free.clone(), a.hw, a.used)
+            let free: BTreeSet<u64> = a.free.union(&a.limbo).copied().collect();
+            (free, a.hw, a.used - a.limbo.len() as u64)
         };
         let mut owners: HashMap<u64, (u64, u64, u64)> = HashMap::new();
         let mut chains: BTreeMap<(u64, u64), Vec<u64>> = BTreeMap::new();

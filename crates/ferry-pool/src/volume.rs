@@ -89,7 +89,7 @@ pub(crate) struct VolInner {
     pub state: RwLock<VolState>,
     shards: Box<[RwLock<ChunkMap>]>,
     /// The shards' entries as the lock-free read path sees them.
-    fast: FastMap,
+    pub(crate) fast: FastMap,
     locks: Box<[Mutex<()>]>,
     pub deleted: AtomicBool,
     pub lazy: LazyState,
@@ -234,7 +234,7 @@ impl Volume {
         self.sh.chunk
     }
 
-    fn check(&self, op: &str, off: u64, len: u64) -> Result<()> {
+    pub(crate) fn check(&self, op: &str, off: u64, len: u64) -> Result<()> {
         if self.v.deleted.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::NotFound,

@@ -1,0 +1,200 @@
+//! Reads handed out as places in the data file mapped into memory, for a
+//! server that sends them to a socket from there: one copy (page cache to
+//! socket) instead of two (`pread` into a buffer, then send the buffer).
+//!
+//! The bytes must stay the volume's while they are sent. A chunk being
+//! sent is *pinned*: a pinned chunk that gets freed (trim, delete, a
+//! snapshot deleted) waits in limbo instead of becoming reusable, and is
+//! free once its last pin is gone, so no other volume's data can be
+//! written there under the send. The volume itself may still change the
+//! chunk meanwhile (an overwrite in place, a trim punching it), which a
+//! read running at the same time as a write may show anyway.
+//!
+//! A pin is taken after the chunk's word is read and before it is read
+//! again; a chunk is freed only after its word changed (see
+//! [`crate::fastmap`]), and pins and frees meet under the allocator's
+//! lock, so either the free sees the pin or the reader sees the changed
+//! word and gives up.
+//!
+//! Nothing here reads the mapped memory: the addresses are for system
+//! calls (`send`), in which the kernel copies from the page cache and
+//! turns a fault into an error instead of a signal.
+
+use std::sync::{Arc, PoisonError};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::fastmap::Fast;
+use crate::pool::{Shared, lock};
+use crate::volume::Volume;
+
+/// Mappings of the data file grow in steps of at least this much.
+const MAP_STEP: u64 = 1 << 30;
+
+/// A read whose bytes lie in the mapped data file; the chunks stay pinned
+/// (and the mapping mapped) until it is dropped.
+pub struct MappedRead {
+    ranges: Vec<(usize, usize)>,
+    pinned: Vec<u64>,
+    sh: Arc<Shared>,
+    _map: Arc<MmapRaw>,
+}
+
+impl MappedRead {
+    /// (address, length) of each piece of the read, in order. The memory
+    /// is a shared read-only mapping of the data file: pass it to system
+    /// calls only (another thread may write the file meanwhile), and only
+    /// while `self` lives.
+    pub fn ranges(&self) -> &[(usize, usize)] {
+        &self.ranges
+    }
+}
+
+impl std::fmt::Debug for MappedRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedRead")
+            .field("ranges", &self.ranges.len())
+            .field("pinned", &self.pinned.len())
+            .finish()
+    }
+}
+
+impl Drop for MappedRead {
+    fn drop(&mut self) {
+        self.sh.unpin(&self.pinned);
+    }
+}
+
+impl Shared {
+    fn pin(&self, phys: &[u64]) {
+        let mut a = lock(&self.alloc);
+        for &p in phys {
+            *a.pinned.entry(p).or_default() += 1;
+        }
+    }
+
+    fn unpin(&self, phys: &[u64]) {
+        let mut a = lock(&self.alloc);
+        for &p in phys {
+            let Some(n) = a.pinned.get_mut(&p) else {
+                debug_assert!(false, "chunk {p} unpinned but not pinned");
+                continue;
+            };
+            *n -= 1;
+            if *n > 0 {
+                continue;
+            }
+            a.pinned.remove(&p);
+            if a.limbo.remove(&p) && a.free.insert(p) {
+                a.used -= 1;
+            }
+        }
+    }
+
+    /// A mapping of the data file covering `[0, end)`.
+    fn mapping(&self, end: u64) -> Option<Arc<MmapRaw>> {
+        if let Some(m) = &*self.map.read().unwrap_or_else(PoisonError::into_inner)
+            && m.len() as u64 >= end
+        {
+            return Some(m.clone());
+        }
+        let mut slot = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = &*slot
+            && m.len() as u64 >= end
+        {
+            return Some(m.clone());
+        }
+        // Beyond the file's end is mapped too (only data chunks, all
+        // inside it, are ever sent from it): fewer mappings as it grows.
+        let len = end.max(slot.as_ref().map_or(0, |m| m.len() as u64 * 2));
+        let len = len.next_multiple_of(MAP_STEP);
+        let m = MmapOptions::new()
+            .len(usize::try_from(len).ok()?)
+            .map_raw_read_only(&self.data)
+            .ok()?;
+        let m = Arc::new(m);
+        // Readers still sending from the old mapping keep it alive.
+        *slot = Some(m.clone());
+        Some(m)
+    }
+}
+
+impl Volume {
+    /// The read of `[off, off + len)` as places in the mapped data file,
+    /// when every chunk of it holds data; `None` otherwise (holes, zeroes,
+    /// chunks not fetched yet, a deleted volume, a range out of bounds,
+    /// no mapping), and the caller reads with [`Volume::read_at`]. The
+    /// bytes may not be in the page cache: sending them may then wait for
+    /// the disk.
+    pub fn try_read_mapped(&self, off: u64, len: u64) -> Option<MappedRead> {
+        if len == 0 || self.check("read", off, len).is_err() {
+            return None;
+        }
+        let cs = self.sh.chunk;
+        let first = off / cs;
+        let last = (off + len - 1) / cs;
+        let mut words = Vec::with_capacity((last - first + 1) as usize);
+        let mut pinned = Vec::with_capacity(words.capacity());
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in first..=last {
+            let w = self.v.fast.load(c);
+            let Fast::Data(p) = w.fast() else {
+                return None;
+            };
+            words.push(w);
+            pinned.push(p);
+            let from = self.sh.data_at(p) + if c == first { off % cs } else { 0 };
+            let to = self.sh.data_at(p)
+                + if c == last {
+                    (off + len - 1) % cs + 1
+                } else {
+                    cs
+                };
+            match runs.last_mut() {
+                Some(r) if r.1 == from => r.1 = to,
+                _ => runs.push((from, to)),
+            }
+        }
+        self.sh.pin(&pinned);
+        let guard = PinGuard(self.sh.clone(), pinned);
+        if (first..=last)
+            .zip(&words)
+            .any(|(c, w)| self.v.fast.load(c) != *w)
+        {
+            return None;
+        }
+        let end = runs.iter().map(|r| r.1).max()?;
+        let map = self.sh.mapping(end)?;
+        let base = map.as_ptr() as usize;
+        for c in first..=last {
+            self.v.profile.record(c);
+        }
+        let pinned = guard.take();
+        Some(MappedRead {
+            ranges: runs
+                .iter()
+                .map(|&(from, to)| (base + from as usize, (to - from) as usize))
+                .collect(),
+            pinned,
+            sh: self.sh.clone(),
+            _map: map,
+        })
+    }
+}
+
+/// Unpins on the early returns of [`Volume::try_read_mapped`].
+struct PinGuard(Arc<Shared>, Vec<u64>);
+
+impl PinGuard {
+    fn take(mut self) -> Vec<u64> {
+        std::mem::take(&mut self.1)
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if !self.1.is_empty() {
+            self.0.unpin(&self.1);
+        }
+    }
+}
