@@ -38,6 +38,65 @@ impl Default for BlockSize {
     }
 }
 
+/// A read's bytes where they already lie in memory: places in a file the
+/// backend mapped read-only. Over plain TCP and unix sockets the server
+/// sends them from there (see [`crate::wire`]), a copy fewer than reading
+/// them into a buffer first.
+pub struct Mapped {
+    ranges: Vec<(usize, usize)>,
+    _keep: Box<dyn Send + Sync>,
+}
+
+impl Mapped {
+    /// `ranges`: (address, length) of each piece of the read, in order;
+    /// `keep` holds what keeps them valid, until the reply is sent.
+    ///
+    /// # Safety
+    /// While `keep` lives, every range must stay mapped and readable, and
+    /// the backend must keep other data (another disk's) from being
+    /// written there: the server passes the addresses to `send(2)` and
+    /// only the kernel reads them. Writes of the read's own disk may
+    /// happen meanwhile; a read running beside a write may show them.
+    pub unsafe fn new(ranges: Vec<(usize, usize)>, keep: Box<dyn Send + Sync>) -> Mapped {
+        Mapped {
+            ranges,
+            _keep: keep,
+        }
+    }
+
+    pub(crate) fn ranges(&self) -> &[(usize, usize)] {
+        &self.ranges
+    }
+
+    /// Whether every page is in the page cache now (`mincore`), so that
+    /// sending will not wait for the disk.
+    pub fn resident(&self) -> bool {
+        let page = crate::wire::page_size();
+        let mut vec = Vec::new();
+        self.ranges.iter().all(|&(addr, len)| {
+            let start = addr - addr % page;
+            let span = addr + len - start;
+            vec.clear();
+            vec.resize(span.div_ceil(page), 0u8);
+            // SAFETY: `[start, start + span)` is the range rounded out to
+            // whole pages, inside the mapping (mappings start and end on
+            // pages) that `keep` holds; `vec` has one byte per page.
+            // mincore reports residency; it reads no mapped memory.
+            let r = unsafe { libc::mincore(start as *mut libc::c_void, span, vec.as_mut_ptr()) };
+            r == 0 && vec.iter().all(|v| v & 1 == 1)
+        })
+    }
+
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A disk the server exports. Ranges passed in are always within `size()`:
 /// the server checks them first.
 pub trait Export: Send + Sync + 'static {
@@ -66,6 +125,13 @@ pub trait Export: Send + Sync + 'static {
         None
     }
 
+    /// The read of `[offset, offset + len)` as mapped memory the server
+    /// may send from (see [`Mapped`]), only when every page of it is in
+    /// memory ([`Mapped::resident`]); `None`: read it with `try_read_at` or
+    /// `read_at`. Must not block.
+    fn try_read_mapped(&self, _offset: u64, _len: u64) -> Option<Mapped> {
+        None
+    }
     /// Writes all of `data` at `offset`; with `fua`, durable on return.
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
 
@@ -138,6 +204,9 @@ impl<E: Export> Export for ReadOnly<E> {
     }
     fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         self.0.try_read_at(offset, buf)
+    }
+    fn try_read_mapped(&self, offset: u64, len: u64) -> Option<Mapped> {
+        self.0.try_read_mapped(offset, len)
     }
     fn write_at(&self, _: u64, _: &[u8], _: bool) -> io::Result<()> {
         Err(io::ErrorKind::PermissionDenied.into())

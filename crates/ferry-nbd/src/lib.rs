@@ -53,9 +53,10 @@ pub mod proto;
 pub mod server;
 pub mod tls;
 pub mod transmission;
+pub mod wire;
 
 pub use backend::{FileExport, MemoryExport};
 pub use client::{BlockingClient, Client, ClientConfig, Pool};
 pub use error::{Error, ErrorKind, Result};
-pub use export::{BlockSize, Export, Extent, InlineWrites, ReadOnly};
+pub use export::{BlockSize, Export, Extent, InlineWrites, Mapped, ReadOnly};
 pub use server::{ExportOptions, Server, TlsMode};

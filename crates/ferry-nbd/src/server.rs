@@ -15,6 +15,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::export::Export;
 use crate::handshake::{self, Outcome};
 use crate::transmission;
+use crate::wire::{Opaque, Wire};
 
 /// Bytes of buffers a server keeps for its next connections once theirs
 /// ended or went idle: the payload buffers of a VM copy's connections
@@ -242,7 +243,7 @@ impl Server {
     /// little (see [`Server::run`]).
     fn spawn<S>(&self, stream: S, peer: String, unix: bool)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Wire + 'static,
     {
         let server = self.clone();
         tokio::spawn(async move {
@@ -258,7 +259,7 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.run(stream, false).await
+        self.run(Opaque(stream), false).await
     }
 
     /// [`Server::handle`]; `unix`: the client can queue only a unix
@@ -266,7 +267,7 @@ impl Server {
     /// their payload arrives.
     pub(crate) async fn run<S>(&self, mut stream: S, unix: bool) -> Result<()>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Wire + 'static,
     {
         let shared = &self.shared;
         shared.connections.fetch_add(1, Ordering::Relaxed);

@@ -29,14 +29,15 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::buffers::{Reserve, SPARE_IDLE, SPARE_IDLE_BYTES, Spares};
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::{Export, nbd_errno};
+use crate::export::{Export, Mapped, nbd_errno};
 use crate::handshake::Session;
 use crate::proto::*;
+use crate::wire::{Wire, send_mapped};
 
 /// Requests on the blocking pool per connection before reading pauses.
 pub const MAX_INFLIGHT: usize = 64;
@@ -46,6 +47,9 @@ const SPARSE_READ_MIN: u32 = 64 << 10;
 /// Write payloads at least this long that are not in the input buffer yet
 /// are read into a buffer of their own.
 const OWN_PAYLOAD_MIN: usize = 128 << 10;
+/// Reads at least this long are sent from the backend's mapped file when
+/// it has one (see [`crate::wire`]).
+const MAPPED_READ_MIN: u32 = 256 << 10;
 /// Reads at least this long always run on a blocking thread.
 const PARALLEL_READ_MIN: u32 = 256 << 10;
 /// Output collected beyond this is written before more requests are handled.
@@ -95,7 +99,7 @@ enum Handled {
     Disconnect,
 }
 
-pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn serve<S: Wire>(
     mut s: S,
     session: Session,
     reserve: Arc<Reserve>,
@@ -141,7 +145,35 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let plen = req.payload_len() as usize;
             let need = REQUEST_LEN + plen;
-            let handled = if avail.len() >= need {
+            let handled = if let Some(m) = mapped_read(&ctx, &req, s.raw().is_some()) {
+                // Sent from the backend's mapped file, after what waits.
+                start += REQUEST_LEN;
+                if ctx.structured {
+                    chunk_header(
+                        &mut out,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        req.cookie,
+                        req.length + 8,
+                    );
+                    out.extend_from_slice(&req.offset.to_be_bytes());
+                } else {
+                    simple_reply(&mut out, 0, req.cookie);
+                }
+                s.write_all(&out)
+                    .await
+                    .map_err(|e| err("writing replies", e))?;
+                out.clear();
+                since_flush = 0;
+                if let Some(sock) = s.raw() {
+                    // The header is out: a failure now can only end the
+                    // connection.
+                    send_mapped(sock, &m)
+                        .await
+                        .map_err(|e| err("sending a read from the mapped file", e))?;
+                }
+                Handled::Inline
+            } else if avail.len() >= need {
                 let payload = &inbuf[start + REQUEST_LEN..start + need];
                 let h = handle(&ctx, &req, Payload::Borrowed(payload), &mut out, &tx);
                 start += need;
@@ -282,6 +314,22 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// A read to send straight from the backend's mapped file: large, valid,
+/// on a socket that can send from memory, with every page in memory.
+fn mapped_read(ctx: &Ctx, req: &Request, raw: bool) -> Option<Mapped> {
+    if !raw
+        || req.kind != CMD_READ
+        || req.length < MAPPED_READ_MIN
+        || req.length > MAX_PAYLOAD
+        || req.flags & !KNOWN_FLAGS != 0
+        || !in_range(ctx, req)
+    {
+        return None;
+    }
+    let m = ctx.export.try_read_mapped(req.offset, req.length.into())?;
+    (m.len() == req.length as usize).then_some(m)
 }
 
 fn error_reply(ctx: &Ctx, req: &Request, errno: u32, msg: &str, out: &mut Vec<u8>) {

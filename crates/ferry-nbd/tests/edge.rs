@@ -717,3 +717,164 @@ fn a_failed_piece_fails_the_write_and_the_connection_goes_on() {
     c.s.read_exact(&mut d).unwrap();
     assert!(d.iter().all(|b| *b == 9), "the first piece was applied");
 }
+
+/// A file export that counts the reads it hands out as mapped memory.
+struct Counted {
+    inner: ferry_nbd::FileExport,
+    mapped: std::sync::atomic::AtomicUsize,
+}
+
+impl Export for Counted {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> Option<std::io::Result<()>> {
+        self.inner.try_read_at(offset, buf)
+    }
+    fn try_read_mapped(&self, offset: u64, len: u64) -> Option<ferry_nbd::Mapped> {
+        let m = self.inner.try_read_mapped(offset, len)?;
+        self.mapped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(m)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        self.inner.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, p: bool, f: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, p, f)
+    }
+    fn block_status(&self, c: &str, o: u64, l: u64) -> std::io::Result<Vec<ferry_nbd::Extent>> {
+        self.inner.block_status(c, o, l)
+    }
+}
+
+impl Counted {
+    fn mapped(&self) -> usize {
+        self.mapped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A file of `len` bytes of a fixed pseudo-random pattern, served (through
+/// [`Counted`]) as export "f" from the test server's directory.
+fn mapped_server(len: usize) -> (TestServer, Arc<Counted>, Vec<u8>, std::path::PathBuf) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let s = Server::new();
+    let t = TestServer::start(s);
+    let path = t.path("f.raw");
+    std::fs::write(&path, &data).unwrap();
+    let e = Arc::new(Counted {
+        inner: ferry_nbd::FileExport::open(&path, false).unwrap(),
+        mapped: Default::default(),
+    });
+    t.server
+        .add_export("f", e.clone(), ExportOptions::default())
+        .unwrap();
+    (t, e, data, path)
+}
+
+/// Sends reads (cookie = index + 1) all at once and checks every reply,
+/// in whatever order they come, against `data`.
+fn check_reads<S: Read + Write>(
+    c: &mut Raw<S>,
+    structured: bool,
+    reads: &[(u64, u32)],
+    data: &[u8],
+) {
+    for (i, &(off, len)) in reads.iter().enumerate() {
+        c.request(CMD_READ, 0, i as u64 + 1, off, len, &[]);
+    }
+    for _ in reads {
+        let (cookie, got) = if structured {
+            let (flags, kind, cookie, p) = c.chunk();
+            assert_eq!((flags, kind), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA));
+            let off = reads[cookie as usize - 1].0;
+            assert_eq!(be64(&p[..8]), off);
+            (cookie, p[8..].to_vec())
+        } else {
+            let (err, cookie) = c.simple();
+            assert_eq!(err, 0);
+            let mut p = vec![0u8; reads[cookie as usize - 1].1 as usize];
+            c.s.read_exact(&mut p).unwrap();
+            (cookie, p)
+        };
+        let (off, len) = reads[cookie as usize - 1];
+        let want = &data[off as usize..off as usize + len as usize];
+        assert!(got == want, "read {cookie} ({off}+{len}) differs");
+    }
+}
+
+#[test]
+fn large_reads_are_sent_from_the_mapped_file_with_every_byte() {
+    let (t, e, data, _) = mapped_server(34 << 20);
+    // Unaligned, the largest payload (far beyond a socket's buffer: the
+    // send waits for the client again and again), and a small read after.
+    let reads = [(4097u64, 300_001u32), (1 << 20, 32 << 20), (5, 4096)];
+    let mut expect = 0;
+    for structured in [true, false] {
+        let mut c = Raw::connect(&t);
+        if structured {
+            c.structured();
+        }
+        assert_eq!(c.go("f"), REP_ACK);
+        check_reads(&mut c, structured, &reads, &data);
+        let mut c = Raw::connect_tcp(&t);
+        if structured {
+            c.structured();
+        }
+        assert_eq!(c.go("f"), REP_ACK);
+        check_reads(&mut c, structured, &reads, &data);
+        expect += 4;
+    }
+    // The two large reads of each connection were sent from the mapping.
+    assert_eq!(e.mapped(), expect);
+}
+
+#[test]
+fn a_read_not_in_memory_is_read_the_ordinary_way() {
+    let (t, e, data, path) = mapped_server(4 << 20);
+    // Written back and dropped from the page cache.
+    let f = std::fs::File::open(&path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: fadvise on an open fd; it does not touch our memory.
+    let r = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0);
+    let mut c = Raw::connect(&t);
+    c.structured();
+    assert_eq!(c.go("f"), REP_ACK);
+    check_reads(&mut c, true, &[(0, 1 << 20)], &data);
+    assert_eq!(
+        e.mapped(),
+        0,
+        "pages not in memory: not sent from the mapping"
+    );
+    // The ordinary read brought them in.
+    check_reads(&mut c, true, &[(0, 1 << 20)], &data);
+    assert_eq!(e.mapped(), 1);
+}

@@ -8,7 +8,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_nbd::export::{BlockSize, Export, Extent, InlineWrites};
+use ferry_nbd::export::{BlockSize, Export, Extent, InlineWrites, Mapped};
 use ferry_nbd::proto::{STATE_CHANGED, STATE_HOLE, STATE_ZERO};
 use ferry_pool::{ErrorKind, ExtentKind, Pool, Snapshot, Volume};
 
@@ -108,6 +108,23 @@ impl Export for VolumeExport {
         let n = buf.len() as u64;
         let r = self.volume.try_read_at(offset, buf)?.map_err(io_err);
         Some(count(&IO.read_ops, Some((&IO.read_bytes, n)), r))
+    }
+
+    /// Large cached reads are sent from the pool's mapped data file; the
+    /// chunks stay pinned (not reused) until the reply is sent.
+    fn try_read_mapped(&self, offset: u64, len: u64) -> Option<Mapped> {
+        let read = self.volume.try_read_mapped(offset, len)?;
+        let ranges = read.ranges().to_vec();
+        // SAFETY: the ranges lie in the pool's mapping of its data file,
+        // which `read` keeps mapped; `read` also keeps their chunks from
+        // being reused for other data until it is dropped.
+        let m = unsafe { Mapped::new(ranges, Box::new(read)) };
+        if !m.resident() {
+            return None;
+        }
+        IO.read_ops.fetch_add(1, Ordering::Relaxed);
+        IO.read_bytes.fetch_add(len, Ordering::Relaxed);
+        Some(m)
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {

@@ -11,9 +11,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use memmap2::{MmapOptions, MmapRaw};
 
 use super::push_extent;
-use crate::export::{Export, Extent, InlineWrites};
+use crate::export::{Export, Extent, InlineWrites, Mapped};
 use crate::proto::{CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO};
 
 pub struct FileExport {
@@ -24,6 +27,9 @@ pub struct FileExport {
     nowait_writes: AtomicBool,
     /// Short buffered writes inline, where `RWF_NOWAIT` is refused.
     inline: InlineWrites,
+    /// The file mapped read-only, for large reads sent from it (mapped at
+    /// the first; `None` when it cannot be).
+    map: OnceLock<Option<Arc<MmapRaw>>>,
 }
 
 impl FileExport {
@@ -37,6 +43,7 @@ impl FileExport {
             read_only,
             nowait_writes: AtomicBool::new(true),
             inline: InlineWrites::new(),
+            map: OnceLock::new(),
         })
     }
 
@@ -162,6 +169,30 @@ impl Export for FileExport {
             }
         }
         Some(Ok(()))
+    }
+
+    fn try_read_mapped(&self, offset: u64, len: u64) -> Option<Mapped> {
+        let map = self.map.get_or_init(|| {
+            let len = usize::try_from(self.size).ok().filter(|n| *n > 0)?;
+            MmapOptions::new()
+                .len(len)
+                .map_raw_read_only(&self.file)
+                .ok()
+                .map(Arc::new)
+        });
+        let map = map.as_ref()?;
+        let end = offset.checked_add(len)?;
+        if end > map.len() as u64 {
+            return None;
+        }
+        let addr = map.as_ptr() as usize + offset as usize;
+        // SAFETY: the range lies inside the mapping, which the clone of its
+        // Arc keeps mapped; it holds this file's bytes at `offset`, which
+        // only writes to this export change. (A file shrunk by another
+        // program under the server makes the send fail with EFAULT, not
+        // read other data.)
+        let m = unsafe { Mapped::new(vec![(addr, len as usize)], Box::new(map.clone())) };
+        m.resident().then_some(m)
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
