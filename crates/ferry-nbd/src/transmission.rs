@@ -148,18 +148,7 @@ pub(crate) async fn serve<S: Wire>(
             let handled = if let Some(m) = mapped_read(&ctx, &req, s.raw().is_some()) {
                 // Sent from the backend's mapped file, after what waits.
                 start += REQUEST_LEN;
-                if ctx.structured {
-                    chunk_header(
-                        &mut out,
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_OFFSET_DATA,
-                        req.cookie,
-                        req.length + 8,
-                    );
-                    out.extend_from_slice(&req.offset.to_be_bytes());
-                } else {
-                    simple_reply(&mut out, 0, req.cookie);
-                }
+                data_reply_header(&ctx, &req, &mut out);
                 s.write_all(&out)
                     .await
                     .map_err(|e| err("writing replies", e))?;
@@ -330,6 +319,23 @@ fn mapped_read(ctx: &Ctx, req: &Request, raw: bool) -> Option<Mapped> {
     }
     let m = ctx.export.try_read_mapped(req.offset, req.length.into())?;
     (m.len() == req.length as usize).then_some(m)
+}
+
+/// The header of a read's reply whose data follows in one piece: one data
+/// chunk (structured replies) or a simple reply.
+fn data_reply_header(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
+    if ctx.structured {
+        chunk_header(
+            out,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            req.cookie,
+            req.length + 8,
+        );
+        out.extend_from_slice(&req.offset.to_be_bytes());
+    } else {
+        simple_reply(out, 0, req.cookie);
+    }
 }
 
 fn error_reply(ctx: &Ctx, req: &Request, errno: u32, msg: &str, out: &mut Vec<u8>) {
@@ -523,22 +529,11 @@ fn handle(
                 };
             }
             let mark = out.len();
-            if ctx.structured {
-                if req.length == 0 {
-                    chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
-                    return Handled::Inline;
-                }
-                chunk_header(
-                    out,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    req.cookie,
-                    req.length + 8,
-                );
-                out.extend_from_slice(&req.offset.to_be_bytes());
-            } else {
-                simple_reply(out, 0, req.cookie);
+            if ctx.structured && req.length == 0 {
+                chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+                return Handled::Inline;
             }
+            data_reply_header(ctx, req, out);
             let data_at = out.len();
             out.resize(data_at + req.length as usize, 0);
             match ctx.export.try_read_at(req.offset, &mut out[data_at..]) {

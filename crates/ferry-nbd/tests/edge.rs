@@ -410,37 +410,52 @@ fn client_that_never_reads_replies_blocks_only_itself() {
 /// A fake for a fault a real backend cannot be made to show on demand: a
 /// read that blocks (a lazy volume waiting on a network fetch) until the
 /// test opens the gate.
-/// A memory backend with quirks: reads at offset 0 that wait for a gate
-/// (a slow backend), or inline writes (`try_write_at`) that succeed once,
-/// then decline (the write must go to a thread) or fail — to see the
-/// pieces of a large write applied as its payload arrives over a unix
-/// socket.
-struct QuirkyExport {
-    inner: MemoryExport,
+/// A backend with quirks: reads at offset 0 that wait for a gate (a slow
+/// backend), or inline writes (`try_write_at`) that succeed once, then
+/// decline (the write must go to a thread) or fail — to see the pieces of
+/// a large write applied as its payload arrives over a unix socket. It
+/// also counts the reads it hands out as mapped memory.
+struct QuirkyExport<E = MemoryExport> {
+    inner: E,
     /// Reads at 0 wait until this opens.
     gate: Option<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     /// Offsets of the inline writes so far, when they are watched.
     inline: Option<std::sync::Mutex<Vec<u64>>>,
     /// Inline writes after the first fail (else they decline).
     fail: bool,
+    /// Reads handed out as mapped memory.
+    mapped: std::sync::atomic::AtomicUsize,
+}
+
+impl<E: Export> QuirkyExport<E> {
+    fn plain(inner: E) -> Self {
+        QuirkyExport {
+            inner,
+            gate: None,
+            inline: None,
+            fail: false,
+            mapped: Default::default(),
+        }
+    }
+
+    fn mapped(&self) -> usize {
+        self.mapped.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl QuirkyExport {
     fn slow(size: u64) -> Self {
         QuirkyExport {
-            inner: MemoryExport::new(size),
             gate: Some(Default::default()),
-            inline: None,
-            fail: false,
+            ..Self::plain(MemoryExport::new(size))
         }
     }
 
     fn pieces(size: u64, fail: bool) -> Self {
         QuirkyExport {
-            inner: MemoryExport::new(size),
-            gate: None,
             inline: Some(Default::default()),
             fail,
+            ..Self::plain(MemoryExport::new(size))
         }
     }
 
@@ -451,7 +466,7 @@ impl QuirkyExport {
     }
 }
 
-impl Export for QuirkyExport {
+impl<E: Export> Export for QuirkyExport<E> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -469,6 +484,12 @@ impl Export for QuirkyExport {
     }
     fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> Option<std::io::Result<()>> {
         (self.gate.is_none() || offset != 0).then(|| self.inner.read_at(offset, buf))
+    }
+    fn try_read_mapped(&self, offset: u64, len: u64) -> Option<ferry_nbd::Mapped> {
+        let m = self.inner.try_read_mapped(offset, len)?;
+        self.mapped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(m)
     }
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
         self.inner.write_at(offset, data, fua)
@@ -718,57 +739,16 @@ fn a_failed_piece_fails_the_write_and_the_connection_goes_on() {
     assert!(d.iter().all(|b| *b == 9), "the first piece was applied");
 }
 
-/// A file export that counts the reads it hands out as mapped memory.
-struct Counted {
-    inner: ferry_nbd::FileExport,
-    mapped: std::sync::atomic::AtomicUsize,
-}
-
-impl Export for Counted {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn can_multi_conn(&self) -> bool {
-        true
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn try_read_at(&self, offset: u64, buf: &mut [u8]) -> Option<std::io::Result<()>> {
-        self.inner.try_read_at(offset, buf)
-    }
-    fn try_read_mapped(&self, offset: u64, len: u64) -> Option<ferry_nbd::Mapped> {
-        let m = self.inner.try_read_mapped(offset, len)?;
-        self.mapped
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(m)
-    }
-    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
-        self.inner.write_at(offset, data, fua)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.trim(offset, len)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, p: bool, f: bool) -> std::io::Result<()> {
-        self.inner.write_zeroes(o, l, p, f)
-    }
-    fn block_status(&self, c: &str, o: u64, l: u64) -> std::io::Result<Vec<ferry_nbd::Extent>> {
-        self.inner.block_status(c, o, l)
-    }
-}
-
-impl Counted {
-    fn mapped(&self) -> usize {
-        self.mapped.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
 /// A file of `len` bytes of a fixed pseudo-random pattern, served (through
-/// [`Counted`]) as export "f" from the test server's directory.
-fn mapped_server(len: usize) -> (TestServer, Arc<Counted>, Vec<u8>, std::path::PathBuf) {
+/// [`QuirkyExport`], counting mapped reads) as export "f" from the test server's directory.
+fn mapped_server(
+    len: usize,
+) -> (
+    TestServer,
+    Arc<QuirkyExport<ferry_nbd::FileExport>>,
+    Vec<u8>,
+    std::path::PathBuf,
+) {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let data: Vec<u8> = (0..len)
         .map(|_| {
@@ -782,10 +762,9 @@ fn mapped_server(len: usize) -> (TestServer, Arc<Counted>, Vec<u8>, std::path::P
     let t = TestServer::start(s);
     let path = t.path("f.raw");
     std::fs::write(&path, &data).unwrap();
-    let e = Arc::new(Counted {
-        inner: ferry_nbd::FileExport::open(&path, false).unwrap(),
-        mapped: Default::default(),
-    });
+    let e = Arc::new(QuirkyExport::plain(
+        ferry_nbd::FileExport::open(&path, false).unwrap(),
+    ));
     t.server
         .add_export("f", e.clone(), ExportOptions::default())
         .unwrap();
