@@ -35,8 +35,7 @@ const MAP_STEP: u64 = 1 << 30;
 /// (and the mapping mapped) until it is dropped.
 pub struct MappedRead {
     ranges: Vec<(usize, usize)>,
-    pinned: Vec<u64>,
-    sh: Arc<Shared>,
+    pins: Pins,
     _map: Arc<MmapRaw>,
 }
 
@@ -54,14 +53,17 @@ impl std::fmt::Debug for MappedRead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MappedRead")
             .field("ranges", &self.ranges.len())
-            .field("pinned", &self.pinned.len())
+            .field("pinned", &self.pins.1.len())
             .finish()
     }
 }
 
-impl Drop for MappedRead {
+/// Chunks pinned by one read: unpinned when dropped.
+struct Pins(Arc<Shared>, Vec<u64>);
+
+impl Drop for Pins {
     fn drop(&mut self) {
-        self.sh.unpin(&self.pinned);
+        self.0.unpin(&self.1);
     }
 }
 
@@ -130,71 +132,40 @@ impl Volume {
         if len == 0 || self.check("read", off, len).is_err() {
             return None;
         }
-        let cs = self.sh.chunk;
-        let first = off / cs;
-        let last = (off + len - 1) / cs;
-        let mut words = Vec::with_capacity((last - first + 1) as usize);
-        let mut pinned = Vec::with_capacity(words.capacity());
+        let mut words = Vec::new();
+        let mut pinned = Vec::new();
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for c in first..=last {
+        for (c, within, n, _) in self.pieces(off, len) {
             let w = self.v.fast.load(c);
             let Fast::Data(p) = w.fast() else {
                 return None;
             };
-            words.push(w);
+            words.push((c, w));
             pinned.push(p);
-            let from = self.sh.data_at(p) + if c == first { off % cs } else { 0 };
-            let to = self.sh.data_at(p)
-                + if c == last {
-                    (off + len - 1) % cs + 1
-                } else {
-                    cs
-                };
+            let from = self.sh.data_at(p) + within;
             match runs.last_mut() {
-                Some(r) if r.1 == from => r.1 = to,
-                _ => runs.push((from, to)),
+                Some(r) if r.1 == from => r.1 += n as u64,
+                _ => runs.push((from, from + n as u64)),
             }
         }
         self.sh.pin(&pinned);
-        let guard = PinGuard(self.sh.clone(), pinned);
-        if (first..=last)
-            .zip(&words)
-            .any(|(c, w)| self.v.fast.load(c) != *w)
-        {
+        let pins = Pins(self.sh.clone(), pinned);
+        if words.iter().any(|&(c, w)| self.v.fast.load(c) != w) {
             return None;
         }
         let end = runs.iter().map(|r| r.1).max()?;
         let map = self.sh.mapping(end)?;
         let base = map.as_ptr() as usize;
-        for c in first..=last {
+        for &(c, _) in &words {
             self.v.profile.record(c);
         }
-        let pinned = guard.take();
         Some(MappedRead {
             ranges: runs
                 .iter()
                 .map(|&(from, to)| (base + from as usize, (to - from) as usize))
                 .collect(),
-            pinned,
-            sh: self.sh.clone(),
+            pins,
             _map: map,
         })
-    }
-}
-
-/// Unpins on the early returns of [`Volume::try_read_mapped`].
-struct PinGuard(Arc<Shared>, Vec<u64>);
-
-impl PinGuard {
-    fn take(mut self) -> Vec<u64> {
-        std::mem::take(&mut self.1)
-    }
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if !self.1.is_empty() {
-            self.0.unpin(&self.1);
-        }
     }
 }

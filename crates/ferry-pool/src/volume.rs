@@ -255,7 +255,11 @@ impl Volume {
     }
 
     /// Split `[off, off+len)` into (chunk, offset within chunk, length, position in buffer).
-    fn pieces(&self, off: u64, len: u64) -> impl Iterator<Item = (u64, u64, usize, usize)> + use<> {
+    pub(crate) fn pieces(
+        &self,
+        off: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (u64, u64, usize, usize)> + use<> {
         let cs = self.sh.chunk;
         let end = off + len;
         let mut pos = off;
