@@ -7,6 +7,7 @@
 //! the server then runs inline, saving two thread hops per request.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,10 @@ impl Mapped {
     }
 }
 
+/// Moves the next `n` bytes of a spliced write into a file at an offset
+/// ([`Export::try_write_spliced`]).
+pub type Fill<'a> = dyn FnMut(BorrowedFd<'_>, u64, usize) -> io::Result<()> + 'a;
+
 /// A disk the server exports. Ranges passed in are always within `size()`:
 /// the server checks them first.
 pub trait Export: Send + Sync + 'static {
@@ -137,6 +142,28 @@ pub trait Export: Send + Sync + 'static {
 
     /// The same write, only if it can be done without blocking.
     fn try_write_at(&self, _offset: u64, _data: &[u8], _fua: bool) -> Option<io::Result<()>> {
+        None
+    }
+
+    /// Whether the backend takes writes through [`Export::try_write_spliced`].
+    fn splice_writes(&self) -> bool {
+        false
+    }
+
+    /// A write of `len` bytes at `offset` (not FUA) whose bytes wait in the
+    /// server's pipe, on the terms of [`Export::try_write_at`]: the backend
+    /// calls `fill(fd, at, n)` for each run of its file the range maps to,
+    /// in order, and `fill` moves the next `n` bytes of the write into `fd`
+    /// at `at` (the kernel copies them from the pipe into the page cache:
+    /// one copy, where receiving into a buffer and writing it makes two).
+    /// `None`, returned only before `fill` was called, means "not without
+    /// blocking": the server then reads the bytes out of the pipe.
+    fn try_write_spliced(
+        &self,
+        _offset: u64,
+        _len: usize,
+        _fill: &mut Fill<'_>,
+    ) -> Option<io::Result<()>> {
         None
     }
 

@@ -58,5 +58,5 @@ pub mod wire;
 pub use backend::{FileExport, MemoryExport};
 pub use client::{BlockingClient, Client, ClientConfig, Pool};
 pub use error::{Error, ErrorKind, Result};
-pub use export::{BlockSize, Export, Extent, InlineWrites, Mapped, ReadOnly};
+pub use export::{BlockSize, Export, Extent, Fill, InlineWrites, Mapped, ReadOnly};
 pub use server::{ExportOptions, Server, TlsMode};

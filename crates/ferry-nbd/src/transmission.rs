@@ -18,14 +18,19 @@
 //! an earlier reply's bytes in place instead of faulting in and zeroing a
 //! fresh buffer.
 //!
-//! Over a unix socket a large write is applied in pieces while the rest of
-//! its payload arrives ([`Streamed`]): the client can queue little there,
-//! and would otherwise wait while the whole payload is written.
+//! A large write is applied in pieces while the rest of its payload
+//! arrives: over plain TCP and unix sockets, to a backend with a file,
+//! each piece goes from the socket through a pipe into the file
+//! ([`receive_spliced`]), so its bytes are copied once; otherwise, over a
+//! unix socket, from the payload's buffer ([`Streamed`]). The client can
+//! queue little over a unix socket, and would otherwise wait while the
+//! whole payload is written.
 //!
 //! A client that breaks the protocol is disconnected; replies already
 //! written and writes already acknowledged are unaffected.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -37,7 +42,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::export::{Export, Mapped, nbd_errno};
 use crate::handshake::Session;
 use crate::proto::*;
-use crate::wire::{Wire, send_mapped};
+use crate::wire::{Pipe, RawSocket, Wire, send_mapped};
 
 /// Requests on the blocking pool per connection before reading pauses.
 pub const MAX_INFLIGHT: usize = 64;
@@ -125,6 +130,13 @@ pub(crate) async fn serve<S: Wire>(
     let mut inflight = 0usize;
     let mut closing = false;
     let mut eof = false;
+    // Large writes go through a pipe when the socket and the backend can.
+    let mut pipe = (s.raw().is_some() && ctx.export.splice_writes())
+        .then(Pipe::new)
+        .and_then(|p| {
+            p.map_err(|e| tracing::debug!(export = %name, "no pipe for writes: {e}"))
+                .ok()
+        });
 
     loop {
         let mut since_flush = 0usize;
@@ -167,6 +179,50 @@ pub(crate) async fn serve<S: Wire>(
                 let h = handle(&ctx, &req, Payload::Borrowed(payload), &mut out, &tx);
                 start += need;
                 h
+            } else if let Some(pipe) = pipe
+                .as_mut()
+                .filter(|_| plen >= OWN_PAYLOAD_MIN && streamable(&ctx, &req))
+            {
+                // The rest of a large write goes from the socket through
+                // the pipe into the backend's file.
+                let head_len = avail.len() - REQUEST_LEN;
+                if !out.is_empty() {
+                    s.write_all(&out)
+                        .await
+                        .map_err(|e| err("writing replies", e))?;
+                    out.clear();
+                    since_flush = 0;
+                }
+                let head = &inbuf[start + REQUEST_LEN..start + REQUEST_LEN + head_len];
+                let r = receive_spliced(s.raw(), pipe, &ctx, &req, head)
+                    .await
+                    .map_err(|e| err("receiving a write through the pipe", e))?;
+                inbuf.clear();
+                start = 0;
+                match r {
+                    Spliced::Done(errno) => {
+                        simple_reply(&mut out, errno, req.cookie);
+                        Handled::Inline
+                    }
+                    Spliced::Closed => {
+                        tracing::debug!(export = %name, "client closed mid-request");
+                        eof = true;
+                        break;
+                    }
+                    Spliced::Declined { applied, mut p } => {
+                        let whole =
+                            receive_payload(&mut s, &mut p, plen - applied, &mut inbuf, |_| {})
+                                .await
+                                .map_err(|e| err("reading requests", e))?;
+                        if !whole {
+                            tracing::debug!(export = %name, "client closed mid-request");
+                            eof = true;
+                            ctx.spares.give(p);
+                            break;
+                        }
+                        spawn_rest(&ctx, &tx, &req, applied, p)
+                    }
+                }
             } else if plen >= OWN_PAYLOAD_MIN {
                 // A large write's payload is read from the socket straight
                 // into a buffer of its own, not copied out of `inbuf`.
@@ -182,27 +238,19 @@ pub(crate) async fn serve<S: Wire>(
                     since_flush = 0;
                 }
                 let mut st = (stream_writes && streamable(&ctx, &req)).then(Streamed::default);
-                while p.len() < plen {
-                    let n = s
-                        .read_buf(&mut p)
-                        .await
-                        .map_err(|e| err("reading requests", e))?;
-                    if n == 0 {
-                        break;
-                    }
+                let whole = receive_payload(&mut s, &mut p, plen, &mut inbuf, |p| {
                     if let Some(st) = st.as_mut() {
-                        st.apply(&ctx, &req, &p);
+                        st.apply(&ctx, &req, p);
                     }
-                }
-                if p.len() < plen {
+                })
+                .await
+                .map_err(|e| err("reading requests", e))?;
+                if !whole {
                     tracing::debug!(export = %name, "client closed mid-request");
                     eof = true;
                     ctx.spares.give(p);
                     break;
                 }
-                // What came after the payload is the next requests.
-                inbuf.extend_from_slice(&p[plen..]);
-                p.truncate(plen);
                 match st {
                     Some(mut st) => {
                         st.apply(&ctx, &req, &p);
@@ -303,6 +351,27 @@ pub(crate) async fn serve<S: Wire>(
             }
         }
     }
+}
+
+/// Reads from `s` into `p` until it holds `len` bytes, calling `each`
+/// with what it holds after every read; what came after those bytes (the
+/// next requests) goes to `inbuf`. False when the client closed first.
+async fn receive_payload<S: Wire>(
+    s: &mut S,
+    p: &mut Vec<u8>,
+    len: usize,
+    inbuf: &mut Vec<u8>,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<bool> {
+    while p.len() < len {
+        if s.read_buf(p).await? == 0 {
+            return Ok(false);
+        }
+        each(p);
+    }
+    inbuf.extend_from_slice(&p[len..]);
+    p.truncate(len);
+    Ok(true)
 }
 
 /// A read to send straight from the backend's mapped file: large, valid,
@@ -458,13 +527,7 @@ impl Streamed {
         } else if self.applied < p.len() {
             // The backend declined a piece: the rest goes to a thread.
             p.drain(..self.applied);
-            let rest = Request {
-                offset: req.offset + self.applied as u64,
-                length: p.len() as u32,
-                ..*req
-            };
-            spawn(ctx, tx, rest, Some(p));
-            return Handled::Spawned;
+            return spawn_rest(ctx, tx, req, self.applied, p);
         } else {
             simple_reply(out, 0, req.cookie);
         }
@@ -475,6 +538,103 @@ impl Streamed {
 
 /// Piece of a large write applied as its payload arrives ([`Streamed`]).
 const WRITE_PIECE: usize = 128 << 10;
+
+/// Sends the rest of write `req`, from payload byte `applied` on (`p`), to
+/// a blocking thread.
+fn spawn_rest(
+    ctx: &Arc<Ctx>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    req: &Request,
+    applied: usize,
+    p: Vec<u8>,
+) -> Handled {
+    let rest = Request {
+        offset: req.offset + applied as u64,
+        length: p.len() as u32,
+        ..*req
+    };
+    spawn(ctx, tx, rest, Some(p));
+    Handled::Spawned
+}
+
+/// Largest piece of a write spliced at once.
+const SPLICE_PIECE: usize = 1 << 20;
+
+/// What became of a write received through the pipe.
+enum Spliced {
+    /// All of it arrived; its error number (0: written).
+    Done(u32),
+    /// The backend declined the piece at payload byte `applied`; `p` holds
+    /// the bytes received from there on.
+    Declined { applied: usize, p: Vec<u8> },
+    /// The client closed mid-payload.
+    Closed,
+}
+
+/// Receives write `req` (a [`streamable`] one), whose payload starts with
+/// `head`, the rest still in the socket: each piece that arrives is
+/// spliced into the pipe and handed to the backend
+/// ([`Export::try_write_spliced`]), which has the kernel move it into its
+/// file, the one copy of these bytes on this side. A piece that fails
+/// sets the write's error and the rest of the payload is read and dropped.
+/// As with [`Streamed`], a client gone mid-payload leaves the pieces that
+/// arrived applied.
+async fn receive_spliced(
+    sock: Option<&dyn RawSocket>,
+    pipe: &mut Pipe,
+    ctx: &Ctx,
+    req: &Request,
+    head: &[u8],
+) -> io::Result<Spliced> {
+    let plen = req.length as usize;
+    let declined = |applied: usize, got: &[u8]| {
+        let mut p = ctx.spares.take(plen - applied);
+        p.extend_from_slice(got);
+        Spliced::Declined { applied, p }
+    };
+    let Some(sock) = sock else {
+        return Ok(declined(0, head));
+    };
+    let mut errno = 0;
+    if !head.is_empty() {
+        match ctx.export.try_write_at(req.offset, head, false) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => errno = nbd_errno(&e),
+            None => return Ok(declined(0, head)),
+        }
+    }
+    let mut applied = head.len();
+    while applied < plen {
+        let n = pipe
+            .receive(sock, (plen - applied).min(SPLICE_PIECE))
+            .await?;
+        if n == 0 {
+            return Ok(Spliced::Closed);
+        }
+        if errno == 0 {
+            let at = req.offset + applied as u64;
+            let r = {
+                let mut fill =
+                    |fd: BorrowedFd<'_>, file_at: u64, len: usize| pipe.write_to(fd, file_at, len);
+                ctx.export.try_write_spliced(at, n, &mut fill)
+            };
+            match r {
+                Some(Ok(())) if pipe.held() == 0 => {}
+                Some(Ok(())) => errno = EIO, // the backend left bytes unwritten
+                Some(Err(e)) => errno = nbd_errno(&e),
+                None => {
+                    let mut p = ctx.spares.take(plen - applied);
+                    pipe.read_into(&mut p, n)?;
+                    return Ok(Spliced::Declined { applied, p });
+                }
+            }
+        }
+        // What a failed write left in the pipe, or a piece after it.
+        pipe.discard()?;
+        applied += n;
+    }
+    Ok(Spliced::Done(errno))
+}
 
 /// Checks a request and answers it inline when it can.
 fn handle(

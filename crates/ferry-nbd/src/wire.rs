@@ -1,4 +1,5 @@
-//! What a connection runs over, and sending from mapped memory on it.
+//! What a connection runs over, sending from mapped memory on it, and
+//! receiving large writes through a pipe ([`Pipe`]).
 //!
 //! A large read whose bytes the backend has in a mapped file
 //! ([`Export::try_read_mapped`](crate::export::Export::try_read_mapped)) is
@@ -9,7 +10,7 @@
 //! cache pages that the backend may rewrite before the peer reads them).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, Interest};
@@ -37,6 +38,14 @@ pub trait RawSocket: Sync {
     /// The range must be memory the kernel may read (mapped, readable)
     /// for the duration of the call.
     unsafe fn try_send(&self, addr: usize, len: usize) -> io::Result<usize>;
+
+    /// Ready when the socket has bytes to receive (or is closed).
+    fn poll_recv_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// One non-blocking `splice` of up to `len` received bytes into the
+    /// pipe whose write end is `pipe` (page references, no copy); 0 when
+    /// the peer closed; `WouldBlock` when nothing waits.
+    fn try_splice(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
 }
 
 /// `send(2)` on a non-blocking socket.
@@ -66,6 +75,16 @@ macro_rules! raw_socket {
                 self.try_io(Interest::WRITABLE, || {
                     // SAFETY: as this function's own contract.
                     unsafe { send_raw(self.as_raw_fd(), addr, len) }
+                })
+            }
+
+            fn poll_recv_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.poll_read_ready(cx)
+            }
+
+            fn try_splice(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+                self.try_io(Interest::READABLE, || {
+                    splice(self.as_fd(), pipe, None, len, libc::SPLICE_F_NONBLOCK)
                 })
             }
         }
@@ -152,4 +171,155 @@ pub(crate) async fn send_mapped(sock: &dyn RawSocket, m: &Mapped) -> io::Result<
         }
     }
     Ok(())
+}
+
+/// One `splice(2)` of up to `len` bytes from `from` into `to` (at `at` in
+/// `to` when it is a file); bytes moved.
+fn splice(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    at: Option<&mut i64>,
+    len: usize,
+    flags: u32,
+) -> io::Result<usize> {
+    let at = at.map_or(std::ptr::null_mut(), |a| a as *mut i64);
+    // SAFETY: both descriptors are open (borrowed for the call); `at` is
+    // null or points to an offset the kernel reads and advances.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            at,
+            len,
+            flags | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A connection's pipe for large writes: the payload is spliced from the
+/// socket into it (the kernel hands over the socket's pages) and from it
+/// into the backend's file, the one copy of each byte. It is emptied after
+/// every piece, so a splice into it never finds it full.
+pub(crate) struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    /// Bytes in the pipe.
+    held: usize,
+}
+
+impl Pipe {
+    /// Room asked for: a piece of a write. (A pipe's room is counted in
+    /// pages; the socket's pages may be partly filled.)
+    const ROOM: i32 = 1 << 20;
+
+    pub(crate) fn new() -> io::Result<Pipe> {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 just opened both; nothing else owns them.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ on a pipe we own. Refused above the
+        // system's limit: the default room then does, in smaller pieces.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, Self::ROOM) };
+        Ok(Pipe { r, w, held: 0 })
+    }
+
+    /// Bytes in the pipe.
+    pub(crate) fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Splices up to `len` (> 0) bytes received on `sock` into the empty
+    /// pipe, waiting until some arrive; 0 when the peer closed.
+    pub(crate) async fn receive(&mut self, sock: &dyn RawSocket, len: usize) -> io::Result<usize> {
+        debug_assert_eq!(self.held, 0);
+        loop {
+            std::future::poll_fn(|cx| sock.poll_recv_ready(cx)).await?;
+            match sock.try_splice(self.w.as_fd(), len) {
+                Ok(n) => {
+                    self.held += n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves the next `len` bytes of the pipe into `file` at `at`. A file
+    /// that takes no splice gets them written from a buffer.
+    pub(crate) fn write_to(&mut self, file: BorrowedFd<'_>, at: u64, len: usize) -> io::Result<()> {
+        if len > self.held {
+            return Err(io::Error::other(
+                "more bytes asked of the pipe than it holds",
+            ));
+        }
+        let mut off = i64::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut left = len;
+        while left > 0 {
+            match splice(self.r.as_fd(), file, Some(&mut off), left, 0) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    left -= n;
+                    self.held -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && left == len => {
+                    let mut buf = Vec::with_capacity(left);
+                    self.read_into(&mut buf, left)?;
+                    let file = std::fs::File::from(file.try_clone_to_owned()?);
+                    return std::os::unix::fs::FileExt::write_all_at(&file, &buf, at);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the next `len` bytes of the pipe to `buf`.
+    pub(crate) fn read_into(&mut self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+        let len = len.min(self.held);
+        buf.reserve(len);
+        let mut left = len;
+        while left > 0 {
+            let spare = buf.spare_capacity_mut();
+            // SAFETY: reads at most `left` bytes into the vector's spare
+            // capacity, which `reserve` made at least that long.
+            let n = unsafe { libc::read(self.r.as_raw_fd(), spare.as_mut_ptr().cast(), left) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            // SAFETY: `read` initialised the `n` bytes after the length.
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            left -= n as usize;
+            self.held -= n as usize;
+        }
+        Ok(())
+    }
+
+    /// Empties the pipe (the bytes of a write that failed).
+    pub(crate) fn discard(&mut self) -> io::Result<()> {
+        let mut scratch = Vec::new();
+        while self.held > 0 {
+            scratch.clear();
+            self.read_into(&mut scratch, self.held.min(256 << 10))?;
+        }
+        Ok(())
+    }
 }

@@ -425,6 +425,11 @@ struct QuirkyExport<E = MemoryExport> {
     fail: bool,
     /// Reads handed out as mapped memory.
     mapped: std::sync::atomic::AtomicUsize,
+    /// Pieces of writes taken from the server's pipe.
+    spliced: std::sync::atomic::AtomicUsize,
+    /// Pieces from the pipe after the first fail (`Some(true)`) or are
+    /// declined (`Some(false)`).
+    splice_quirk: Option<bool>,
 }
 
 impl<E: Export> QuirkyExport<E> {
@@ -435,11 +440,17 @@ impl<E: Export> QuirkyExport<E> {
             inline: None,
             fail: false,
             mapped: Default::default(),
+            spliced: Default::default(),
+            splice_quirk: None,
         }
     }
 
     fn mapped(&self) -> usize {
         self.mapped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn spliced(&self) -> usize {
+        self.spliced.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -495,12 +506,33 @@ impl<E: Export> Export for QuirkyExport<E> {
         self.inner.write_at(offset, data, fua)
     }
     fn try_write_at(&self, offset: u64, data: &[u8], fua: bool) -> Option<std::io::Result<()>> {
-        let mut seen = self.inline.as_ref()?.lock().unwrap();
+        let Some(seen) = self.inline.as_ref() else {
+            return self.inner.try_write_at(offset, data, fua);
+        };
+        let mut seen = seen.lock().unwrap();
         seen.push(offset);
         match seen.len() {
             1 => Some(self.inner.write_at(offset, data, fua)),
             _ if self.fail => Some(Err(std::io::Error::from_raw_os_error(EIO as i32))),
             _ => None,
+        }
+    }
+    fn splice_writes(&self) -> bool {
+        self.inner.splice_writes()
+    }
+    fn try_write_spliced(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: &mut ferry_nbd::Fill<'_>,
+    ) -> Option<std::io::Result<()>> {
+        let n = self
+            .spliced
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match self.splice_quirk {
+            Some(true) if n > 0 => Some(Err(std::io::Error::from_raw_os_error(EIO as i32))),
+            Some(false) if n > 0 => None,
+            _ => self.inner.try_write_spliced(offset, len, fill),
         }
     }
     fn flush(&self) -> std::io::Result<()> {
@@ -740,31 +772,26 @@ fn a_failed_piece_fails_the_write_and_the_connection_goes_on() {
 }
 
 /// A file of `len` bytes of a fixed pseudo-random pattern, served (through
-/// [`QuirkyExport`], counting mapped reads) as export "f" from the test server's directory.
+/// [`QuirkyExport`], counting mapped reads and spliced writes, with
+/// `splice_quirk`) as export "f" from the test server's directory.
 fn mapped_server(
     len: usize,
+    splice_quirk: Option<bool>,
 ) -> (
     TestServer,
     Arc<QuirkyExport<ferry_nbd::FileExport>>,
     Vec<u8>,
     std::path::PathBuf,
 ) {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = pattern(len, 0x9e37_79b9_7f4a_7c15);
     let s = Server::new();
     let t = TestServer::start(s);
     let path = t.path("f.raw");
     std::fs::write(&path, &data).unwrap();
-    let e = Arc::new(QuirkyExport::plain(
-        ferry_nbd::FileExport::open(&path, false).unwrap(),
-    ));
+    let e = Arc::new(QuirkyExport {
+        splice_quirk,
+        ..QuirkyExport::plain(ferry_nbd::FileExport::open(&path, false).unwrap())
+    });
     t.server
         .add_export("f", e.clone(), ExportOptions::default())
         .unwrap();
@@ -804,7 +831,7 @@ fn check_reads<S: Read + Write>(
 
 #[test]
 fn large_reads_are_sent_from_the_mapped_file_with_every_byte() {
-    let (t, e, data, _) = mapped_server(34 << 20);
+    let (t, e, data, _) = mapped_server(34 << 20, None);
     // Unaligned, the largest payload (far beyond a socket's buffer: the
     // send waits for the client again and again), and a small read after.
     let reads = [(4097u64, 300_001u32), (1 << 20, 32 << 20), (5, 4096)];
@@ -830,7 +857,7 @@ fn large_reads_are_sent_from_the_mapped_file_with_every_byte() {
 
 #[test]
 fn a_read_not_in_memory_is_read_the_ordinary_way() {
-    let (t, e, data, path) = mapped_server(4 << 20);
+    let (t, e, data, path) = mapped_server(4 << 20, None);
     // Written back and dropped from the page cache.
     let f = std::fs::File::open(&path).unwrap();
     f.sync_all().unwrap();
@@ -856,4 +883,170 @@ fn a_read_not_in_memory_is_read_the_ordinary_way() {
     // The ordinary read brought them in.
     check_reads(&mut c, true, &[(0, 1 << 20)], &data);
     assert_eq!(e.mapped(), 1);
+}
+
+/// `len` pseudo-random bytes from `seed`.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends writes of `new`'s bytes (cookie = index + 1) and right behind
+/// them, in the same stream, a read of each (cookie + 100), then checks
+/// every reply: the payloads are taken from the socket byte-exact.
+fn check_writes<S: Read + Write>(c: &mut Raw<S>, writes: &[(u64, u32)], new: &[u8]) {
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let r = off as usize..off as usize + len as usize;
+        c.request(CMD_WRITE, 0, i as u64 + 1, off, len, &new[r]);
+    }
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        c.request(CMD_READ, 0, i as u64 + 101, off, len, &[]);
+    }
+    let mut seen = Vec::new();
+    for _ in writes {
+        let (err, cookie) = c.simple();
+        assert_eq!(err, 0, "write {cookie}");
+        seen.push(cookie);
+    }
+    seen.sort();
+    assert_eq!(seen, (1..=writes.len() as u64).collect::<Vec<_>>());
+    for _ in writes {
+        let (err, cookie) = c.simple();
+        assert_eq!(err, 0);
+        let (off, len) = writes[cookie as usize - 101];
+        let mut p = vec![0u8; len as usize];
+        c.s.read_exact(&mut p).unwrap();
+        assert!(
+            p[..] == new[off as usize..off as usize + len as usize],
+            "read {cookie}"
+        );
+    }
+}
+
+#[test]
+fn large_writes_are_spliced_into_the_file_with_every_byte() {
+    let (t, e, _, path) = mapped_server(34 << 20, None);
+    let new = pattern(34 << 20, 7);
+    // Unaligned, the largest payload (far beyond a socket's buffer), and
+    // one that ends the file.
+    let writes = [
+        (4097u64, 300_001u32),
+        (1 << 20, 32 << 20),
+        ((34 << 20) - (200 << 10), 200 << 10),
+    ];
+    let mut c = Raw::connect(&t);
+    assert_eq!(c.go("f"), REP_ACK);
+    check_writes(&mut c, &writes, &new);
+    let over_unix = e.spliced();
+    assert!(over_unix >= 32, "pieces taken from the pipe: {over_unix}");
+    let new = pattern(34 << 20, 8);
+    let mut c = Raw::connect_tcp(&t);
+    assert_eq!(c.go("f"), REP_ACK);
+    check_writes(&mut c, &writes, &new);
+    assert!(e.spliced() >= over_unix + 32, "over TCP too");
+    // The file holds them (and nothing else changed).
+    c.request(CMD_FLUSH, 0, 9, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 9));
+    let mut want = pattern(34 << 20, 0x9e37_79b9_7f4a_7c15);
+    for &(off, len) in &writes {
+        let r = off as usize..off as usize + len as usize;
+        want[r.clone()].copy_from_slice(&new[r]);
+    }
+    assert!(std::fs::read(&path).unwrap() == want, "the file");
+}
+
+/// Sends a 4 MiB write at 0 in pieces far apart in time (the server takes
+/// each from the pipe alone) and returns its reply.
+fn write_slowly<S: Read + Write>(c: &mut Raw<S>, data: &[u8]) -> (u32, u64) {
+    c.request(CMD_WRITE, 0, 1, 0, data.len() as u32, &[]);
+    for part in data.chunks(512 << 10) {
+        std::thread::sleep(Duration::from_millis(20));
+        c.s.write_all(part).unwrap();
+    }
+    c.simple()
+}
+
+#[test]
+fn a_declined_spliced_piece_sends_the_rest_of_the_write_to_a_thread() {
+    let (t, e, _, path) = mapped_server(4 << 20, Some(false));
+    let new = pattern(4 << 20, 9);
+    let mut c = Raw::connect(&t);
+    assert_eq!(c.go("f"), REP_ACK);
+    assert_eq!(write_slowly(&mut c, &new), (0, 1));
+    assert_eq!(e.spliced(), 2, "one piece written, the next declined");
+    c.request(CMD_FLUSH, 0, 2, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 2));
+    assert!(std::fs::read(&path).unwrap() == new, "every byte written");
+}
+
+#[test]
+fn a_failed_spliced_piece_fails_the_write_and_the_connection_goes_on() {
+    let (t, e, old, path) = mapped_server(4 << 20, Some(true));
+    let new = pattern(4 << 20, 10);
+    let mut c = Raw::connect_tcp(&t);
+    assert_eq!(c.go("f"), REP_ACK);
+    assert_eq!(write_slowly(&mut c, &new), (EIO, 1));
+    assert_eq!(e.spliced(), 2, "no piece tried after the failed one");
+    // The rest of the payload was dropped, not taken for requests.
+    c.request(CMD_READ, 0, 2, 0, 4096, &[]);
+    assert_eq!(c.simple(), (0, 2));
+    let mut d = [0u8; 4096];
+    c.s.read_exact(&mut d).unwrap();
+    let file = std::fs::read(&path).unwrap();
+    assert!(
+        d[..] == new[..4096] && file[..4096] == new[..4096],
+        "the first piece applied"
+    );
+    assert!(
+        file[1 << 20..] == old[1 << 20..],
+        "nothing after the failed piece"
+    );
+}
+
+#[test]
+fn a_client_gone_mid_payload_leaves_what_arrived_and_the_server_goes_on() {
+    let (t, e, old, path) = mapped_server(4 << 20, None);
+    let new = pattern(4 << 20, 11);
+    let mut c = Raw::connect(&t);
+    assert_eq!(c.go("f"), REP_ACK);
+    // A short write first: the file backend learns whether the file
+    // system takes non-blocking writes, declining that one write, so that
+    // the payload bytes that come with the large write's header are
+    // written inline, not sent with the rest to a thread.
+    c.request(CMD_WRITE, 0, 1, 0, 4096, &old[..4096]);
+    assert_eq!(c.simple(), (0, 1));
+    c.request(CMD_WRITE, 0, 2, 0, 4 << 20, &new[..3 << 20]);
+    drop(c);
+    // An unacknowledged write may be torn, as a crash may tear it: what
+    // arrived is written (once the server has taken it from the socket),
+    // nothing beyond it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let file = loop {
+        let file = std::fs::read(&path).unwrap();
+        if file[..3 << 20] == new[..3 << 20] || std::time::Instant::now() > deadline {
+            break file;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        file[..3 << 20] == new[..3 << 20],
+        "what arrived was written"
+    );
+    assert!(
+        file[3 << 20..] == old[3 << 20..],
+        "nothing beyond what was sent"
+    );
+    assert!(e.spliced() > 0);
+    // The server goes on.
+    let mut c = Raw::connect(&t);
+    assert_eq!(c.go("f"), REP_ACK);
+    c.request(CMD_FLUSH, 0, 3, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 3));
 }

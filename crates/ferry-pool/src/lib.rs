@@ -242,4 +242,4 @@ pub use pool::{DATA_FILE, DIRECT_ALIGN, META_FILE, PoolOptions, Recovery};
 pub use profile::ProfileLimit;
 pub use snapshot::Snapshot;
 pub use verify::{PoolUsage, VolumeSpace};
-pub use volume::{Extent, ExtentKind, Volume};
+pub use volume::{Extent, ExtentKind, Fill, Volume};

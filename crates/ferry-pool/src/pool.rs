@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -14,7 +14,7 @@ use crate::error::{Ctx, Error, ErrorKind, Result};
 use crate::format::{FORMAT_VERSION, HEADER_FILE, Header, sync_dir};
 use crate::meta::{self, COUNTERS, MAP, PROFILES, SNAPSHOTS, SnapRec, VOLUMES, VolumeRec, ZERO};
 use crate::stagelog::{self, BootId, StageLog};
-use crate::volume::{Slot, VolInner};
+use crate::volume::{Fill, Slot, VolInner};
 
 /// Name of the data file inside the pool directory.
 pub const DATA_FILE: &str = "data";
@@ -199,12 +199,34 @@ impl Shared {
             .zip((0..).step_by(WRITE_PIECE))
             .try_for_each(|(piece, k)| self.data.write_all_at(piece, at + k as u64))
             .ctx(|| format!("write physical chunk {phys} of pool {}", self.dir.display()));
-        // Set after the write (also a failed one, which may have written
-        // part); loaded first so the hot path does not bounce a cache line.
+        self.written();
+        r
+    }
+
+    /// The write of `len` bytes at `within` in physical chunk `phys` (and
+    /// the chunks after it), made by `fill(data file, offset, len)`: a
+    /// server's pipe spliced into the data file ([`crate::Volume::try_write_spliced`]).
+    pub fn write_with(
+        &self,
+        phys: u64,
+        within: u64,
+        len: usize,
+        fill: &mut Fill<'_>,
+    ) -> Result<()> {
+        let at = self.data_at(phys) + within;
+        let r = fill(self.data.as_fd(), at, len)
+            .ctx(|| format!("write physical chunk {phys} of pool {}", self.dir.display()));
+        self.written();
+        r
+    }
+
+    /// Marks the data file as written since its last sync: after the write
+    /// (also a failed one, which may have written part); loaded first so
+    /// the hot path does not bounce a cache line.
+    fn written(&self) {
         if !self.data_dirty.load(Ordering::SeqCst) {
             self.data_dirty.store(true, Ordering::SeqCst);
         }
-        r
     }
 
     /// Write whole new (or exclusively owned) chunks starting at `phys`

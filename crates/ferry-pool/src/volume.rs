@@ -11,6 +11,7 @@
 //! exclusively) sees every write either wholly before or wholly after it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
@@ -201,6 +202,10 @@ pub struct Extent {
     /// What the range holds.
     pub kind: ExtentKind,
 }
+
+/// Moves the next `n` bytes of a write into a file at an offset
+/// ([`Volume::try_write_spliced`]).
+pub type Fill<'a> = dyn FnMut(BorrowedFd<'_>, u64, usize) -> std::io::Result<()> + 'a;
 
 /// A handle on a volume: cheap to clone, `Send + Sync`.
 #[derive(Clone)]
@@ -498,7 +503,39 @@ impl Volume {
     /// written) means "call `write_at` where blocking is fine". Lets an
     /// async server answer short overwrites without a thread hop.
     pub fn try_write_at(&self, off: u64, data: &[u8]) -> Option<Result<()>> {
-        if let Err(e) = self.check("write", off, data.len() as u64) {
+        self.try_write_in_place(off, data.len(), |phys, within, at, n| {
+            self.sh.pwrite(phys, within, &data[at..at + n])
+        })
+    }
+
+    /// [`Volume::try_write_at`] of `len` bytes that `fill(data file,
+    /// offset, n)` moves into the data file, run by run in order (an NBD
+    /// server splices them from a pipe: the kernel copies them once, from
+    /// the socket's pages into the page cache). The chunks stay locked
+    /// while `fill` runs. `None`: `fill` was not called.
+    pub fn try_write_spliced(
+        &self,
+        off: u64,
+        len: usize,
+        fill: &mut Fill<'_>,
+    ) -> Option<Result<()>> {
+        self.try_write_in_place(off, len, |phys, within, _, n| {
+            self.sh.write_with(phys, within, n, fill)
+        })
+    }
+
+    /// An overwrite in place of `len` bytes at `off` if it waits for
+    /// nothing (see [`Volume::try_write_at`]): `put(phys, within, at, n)`
+    /// writes bytes `at..at + n` of the request at `within` in physical
+    /// chunk `phys` and the chunks after it, for each run of chunks that
+    /// follow each other in the data file, with every chunk's lock held.
+    fn try_write_in_place(
+        &self,
+        off: u64,
+        len: usize,
+        mut put: impl FnMut(u64, u64, usize, usize) -> Result<()>,
+    ) -> Option<Result<()>> {
+        if let Err(e) = self.check("write", off, len as u64) {
             return Some(Err(e));
         }
         let st = self.v.state.try_read().ok()?;
@@ -507,7 +544,7 @@ impl Volume {
         }
         let mut held = Vec::new();
         let mut plan = Vec::new();
-        for (c, within, n, at) in self.pieces(off, data.len() as u64) {
+        for (c, within, n, at) in self.pieces(off, len as u64) {
             // Two chunks of one request on one lock stripe: the second try
             // fails and the write takes the blocking path.
             held.push(self.v.chunk_lock(c).try_lock().ok()?);
@@ -527,7 +564,7 @@ impl Volume {
         }
         let mut result = Ok(());
         for (phys, within, at, n) in plan {
-            result = self.sh.pwrite(phys, within, &data[at..at + n]);
+            result = put(phys, within, at, n);
             if result.is_err() {
                 break;
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry_pool::format::{HEADER_FILE, Header};
-use ferry_pool::{ErrorKind, ExtentKind, Pool, PoolOptions, ProfileLimit};
+use ferry_pool::{ErrorKind, ExtentKind, Pool, PoolOptions, ProfileLimit, Volume};
 
 const CS: u64 = 4096;
 
@@ -450,15 +450,48 @@ fn direct_writes_read_back_keep_snapshots_and_survive_reopen() {
 /// `try_write_at` writes only overwrites in place that wait for nothing;
 /// everything else is left (untouched) to `write_at`. Large buffered
 /// writes (written to the data file in pieces) read back whole.
+/// An overwrite in place that waits for nothing, made with `try_write_at`
+/// or (`spliced`) with `try_write_spliced`, whose runs are written here
+/// from `data` as a server's pipe would write them: in order, `fill` never
+/// called when the write is declined.
+fn try_write(v: &Volume, off: u64, data: &[u8], spliced: bool) -> Option<ferry_pool::Result<()>> {
+    if !spliced {
+        return v.try_write_at(off, data);
+    }
+    let mut done = 0usize;
+    let mut fill = |fd: std::os::fd::BorrowedFd<'_>, at: u64, n: usize| {
+        let f = std::fs::File::from(fd.try_clone_to_owned()?);
+        std::os::unix::fs::FileExt::write_all_at(&f, &data[done..done + n], at)?;
+        done += n;
+        Ok(())
+    };
+    let r = v.try_write_spliced(off, data.len(), &mut fill);
+    match &r {
+        Some(Ok(())) => assert_eq!(done, data.len(), "every byte handed to fill"),
+        None => assert_eq!(done, 0, "declined: fill not called"),
+        Some(Err(_)) => {}
+    }
+    r
+}
+
 #[test]
 fn try_write_writes_only_in_place_and_leaves_the_rest_untouched() {
+    try_write_in_place(false);
+}
+
+#[test]
+fn a_spliced_write_writes_only_in_place_and_leaves_the_rest_untouched() {
+    try_write_in_place(true);
+}
+
+fn try_write_in_place(spliced: bool) {
     const C: u64 = 64 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p");
     let p = Pool::create(&path, PoolOptions::default()).unwrap();
     let v = p.create_volume("v", 64 * C).unwrap();
     // Unallocated: declined, nothing written.
-    assert!(v.try_write_at(0, &[1u8; 4096]).is_none());
+    assert!(try_write(&v, 0, &[1u8; 4096], spliced).is_none());
     assert_eq!(read(&v, 0, 4096), vec![0u8; 4096]);
     // A large buffered write (more than one data-file piece), then
     // overwrites in place, unaligned and across chunks.
@@ -472,25 +505,31 @@ fn try_write_writes_only_in_place_and_leaves_the_rest_untouched() {
         (C - 10, 30, 8),
         (3 * C, 2 * C as usize, 9),
     ] {
-        v.try_write_at(off, &vec![byte; len])
+        try_write(&v, off, &vec![byte; len], spliced)
             .expect("in place")
             .unwrap();
         expect[off as usize..off as usize + len].fill(byte);
     }
     assert_eq!(read(&v, 0, 64 * C as usize), expect);
     // Beyond the end: an error, not a decline.
-    assert!(v.try_write_at(64 * C - 10, &[1u8; 20]).unwrap().is_err());
+    assert!(
+        try_write(&v, 64 * C - 10, &[1u8; 20], spliced)
+            .unwrap()
+            .is_err()
+    );
     // Partly unallocated: declined, the allocated part untouched too.
-    assert!(v.try_write_at(32 * C - 100, &[5u8; 200]).is_none());
+    assert!(try_write(&v, 32 * C - 100, &[5u8; 200], spliced).is_none());
     // After a snapshot the chunks are shared: declined; the blocking write
     // copies on write and the snapshot keeps the old content.
     p.snapshot("v", "s").unwrap();
-    assert!(v.try_write_at(100, &[6u8; 10]).is_none());
+    assert!(try_write(&v, 100, &[6u8; 10], spliced).is_none());
     v.write_at(100, &[6u8; 10]).unwrap();
     let before = expect.clone();
     expect[100..110].fill(6);
     // The copied chunk is the volume's own now: in place again.
-    v.try_write_at(200, &[4u8; 10]).expect("in place").unwrap();
+    try_write(&v, 200, &[4u8; 10], spliced)
+        .expect("in place")
+        .unwrap();
     expect[200..210].fill(4);
     // Chunks copied in reverse order lie in the data file the other way
     // round: a write across them is not one run of the file.
@@ -498,7 +537,7 @@ fn try_write_writes_only_in_place_and_leaves_the_rest_untouched() {
     v.write_at(C + 1, &[1u8; 3]).unwrap();
     expect[2 * C as usize + 1..2 * C as usize + 4].fill(2);
     expect[C as usize + 1..C as usize + 4].fill(1);
-    v.try_write_at(2 * C - 50, &[3u8; 100])
+    try_write(&v, 2 * C - 50, &[3u8; 100], spliced)
         .expect("in place")
         .unwrap();
     expect[2 * C as usize - 50..2 * C as usize + 50].fill(3);

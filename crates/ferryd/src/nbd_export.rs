@@ -8,7 +8,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_nbd::export::{BlockSize, Export, Extent, InlineWrites, Mapped};
+use ferry_nbd::export::{BlockSize, Export, Extent, Fill, InlineWrites, Mapped};
 use ferry_nbd::proto::{STATE_CHANGED, STATE_HOLE, STATE_ZERO};
 use ferry_pool::{ErrorKind, ExtentKind, Pool, Snapshot, Volume};
 
@@ -158,6 +158,24 @@ impl Export for VolumeExport {
             Some((&IO.write_bytes, data.len() as u64)),
             r,
         ))
+    }
+
+    fn splice_writes(&self) -> bool {
+        true
+    }
+
+    /// As [`Export::try_write_at`]: the bytes come from the server's pipe.
+    fn try_write_spliced(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: &mut Fill<'_>,
+    ) -> Option<io::Result<()>> {
+        let r = self
+            .inline
+            .run(len, || self.volume.try_write_spliced(offset, len, fill))?
+            .map_err(io_err);
+        Some(count(&IO.write_ops, Some((&IO.write_bytes, len as u64)), r))
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -60,6 +60,18 @@ async fn volume_export_serves_qemu_io_and_survives_kill_9() {
     // qemu-io flushes before it exits: these writes are acknowledged.
     qemu_io(&unix, &["write -P 0xab 1M 64k", "write -P 0xcd 5000 3000"]);
     qemu_io(&unix, &["read -P 0xab 1M 64k", "read -P 0xcd 5000 3000"]);
+    // A large write that allocates, then one over it in place (taken from
+    // the socket through the server's pipe), over both transports.
+    qemu_io(&unix, &["write -P 0x11 8M 8M", "write -P 0x22 8M 8M"]);
+    qemu_io(&tcp, &["read -P 0x22 8M 8M", "write -P 0x33 9M 4M"]);
+    qemu_io(
+        &unix,
+        &[
+            "read -P 0x22 8M 1M",
+            "read -P 0x33 9M 4M",
+            "read -P 0x22 13M 3M",
+        ],
+    );
 
     // /metrics counts the I/O served.
     let (s, m) = h.get("/metrics").await;
@@ -104,6 +116,14 @@ async fn volume_export_serves_qemu_io_and_survives_kill_9() {
     assert_eq!(s, 200);
     assert_eq!(list[0]["name"], "disk0");
     qemu_io(&unix, &["read -P 0xab 1M 64k", "read -P 0xcd 5000 3000"]);
+    qemu_io(
+        &unix,
+        &[
+            "read -P 0x22 8M 1M",
+            "read -P 0x33 9M 4M",
+            "read -P 0x22 13M 3M",
+        ],
+    );
 
     let (s, _) = h.delete("/v1/exports/disk0").await;
     assert_eq!(s, 204);

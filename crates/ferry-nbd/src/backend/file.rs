@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::push_extent;
-use crate::export::{Export, Extent, InlineWrites, Mapped};
+use crate::export::{Export, Extent, Fill, InlineWrites, Mapped};
 use crate::proto::{CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO};
 
 pub struct FileExport {
@@ -252,6 +252,20 @@ impl Export for FileExport {
             }
         }
         Some(Ok(()))
+    }
+
+    fn splice_writes(&self) -> bool {
+        !self.read_only
+    }
+
+    fn try_write_spliced(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: &mut Fill<'_>,
+    ) -> Option<io::Result<()>> {
+        self.inline
+            .run(len, || Some(fill(self.file.as_fd(), offset, len)))
     }
 
     fn flush(&self) -> io::Result<()> {
