@@ -203,6 +203,20 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+/// A run of a write's bytes in the data file ([`Volume::try_write_at`]):
+/// request bytes `at..at + n` at `within` in physical chunk `phys` and the
+/// chunks after it, for volume chunks from `first` on.
+struct Run {
+    phys: u64,
+    within: u64,
+    at: usize,
+    n: usize,
+    first: u64,
+    /// For a run of whole chunks written into new space: each chunk's slot
+    /// before (empty for an overwrite in place).
+    new: Vec<Option<Slot>>,
+}
+
 /// Moves the next `n` bytes of a write into a file at an offset
 /// ([`Volume::try_write_spliced`]).
 pub type Fill<'a> = dyn FnMut(BorrowedFd<'_>, u64, usize) -> std::io::Result<()> + 'a;
@@ -496,14 +510,17 @@ impl Volume {
         self.write(off, data, true)
     }
 
-    /// The same write as [`Volume::write_at`], only when it is an
-    /// overwrite in place that waits for nothing: every chunk it touches is
-    /// this volume's own allocated chunk that no snapshot sees, and no lock
+    /// The same write as [`Volume::write_at`], only when it waits for
+    /// nothing: every chunk it touches is this volume's own allocated chunk
+    /// that no snapshot sees (an overwrite in place) or is written whole
+    /// (into new space, as [`Volume::write_at`] would: allocating and
+    /// staging the mapping are in memory and the page cache), and no lock
     /// it needs is held by another writer or a snapshot. `None` (nothing
-    /// written) means "call `write_at` where blocking is fine". Lets an
-    /// async server answer short overwrites without a thread hop.
+    /// written) means "call `write_at` where blocking is fine": a partial
+    /// chunk that needs new space (a copy on write, a fetch) or a pool at
+    /// its limit. Lets an async server answer writes without a thread hop.
     pub fn try_write_at(&self, off: u64, data: &[u8]) -> Option<Result<()>> {
-        self.try_write_in_place(off, data.len(), |phys, within, at, n| {
+        self.try_write_planned(off, data.len(), |phys, within, at, n| {
             self.sh.pwrite(phys, within, &data[at..at + n])
         })
     }
@@ -519,17 +536,19 @@ impl Volume {
         len: usize,
         fill: &mut Fill<'_>,
     ) -> Option<Result<()>> {
-        self.try_write_in_place(off, len, |phys, within, _, n| {
+        self.try_write_planned(off, len, |phys, within, _, n| {
             self.sh.write_with(phys, within, n, fill)
         })
     }
 
-    /// An overwrite in place of `len` bytes at `off` if it waits for
-    /// nothing (see [`Volume::try_write_at`]): `put(phys, within, at, n)`
-    /// writes bytes `at..at + n` of the request at `within` in physical
-    /// chunk `phys` and the chunks after it, for each run of chunks that
-    /// follow each other in the data file, with every chunk's lock held.
-    fn try_write_in_place(
+    /// The write of [`Volume::try_write_at`] (`len` bytes at `off`) if it
+    /// waits for nothing: planned first — every chunk's lock taken, new
+    /// space allocated — so that a decline writes nothing; then
+    /// `put(phys, within, at, n)` writes bytes `at..at + n` of the request
+    /// at `within` in physical chunk `phys` and the chunks after it, for
+    /// each run of chunks that follow each other in the data file, and new
+    /// chunks are mapped once written.
+    fn try_write_planned(
         &self,
         off: u64,
         len: usize,
@@ -542,36 +561,114 @@ impl Volume {
         if st.deleted {
             return None;
         }
+        let cs = self.sh.chunk;
         let mut held = Vec::new();
-        let mut plan = Vec::new();
+        let mut plan: Vec<Run> = Vec::new();
         for (c, within, n, at) in self.pieces(off, len as u64) {
             // Two chunks of one request on one lock stripe: the second try
             // fails and the write takes the blocking path.
             held.push(self.v.chunk_lock(c).try_lock().ok()?);
-            let s = self.v.get(c)?;
-            if !(s.own && s.phys != ZERO && st.exclusive(s.epoch)) {
-                return None;
+            let slot = self.v.get(c);
+            match (slot, plan.last_mut()) {
+                (Some(s), last) if s.own && s.phys != ZERO && st.exclusive(s.epoch) => {
+                    // Chunks that follow each other in the data file too are
+                    // written at once (in `pwrite`'s pieces): a 1 MiB write
+                    // was 16 pwrites, each taking the file's lock. Pieces are
+                    // consecutive, so a run so far ends where this chunk
+                    // starts: it continues when this chunk is the one after
+                    // the run's last in the file.
+                    match last {
+                        Some(r)
+                            if r.new.is_empty()
+                                && s.phys == r.phys + (r.within + r.n as u64) / cs =>
+                        {
+                            r.n += n
+                        }
+                        _ => plan.push(Run {
+                            phys: s.phys,
+                            within,
+                            at,
+                            n,
+                            first: c,
+                            new: Vec::new(),
+                        }),
+                    }
+                }
+                (_, last) if within == 0 && n as u64 == cs => match last {
+                    Some(r) if !r.new.is_empty() && (r.new.len() as u64) < MAX_RUN => {
+                        r.n += n;
+                        r.new.push(slot);
+                    }
+                    _ => plan.push(Run {
+                        phys: ZERO,
+                        within: 0,
+                        at,
+                        n,
+                        first: c,
+                        new: vec![slot],
+                    }),
+                },
+                _ => return None,
             }
-            // Chunks that follow each other in the data file too are
-            // written at once (in `pwrite`'s pieces): a 1 MiB write was 16
-            // pwrites, each taking the file's lock. Pieces are consecutive,
-            // so a run so far ends where this chunk starts: it continues
-            // when this chunk is the one after the run's last in the file.
-            match plan.last_mut() {
-                Some((p, w, _, m)) if s.phys == *p + (*w + *m as u64) / self.sh.chunk => *m += n,
-                _ => plan.push((s.phys, within, at, n)),
+        }
+        // New space for the whole chunks, every run in one piece of the
+        // data file, or nothing written.
+        let name = &self.v.name;
+        for i in 0..plan.len() {
+            let k = plan[i].new.len() as u64;
+            if k == 0 {
+                continue;
+            }
+            let c = plan[i].first;
+            match self.sh.allocate_run(k, &|| {
+                format!("write chunks {c}..{} of volume {name}", c + k)
+            }) {
+                Ok((p, got)) if got == k => plan[i].phys = p,
+                got => {
+                    if let Ok((p, got)) = got {
+                        (0..got).for_each(|j| self.sh.unallocate(p + j));
+                    }
+                    self.unallocate_runs(&plan[..i]);
+                    return None;
+                }
             }
         }
         let mut result = Ok(());
-        for (phys, within, at, n) in plan {
-            result = put(phys, within, at, n);
+        for (i, r) in plan.iter().enumerate() {
+            result = put(r.phys, r.within, r.at, r.n);
+            // Every new chunk of a run written is mapped even when staging
+            // one fails (memory and metadata must agree); the first error
+            // fails the write.
+            if result.is_ok() {
+                for (j, old) in (0..).zip(&r.new) {
+                    let new = Slot {
+                        phys: r.phys + j,
+                        epoch: st.epoch,
+                        own: true,
+                    };
+                    let staged = self.install(&st, r.first + j, *old, new);
+                    if result.is_ok() {
+                        result = staged;
+                    }
+                }
+            } else {
+                self.unallocate_runs(&plan[i..=i]);
+            }
             if result.is_err() {
+                self.unallocate_runs(&plan[i + 1..]);
                 break;
             }
         }
         self.sh.write_gen.fetch_add(1, Ordering::SeqCst);
         drop(held);
         Some(result)
+    }
+
+    /// Gives back the new chunks of runs planned but not written.
+    fn unallocate_runs(&self, runs: &[Run]) {
+        for r in runs.iter().filter(|r| !r.new.is_empty()) {
+            (0..r.new.len() as u64).for_each(|j| self.sh.unallocate(r.phys + j));
+        }
     }
 
     fn write(&self, off: u64, data: &[u8], direct: bool) -> Result<()> {

@@ -553,6 +553,92 @@ fn try_write_in_place(spliced: bool) {
     assert_eq!(read(&p.volume("v").unwrap(), 0, 64 * C as usize), expect);
 }
 
+#[test]
+fn whole_chunks_are_written_into_new_space_without_blocking() {
+    const C: u64 = 64 * 1024;
+    for spliced in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        let opts = PoolOptions {
+            limit_bytes: Some(8 * C),
+            ..PoolOptions::default()
+        };
+        let p = Pool::create(&path, opts).unwrap();
+        let v = p.create_volume("v", 64 * C).unwrap();
+        // Whole chunks and a partial one after them: declined (the partial
+        // one needs new space and a copy), nothing written or allocated.
+        assert!(try_write(&v, 0, &pattern(3 * C as usize + 10, 1), spliced).is_none());
+        assert_eq!(p.usage().used_bytes, 0);
+        // Whole chunks: written into new space.
+        let a = pattern(3 * C as usize, 2);
+        try_write(&v, C, &a, spliced).expect("new space").unwrap();
+        assert_eq!(p.usage().used_bytes, 3 * C);
+        let mut expect = vec![0u8; 64 * C as usize];
+        expect[C as usize..4 * C as usize].copy_from_slice(&a);
+        // Over a snapshot: whole chunks go to new space, the snapshot keeps
+        // the old ones; a partial chunk it holds is copied on a thread.
+        p.snapshot("v", "s").unwrap();
+        let before = expect.clone();
+        let b = pattern(2 * C as usize, 3);
+        try_write(&v, 2 * C, &b, spliced)
+            .expect("new space")
+            .unwrap();
+        expect[2 * C as usize..4 * C as usize].copy_from_slice(&b);
+        assert!(try_write(&v, C + 5, &[1u8; 10], spliced).is_none());
+        // More than the pool has room for (5 of 8 chunks used): declined,
+        // nothing allocated.
+        assert!(try_write(&v, 10 * C, &pattern(4 * C as usize, 4), spliced).is_none());
+        assert_eq!(p.usage().used_bytes, 5 * C);
+        assert_eq!(read(&v, 0, 64 * C as usize), expect);
+        let snap = p.open_snapshot("s").unwrap();
+        let mut got = vec![0u8; 64 * C as usize];
+        snap.read_at(0, &mut got).unwrap();
+        assert_eq!(got, before);
+        let mut data: Vec<(u64, u64)> = Vec::new();
+        for e in v.allocation(0, 64 * C).unwrap() {
+            match data.last_mut() {
+                Some(d) if e.kind == ExtentKind::Data && d.0 + d.1 == e.offset => d.1 += e.length,
+                _ if e.kind == ExtentKind::Data => data.push((e.offset, e.length)),
+                _ => {}
+            }
+        }
+        assert_eq!(data, vec![(C, 3 * C)]);
+        // Durable after a flush, like any write.
+        v.flush().unwrap();
+        assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+        drop((v, snap, p));
+        let p = Pool::open(&path).unwrap();
+        assert_eq!(read(&p.volume("v").unwrap(), 0, 64 * C as usize), expect);
+    }
+}
+
+#[test]
+fn a_failed_write_into_new_space_gives_the_space_back() {
+    const C: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pool::create(dir.path().join("p"), PoolOptions::default()).unwrap();
+    let v = p.create_volume("v", 64 * C).unwrap();
+    // In place first, then new space: both runs' chunks stay as they were.
+    v.write_at(0, &pattern(C as usize, 5)).unwrap();
+    let used = p.usage().used_bytes;
+    let mut calls = 0;
+    let mut fill = |_: std::os::fd::BorrowedFd<'_>, _: u64, _: usize| {
+        calls += 1;
+        Err(std::io::Error::other("the pipe broke"))
+    };
+    let r = v
+        .try_write_spliced(0, 4 * C as usize, &mut fill)
+        .expect("tried");
+    assert!(r.is_err());
+    assert_eq!(calls, 1, "nothing written after the failed run");
+    assert_eq!(p.usage().used_bytes, used, "the new chunks given back");
+    let mut expect = pattern(C as usize, 5);
+    expect.resize(4 * C as usize, 0);
+    assert_eq!(read(&v, 0, 4 * C as usize), expect);
+    v.flush().unwrap();
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
+
 // Reads handed out as places in the mapped data file: their bytes, when
 // they are refused, and freed chunks kept from reuse while being sent.
 

@@ -142,9 +142,11 @@ impl Export for VolumeExport {
         count(&IO.write_ops, Some((&IO.write_bytes, data.len() as u64)), r)
     }
 
-    /// Short overwrites in place run on the connection's task (see
-    /// [`InlineWrites`]); anything that allocates, copies a chunk a
-    /// snapshot holds, fetches or waits goes to a blocking thread.
+    /// Short writes that wait for nothing (overwrites in place, whole
+    /// chunks into new space) run on the connection's task (see
+    /// [`InlineWrites`]); a partial chunk that needs new space (copy on
+    /// write, a fetch), a pool at its limit or a lock held elsewhere goes
+    /// to a blocking thread.
     fn try_write_at(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
         if fua {
             return None;
