@@ -42,7 +42,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::export::{Export, Mapped, nbd_errno};
 use crate::handshake::Session;
 use crate::proto::*;
-use crate::wire::{Pipe, RawSocket, Wire, send_mapped};
+use crate::wire::{Pipe, Wire, send_mapped};
 
 /// Requests on the blocking pool per connection before reading pauses.
 pub const MAX_INFLIGHT: usize = 64;
@@ -161,10 +161,9 @@ pub(crate) async fn serve<S: Wire>(
                 // Sent from the backend's mapped file, after what waits.
                 start += REQUEST_LEN;
                 data_reply_header(&ctx, &req, &mut out);
-                s.write_all(&out)
+                write_out(&mut s, &mut out)
                     .await
                     .map_err(|e| err("writing replies", e))?;
-                out.clear();
                 since_flush = 0;
                 if let Some(sock) = s.raw() {
                     // The header is out: a failure now can only end the
@@ -187,17 +186,15 @@ pub(crate) async fn serve<S: Wire>(
                 // the pipe into the backend's file.
                 let head_len = avail.len() - REQUEST_LEN;
                 if !out.is_empty() {
-                    s.write_all(&out)
+                    write_out(&mut s, &mut out)
                         .await
                         .map_err(|e| err("writing replies", e))?;
-                    out.clear();
                     since_flush = 0;
                 }
-                let head = &inbuf[start + REQUEST_LEN..start + REQUEST_LEN + head_len];
-                let r = receive_spliced(s.raw(), pipe, &ctx, &req, head)
+                let head = start + REQUEST_LEN..start + REQUEST_LEN + head_len;
+                let r = receive_spliced(&mut s, pipe, &ctx, &req, &mut inbuf, head)
                     .await
                     .map_err(|e| err("receiving a write through the pipe", e))?;
-                inbuf.clear();
                 start = 0;
                 match r {
                     Spliced::Done(errno) => {
@@ -209,19 +206,7 @@ pub(crate) async fn serve<S: Wire>(
                         eof = true;
                         break;
                     }
-                    Spliced::Declined { applied, mut p } => {
-                        let whole =
-                            receive_payload(&mut s, &mut p, plen - applied, &mut inbuf, |_| {})
-                                .await
-                                .map_err(|e| err("reading requests", e))?;
-                        if !whole {
-                            tracing::debug!(export = %name, "client closed mid-request");
-                            eof = true;
-                            ctx.spares.give(p);
-                            break;
-                        }
-                        spawn_rest(&ctx, &tx, &req, applied, p)
-                    }
+                    Spliced::Rest { applied, p } => spawn_rest(&ctx, &tx, &req, applied, p),
                 }
             } else if plen >= OWN_PAYLOAD_MIN {
                 // A large write's payload is read from the socket straight
@@ -231,26 +216,24 @@ pub(crate) async fn serve<S: Wire>(
                 inbuf.clear();
                 start = 0;
                 if !out.is_empty() {
-                    s.write_all(&out)
+                    write_out(&mut s, &mut out)
                         .await
                         .map_err(|e| err("writing replies", e))?;
-                    out.clear();
                     since_flush = 0;
                 }
                 let mut st = (stream_writes && streamable(&ctx, &req)).then(Streamed::default);
-                let whole = receive_payload(&mut s, &mut p, plen, &mut inbuf, |p| {
+                let p = receive_payload(&mut s, &ctx, p, plen, &mut inbuf, |p| {
                     if let Some(st) = st.as_mut() {
                         st.apply(&ctx, &req, p);
                     }
                 })
                 .await
                 .map_err(|e| err("reading requests", e))?;
-                if !whole {
+                let Some(p) = p else {
                     tracing::debug!(export = %name, "client closed mid-request");
                     eof = true;
-                    ctx.spares.give(p);
                     break;
-                }
+                };
                 match st {
                     Some(mut st) => {
                         st.apply(&ctx, &req, &p);
@@ -270,10 +253,9 @@ pub(crate) async fn serve<S: Wire>(
             // Large replies go out as soon as they are ready, so the client
             // works on them while the next requests are read.
             if out.len() >= FLUSH_AT || since_flush >= REPLY_BATCH {
-                s.write_all(&out)
+                write_out(&mut s, &mut out)
                     .await
                     .map_err(|e| err("writing replies", e))?;
-                out.clear();
                 since_flush = 0;
             }
         }
@@ -295,10 +277,9 @@ pub(crate) async fn serve<S: Wire>(
             done.push(r);
         }
         if !out.is_empty() {
-            s.write_all(&out)
+            write_out(&mut s, &mut out)
                 .await
                 .map_err(|e| err("writing replies", e))?;
-            out.clear();
             if out.capacity() > 64 << 20 {
                 out.shrink_to(256 << 10);
             }
@@ -353,25 +334,35 @@ pub(crate) async fn serve<S: Wire>(
     }
 }
 
+/// Writes the replies collected in `out` and empties it.
+async fn write_out<S: Wire>(s: &mut S, out: &mut Vec<u8>) -> io::Result<()> {
+    s.write_all(out).await?;
+    out.clear();
+    Ok(())
+}
+
 /// Reads from `s` into `p` until it holds `len` bytes, calling `each`
 /// with what it holds after every read; what came after those bytes (the
-/// next requests) goes to `inbuf`. False when the client closed first.
+/// next requests) goes to `inbuf`. `None` (the buffer given back) when
+/// the client closed first.
 async fn receive_payload<S: Wire>(
     s: &mut S,
-    p: &mut Vec<u8>,
+    ctx: &Ctx,
+    mut p: Vec<u8>,
     len: usize,
     inbuf: &mut Vec<u8>,
     mut each: impl FnMut(&[u8]),
-) -> io::Result<bool> {
+) -> io::Result<Option<Vec<u8>>> {
     while p.len() < len {
-        if s.read_buf(p).await? == 0 {
-            return Ok(false);
+        if s.read_buf(&mut p).await? == 0 {
+            ctx.spares.give(p);
+            return Ok(None);
         }
-        each(p);
+        each(&p);
     }
     inbuf.extend_from_slice(&p[len..]);
     p.truncate(len);
-    Ok(true)
+    Ok(Some(p))
 }
 
 /// A read to send straight from the backend's mapped file: large, valid,
@@ -564,76 +555,86 @@ const SPLICE_PIECE: usize = 1 << 20;
 enum Spliced {
     /// All of it arrived; its error number (0: written).
     Done(u32),
-    /// The backend declined the piece at payload byte `applied`; `p` holds
-    /// the bytes received from there on.
-    Declined { applied: usize, p: Vec<u8> },
+    /// The backend declined the piece at payload byte `applied`: `p` holds
+    /// the rest of the payload, received, for a blocking thread.
+    Rest { applied: usize, p: Vec<u8> },
     /// The client closed mid-payload.
     Closed,
 }
 
 /// Receives write `req` (a [`streamable`] one), whose payload starts with
-/// `head`, the rest still in the socket: each piece that arrives is
-/// spliced into the pipe and handed to the backend
+/// the bytes `head` of `inbuf`, the rest still in the socket: each piece
+/// that arrives is spliced into the pipe and handed to the backend
 /// ([`Export::try_write_spliced`]), which has the kernel move it into its
 /// file, the one copy of these bytes on this side. A piece that fails
 /// sets the write's error and the rest of the payload is read and dropped.
 /// As with [`Streamed`], a client gone mid-payload leaves the pieces that
-/// arrived applied.
-async fn receive_spliced(
-    sock: Option<&dyn RawSocket>,
+/// arrived applied. `inbuf` is emptied; what followed the payload (the
+/// next requests) is put there.
+async fn receive_spliced<S: Wire>(
+    s: &mut S,
     pipe: &mut Pipe,
     ctx: &Ctx,
     req: &Request,
-    head: &[u8],
+    inbuf: &mut Vec<u8>,
+    head: std::ops::Range<usize>,
 ) -> io::Result<Spliced> {
     let plen = req.length as usize;
-    let declined = |applied: usize, got: &[u8]| {
-        let mut p = ctx.spares.take(plen - applied);
-        p.extend_from_slice(got);
-        Spliced::Declined { applied, p }
-    };
-    let Some(sock) = sock else {
-        return Ok(declined(0, head));
-    };
-    let mut errno = 0;
-    if !head.is_empty() {
-        match ctx.export.try_write_at(req.offset, head, false) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => errno = nbd_errno(&e),
-            None => return Ok(declined(0, head)),
-        }
-    }
-    let mut applied = head.len();
-    while applied < plen {
-        let n = pipe
-            .receive(sock, (plen - applied).min(SPLICE_PIECE))
-            .await?;
-        if n == 0 {
-            return Ok(Spliced::Closed);
-        }
-        if errno == 0 {
-            let at = req.offset + applied as u64;
-            let r = {
-                let mut fill =
-                    |fd: BorrowedFd<'_>, file_at: u64, len: usize| pipe.write_to(fd, file_at, len);
-                ctx.export.try_write_spliced(at, n, &mut fill)
-            };
-            match r {
-                Some(Ok(())) if pipe.held() == 0 => {}
-                Some(Ok(())) => errno = EIO, // the backend left bytes unwritten
+    let (applied, p) = 'declined: {
+        let head_bytes = &inbuf[head.clone()];
+        let copy = |b: &[u8]| {
+            let mut p = ctx.spares.take(plen);
+            p.extend_from_slice(b);
+            p
+        };
+        let Some(sock) = s.raw() else {
+            break 'declined (0, copy(head_bytes));
+        };
+        let mut errno = 0;
+        if !head_bytes.is_empty() {
+            match ctx.export.try_write_at(req.offset, head_bytes, false) {
+                Some(Ok(())) => {}
                 Some(Err(e)) => errno = nbd_errno(&e),
-                None => {
-                    let mut p = ctx.spares.take(plen - applied);
-                    pipe.read_into(&mut p, n)?;
-                    return Ok(Spliced::Declined { applied, p });
-                }
+                None => break 'declined (0, copy(head_bytes)),
             }
         }
-        // What a failed write left in the pipe, or a piece after it.
-        pipe.discard()?;
-        applied += n;
-    }
-    Ok(Spliced::Done(errno))
+        inbuf.clear();
+        let mut applied = head.len();
+        while applied < plen {
+            let n = pipe
+                .receive(sock, (plen - applied).min(SPLICE_PIECE))
+                .await?;
+            if n == 0 {
+                return Ok(Spliced::Closed);
+            }
+            if errno == 0 {
+                let at = req.offset + applied as u64;
+                let r = {
+                    let mut fill = |fd: BorrowedFd<'_>, file_at: u64, len: usize| {
+                        pipe.write_to(fd, file_at, len)
+                    };
+                    ctx.export.try_write_spliced(at, n, &mut fill)
+                };
+                match r {
+                    Some(Ok(())) if pipe.held() == 0 => {}
+                    Some(Ok(())) => errno = EIO, // the backend left bytes unwritten
+                    Some(Err(e)) => errno = nbd_errno(&e),
+                    None => {
+                        let mut p = ctx.spares.take(plen - applied);
+                        pipe.read_into(&mut p, n)?;
+                        break 'declined (applied, p);
+                    }
+                }
+            }
+            // What a failed write left in the pipe, or a piece after it.
+            pipe.discard()?;
+            applied += n;
+        }
+        return Ok(Spliced::Done(errno));
+    };
+    inbuf.clear();
+    let rest = receive_payload(s, ctx, p, plen - applied, inbuf, |_| {}).await?;
+    Ok(rest.map_or(Spliced::Closed, |p| Spliced::Rest { applied, p }))
 }
 
 /// Checks a request and answers it inline when it can.
