@@ -298,9 +298,7 @@ impl Shared {
                 }
             }
         };
-        if !self.data_dirty.load(Ordering::SeqCst) {
-            self.data_dirty.store(true, Ordering::SeqCst);
-        }
+        self.written();
         r
     }
 
