@@ -81,6 +81,12 @@ impl VolState {
     pub fn exclusive(&self, epoch: u64) -> bool {
         self.snaps.range(epoch..self.epoch).next().is_none()
     }
+
+    /// True when the live volume may overwrite slot `s`'s chunk in place:
+    /// its own allocated chunk, which no snapshot sees.
+    pub fn in_place(&self, s: Slot) -> bool {
+        s.own && s.phys != ZERO && self.exclusive(s.epoch)
+    }
 }
 
 pub(crate) struct VolInner {
@@ -570,7 +576,7 @@ impl Volume {
             held.push(self.v.chunk_lock(c).try_lock().ok()?);
             let slot = self.v.get(c);
             match (slot, plan.last_mut()) {
-                (Some(s), last) if s.own && s.phys != ZERO && st.exclusive(s.epoch) => {
+                (Some(s), last) if st.in_place(s) => {
                     // Chunks that follow each other in the data file too are
                     // written at once (in `pwrite`'s pieces): a 1 MiB write
                     // was 16 pwrites, each taking the file's lock. Pieces are
@@ -686,7 +692,7 @@ impl Volume {
                 let _g = lock(self.v.chunk_lock(c));
                 let slot = self.v.get(c);
                 match slot {
-                    Some(s) if s.own && s.phys != ZERO && st.exclusive(s.epoch) => {
+                    Some(s) if st.in_place(s) => {
                         // In place; the following chunks too while they
                         // follow in the data file (their locks only tried).
                         let mut locks = Vec::new();
@@ -699,9 +705,11 @@ impl Volume {
                             let Ok(g) = self.v.chunk_lock(c2).try_lock() else {
                                 break;
                             };
-                            if !self.v.get(c2).is_some_and(|s2| {
-                                s2.own && s2.phys == s.phys + k && st.exclusive(s2.epoch)
-                            }) {
+                            if !self
+                                .v
+                                .get(c2)
+                                .is_some_and(|s2| st.in_place(s2) && s2.phys == s.phys + k)
+                            {
                                 break;
                             }
                             locks.push(g);
@@ -763,7 +771,7 @@ impl Volume {
                 break;
             };
             let s2 = self.v.get(c2);
-            if s2.is_some_and(|s2| s2.own && s2.phys != ZERO && st.exclusive(s2.epoch)) {
+            if s2.is_some_and(|s2| st.in_place(s2)) {
                 // Writable in place: left to the caller's loop.
                 break;
             }
@@ -822,17 +830,13 @@ impl Volume {
         let full = within == 0 && data.len() as u64 == cs;
         let mut slot = self.v.get(c);
         match slot {
-            Some(s) if s.own && s.phys != ZERO && st.exclusive(s.epoch) => {
+            Some(s) if st.in_place(s) => {
                 return self.sh.pwrite(s.phys, within, data);
             }
             None if !full && self.v.lazy.is_lazy() => {
                 self.fetch_locked(c, st.epoch)?;
                 slot = self.v.get(c);
-                if let Some(s) = slot
-                    && s.own
-                    && s.phys != ZERO
-                    && st.exclusive(s.epoch)
-                {
+                if let Some(s) = slot.filter(|s| st.in_place(*s)) {
                     return self.sh.pwrite(s.phys, within, data);
                 }
             }
