@@ -191,6 +191,9 @@ pub struct ExportInfo {
     pub volume: Option<String>,
     pub snapshot: Option<String>,
     pub read_only: bool,
+    /// Large writes go straight to the disk, bypassing the page cache.
+    #[serde(default)]
+    pub direct: bool,
     /// For QEMU and tools on this host (no secret; the socket is root's).
     pub unix_uri: String,
     /// For other hosts: carries the export's secret. Treat it as one.
@@ -206,4 +209,9 @@ pub struct CreateExport {
     pub volume: Option<String>,
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// Writes of 256 KiB or more bypass the page cache (`O_DIRECT`): for a
+    /// volume a bulk copy fills, whose data is not read back soon. A
+    /// volume's export only.
+    #[serde(default)]
+    pub direct: bool,
 }

@@ -146,9 +146,8 @@ impl Repository {
                         // for direct writes ([`ferry_pool::DIRECT_ALIGN`]):
                         // blocks are decoded straight into it.
                         let cap = (WRITE_BATCH.max(bs) as usize).min(ix.size as usize);
-                        let mut mem = vec![0u8; cap + ferry_pool::DIRECT_ALIGN];
-                        let pad = mem.as_ptr().align_offset(ferry_pool::DIRECT_ALIGN);
-                        let buf = &mut mem[pad..pad + cap];
+                        let mut mem = Vec::new();
+                        let buf = ferry_pool::aligned_slice(&mut mem, cap);
                         loop {
                             if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                                 break;

@@ -238,7 +238,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use hydrator::{HydrationProgress, Hydrator, HydratorOptions};
 pub use lazy::ChunkSource;
 pub use mapped::MappedRead;
-pub use pool::{DATA_FILE, DIRECT_ALIGN, META_FILE, PoolOptions, Recovery};
+pub use pool::{DATA_FILE, DIRECT_ALIGN, META_FILE, PoolOptions, Recovery, aligned_slice};
 pub use profile::ProfileLimit;
 pub use snapshot::Snapshot;
 pub use verify::{PoolUsage, VolumeSpace};

@@ -140,6 +140,17 @@ pub(crate) struct Shared {
     pub recovery: Recovery,
 }
 
+/// The first `n` bytes of `mem` from an address aligned for direct I/O
+/// ([`DIRECT_ALIGN`]); `mem` grows to fit (keep it to reuse it). For the
+/// buffers given to [`crate::Volume::write_direct`].
+pub fn aligned_slice(mem: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if mem.len() < n + DIRECT_ALIGN {
+        mem.resize(n + DIRECT_ALIGN, 0);
+    }
+    let pad = mem.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut mem[pad..pad + n]
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -153,6 +164,20 @@ impl Shared {
         self.data
             .read_exact_at(buf, self.data_at(phys) + within)
             .ctx(|| format!("read physical chunk {phys} of pool {}", self.dir.display()))
+    }
+
+    /// `POSIX_FADV_DONTNEED` on `len` bytes of the data file at `at`.
+    pub(crate) fn release_cached(&self, at: u64, len: u64) {
+        // SAFETY: advice on a descriptor we own, with integer arguments;
+        // no memory is passed. Advice only: its result does not matter.
+        unsafe {
+            libc::posix_fadvise(
+                self.data.as_raw_fd(),
+                at as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
     }
 
     /// The same read only if the page cache holds it all (`RWF_NOWAIT`):

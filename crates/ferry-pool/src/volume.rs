@@ -316,6 +316,33 @@ impl Volume {
         Ok(())
     }
 
+    /// Lets the page cache drop what it holds of `[off, off + len)` (its
+    /// data chunks' pages in the data file), for a reader that is done
+    /// with data nobody will read soon: a copy's target after verifying a
+    /// flushed piece, so that the copy's next pieces reuse those pages
+    /// instead of the cache growing by the whole copy (on a VM host every
+    /// fresh page also costs a fault in the hypervisor). Advice only:
+    /// pages not written out yet stay, and readers see no change.
+    pub fn release_cached(&self, off: u64, len: u64) {
+        if len == 0 || self.check("release", off, len).is_err() {
+            return;
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (c, within, n, _) in self.pieces(off, len) {
+            let Fast::Data(p) = self.v.fast.load(c).fast() else {
+                continue;
+            };
+            let from = self.sh.data_at(p) + within;
+            match runs.last_mut() {
+                Some(r) if r.1 == from => r.1 += n as u64,
+                _ => runs.push((from, from + n as u64)),
+            }
+        }
+        for (from, to) in runs {
+            self.sh.release_cached(from, to - from);
+        }
+    }
+
     /// The same read, only if it needs neither the disk (the page cache
     /// holds the data) nor a fetch from a lazy volume's source: `None`
     /// means "call [`Volume::read_at`] where blocking is fine"; `buf` may

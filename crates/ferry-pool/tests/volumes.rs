@@ -663,6 +663,66 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
 }
 
+/// Bytes of `file` in the page cache (`fincore`, util-linux).
+fn cached(file: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(file)
+        .output()
+        .expect("fincore (util-linux) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("fincore said {text:?}"))
+}
+
+#[test]
+fn released_pages_leave_the_page_cache_and_nothing_else_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let data_file = dir.path().join("p").join(ferry_pool::DATA_FILE);
+    let v = p.create_volume("v", 4096 * CS).unwrap();
+    // 8 MiB of data, then a hole, then 4 MiB more; another volume's chunks
+    // written in between (its pages must stay).
+    let a = pattern(2048 * CS as usize, 0x11);
+    v.write_at(0, &a).unwrap();
+    let w = p.create_volume("w", 1024 * CS).unwrap();
+    let b = pattern(1024 * CS as usize, 0x22);
+    w.write_at(0, &b).unwrap();
+    let c = pattern(1024 * CS as usize, 0x33);
+    v.write_at(3072 * CS, &c).unwrap();
+    v.flush().unwrap();
+    let before = cached(&data_file);
+    assert!(
+        before >= 16 << 20,
+        "{before} bytes cached after writing 16 MiB"
+    );
+    // Released: v's pages (out of range and holes are no matter) go; w's stay.
+    v.release_cached(0, 4096 * CS);
+    v.release_cached(4096 * CS, CS);
+    let after = cached(&data_file);
+    assert!(
+        (3 << 20..=5 << 20).contains(&after),
+        "{after} bytes cached after releasing 12 of 16 MiB"
+    );
+    // The data reads back the same; the released pages come back with it.
+    assert_eq!(read(&v, 0, a.len()), a);
+    assert_eq!(read(&v, 3072 * CS, c.len()), c);
+    assert_eq!(read(&w, 0, b.len()), b);
+    // Pages not written out yet are not dropped: nothing is lost.
+    let d = pattern(256 * CS as usize, 0x44);
+    v.write_at(1024 * CS, &d).unwrap();
+    v.release_cached(0, 4096 * CS);
+    assert_eq!(read(&v, 1024 * CS, d.len()), d);
+    v.flush().unwrap();
+    drop((v, w, p));
+    let p = Pool::open(dir.path().join("p")).unwrap();
+    let v = p.volume("v").unwrap();
+    assert_eq!(read(&v, 1024 * CS, d.len()), d);
+    assert_eq!(read(&v, 0, 1024 * CS as usize), a[..1024 * CS as usize]);
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
+
 #[test]
 fn a_mapped_read_holds_the_volumes_bytes() {
     let dir = tempfile::tempdir().unwrap();

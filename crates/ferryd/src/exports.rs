@@ -27,6 +27,9 @@ pub struct ExportRecord {
     pub volume: Option<String>,
     pub snapshot: Option<String>,
     pub secret: String,
+    /// Large writes bypass the page cache (see [`VolumeExport::direct`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
 }
 
 pub struct Exports {
@@ -46,6 +49,8 @@ pub enum ExportError {
     NotFound(String),
     #[error("name exactly one of volume or snapshot")]
     Target,
+    #[error("direct writes are for volume exports (a snapshot's export is read-only)")]
+    DirectSnapshot,
     #[error(transparent)]
     Pool(#[from] ferry_pool::Error),
     #[error("export {name}: {msg}")]
@@ -84,11 +89,10 @@ impl Exports {
 
     fn serve(&self, pool: &Pool, rec: &ExportRecord) -> Result<(), ExportError> {
         let export: Arc<dyn ferry_nbd::export::Export> = match (&rec.volume, &rec.snapshot) {
-            (Some(v), None) => Arc::new(VolumeExport {
-                pool: pool.clone(),
-                volume: pool.volume(v)?,
-                inline: Default::default(),
-            }),
+            (Some(v), None) => {
+                Arc::new(VolumeExport::new(pool.clone(), pool.volume(v)?, rec.direct))
+            }
+            (None, Some(_)) if rec.direct => return Err(ExportError::DirectSnapshot),
             (None, Some(s)) => Arc::new(SnapshotExport {
                 snapshot: pool.open_snapshot(s)?,
             }),
@@ -145,6 +149,7 @@ impl Exports {
         name: &str,
         volume: Option<String>,
         snapshot: Option<String>,
+        direct: bool,
     ) -> Result<ExportInfo, ExportError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if records.contains_key(name) {
@@ -155,6 +160,7 @@ impl Exports {
             volume,
             snapshot,
             secret: new_token(),
+            direct,
         };
         self.serve(pool, &rec)?;
         records.insert(name.to_string(), rec.clone());
@@ -207,6 +213,7 @@ impl Exports {
             volume: r.volume.clone(),
             snapshot: r.snapshot.clone(),
             read_only: r.snapshot.is_some(),
+            direct: r.direct,
             unix_uri: format!("nbd+unix:///{}?socket={}", r.name, self.unix_path.display()),
             tcp_uri: tcp.map(|a| format!("nbd://{a}/{}/{}", r.name, r.secret)),
         }

@@ -73,12 +73,53 @@ fn count<T>(ops: &AtomicU64, bytes: Option<(&AtomicU64, u64)>, r: io::Result<T>)
     r
 }
 
+/// Writes of at least this many bytes to a [`VolumeExport::direct`]
+/// export go straight to the disk.
+const DIRECT_MIN: usize = 256 << 10;
+
 /// A live volume.
 pub struct VolumeExport {
     pub pool: Pool,
     pub volume: Volume,
     /// Short overwrites done on the connection's task.
     pub inline: InlineWrites,
+    /// Large writes bypass the page cache ([`Volume::write_direct`]): for
+    /// a volume a bulk copy fills, whose data is not read back soon. On a
+    /// VM host, copying into fresh page-cache pages costs more than the
+    /// disk write (a buffered 1 GiB write with its fdatasync ran at 265
+    /// MB/s here, `O_DIRECT` at 1.1-1.2 GB/s), and the page cache stays
+    /// with the host's other users.
+    pub direct: bool,
+}
+
+impl VolumeExport {
+    pub fn new(pool: Pool, volume: Volume, direct: bool) -> Self {
+        VolumeExport {
+            pool,
+            volume,
+            inline: Default::default(),
+            direct,
+        }
+    }
+
+    /// Whether a write of `len` bytes goes straight to the disk.
+    fn goes_direct(&self, len: usize) -> bool {
+        self.direct && len >= DIRECT_MIN
+    }
+
+    /// A direct write: the payload is copied into an aligned buffer of
+    /// the thread (the server's payload buffers are not aligned for
+    /// direct I/O); the pool writes partial chunks the ordinary way.
+    fn write_direct(&self, offset: u64, data: &[u8]) -> ferry_pool::Result<()> {
+        thread_local! {
+            static ALIGNED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        ALIGNED.with_borrow_mut(|mem| {
+            let b = ferry_pool::aligned_slice(mem, data.len());
+            b.copy_from_slice(data);
+            self.volume.write_direct(offset, b)
+        })
+    }
 }
 
 impl Export for VolumeExport {
@@ -128,17 +169,18 @@ impl Export for VolumeExport {
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        let r = self
-            .volume
-            .write_at(offset, data)
-            .map_err(io_err)
-            .and_then(|()| {
-                if fua {
-                    self.volume.flush().map_err(io_err)
-                } else {
-                    Ok(())
-                }
-            });
+        let written = if self.goes_direct(data.len()) {
+            self.write_direct(offset, data)
+        } else {
+            self.volume.write_at(offset, data)
+        };
+        let r = written.map_err(io_err).and_then(|()| {
+            if fua {
+                self.volume.flush().map_err(io_err)
+            } else {
+                Ok(())
+            }
+        });
         count(&IO.write_ops, Some((&IO.write_bytes, data.len() as u64)), r)
     }
 
@@ -148,7 +190,7 @@ impl Export for VolumeExport {
     /// write, a fetch), a pool at its limit or a lock held elsewhere goes
     /// to a blocking thread.
     fn try_write_at(&self, offset: u64, data: &[u8], fua: bool) -> Option<io::Result<()>> {
-        if fua {
+        if fua || self.goes_direct(data.len()) {
             return None;
         }
         let r = self
@@ -162,8 +204,10 @@ impl Export for VolumeExport {
         ))
     }
 
+    /// Not for a direct export: its large writes need the bytes in an
+    /// aligned buffer.
     fn splice_writes(&self) -> bool {
-        true
+        !self.direct
     }
 
     /// As [`Export::try_write_at`]: the bytes come from the server's pipe.

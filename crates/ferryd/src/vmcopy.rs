@@ -19,9 +19,10 @@
 //!    leaves nothing on the target.
 //! 4. `copy data` — see [`transfer`]: per disk, per partition (and the
 //!    space outside partitions), *transfer* the allocated, non-zero chunks
-//!    of the snapshot over NBD, then *verify* (BLAKE3 per 1 MiB block:
+//!    of the snapshot over NBD, then *verify* (XXH3-128 per 1 MiB block:
 //!    the source's taken as it sent, the target's through
-//!    `POST /v1/peer/copy/hash`). How far
+//!    `POST /v1/peer/copy/hash`, which then lets the target's page cache
+//!    drop what it read). How far
 //!    each transfer got is checkpointed in the journal, so a run after a
 //!    crash of this host sends only what is missing; verify always covers
 //!    everything. Retried after a crash.

@@ -541,7 +541,7 @@ impl Vms {
                 None => {}
             }
             self.exports
-                .add(&self.pool, &name, Some(v.to_string()), None)
+                .add(&self.pool, &name, Some(v.to_string()), None, false)
                 .map_err(|e| match e {
                     ExportError::Pool(p) if p.kind() == ferry_pool::ErrorKind::NotFound => {
                         VmError::VolumeNotFound(v.to_string())

@@ -131,6 +131,91 @@ async fn volume_export_serves_qemu_io_and_survives_kill_9() {
     assert_eq!(s, 204);
 }
 
+/// Bytes of `file` in the page cache (`fincore`, util-linux).
+fn cached(file: &std::path::Path) -> u64 {
+    let (ok, out) = tool(
+        "fincore",
+        &[
+            "--bytes",
+            "--noheadings",
+            "--output",
+            "RES",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "fincore: {out}");
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("fincore said {out:?}"))
+}
+
+#[tokio::test]
+async fn direct_export_writes_around_the_page_cache_and_survives_kill_9() {
+    let mut h = Host::new();
+    h.post("/v1/volumes", json!({"name": "fill", "size": 32 << 20}))
+        .await;
+    let e = export(&h, json!({"volume": "fill", "direct": true})).await;
+    assert_eq!(e["direct"], true, "{e}");
+    let unix = e["unix_uri"].as_str().unwrap().to_string();
+    let tcp = e["tcp_uri"].as_str().unwrap().to_string();
+    let data = h.data().join("pool/data");
+
+    // Whole chunks into new space over TCP: written straight to the disk,
+    // so the data file's cached pages do not grow by the 8 MiB written.
+    let before = cached(&data);
+    qemu_io(&tcp, &["write -P 0x11 8M 8M"]);
+    let grew = cached(&data).saturating_sub(before);
+    assert!(
+        grew < 2 << 20,
+        "8 MiB of direct writes left {grew} bytes cached"
+    );
+
+    // Unaligned and small writes (partial chunks go the ordinary way),
+    // over both transports, some over the direct data.
+    qemu_io(
+        &unix,
+        &[
+            "write -P 0x22 5000 1M",
+            "write -P 0x33 9M 3000",
+            "write -P 0x44 20M 4M",
+        ],
+    );
+    qemu_io(&tcp, &["write -P 0x55 10M 2M"]);
+    let check = [
+        "read -P 0 0 5000",
+        "read -P 0x22 5000 1M",
+        "read -P 0x11 8M 1M",
+        "read -P 0x33 9M 3000",
+        "read -P 0x11 9440184 1045576",
+        "read -P 0x55 10M 2M",
+        "read -P 0x11 12M 4M",
+        "read -P 0x44 20M 4M",
+    ];
+    qemu_io(&unix, &check);
+
+    // A snapshot's export is read-only: no direct writes there.
+    let (s, snaps) = h
+        .post(
+            "/v1/snapshots",
+            json!({"name": "fill-s", "volumes": ["fill"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{snaps}");
+    let (s, err) = h
+        .post("/v1/exports", json!({"snapshot": "fill-s", "direct": true}))
+        .await;
+    assert_eq!(s, 400, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("direct"), "{err}");
+
+    // kill -9: the acknowledged writes and the export's mode survive.
+    h.kill9();
+    h.start();
+    let (s, got) = h.get("/v1/exports/fill").await;
+    assert_eq!(s, 200);
+    assert_eq!(got["direct"], true, "{got}");
+    qemu_io(got["tcp_uri"].as_str().unwrap(), &check);
+}
+
 #[tokio::test]
 async fn snapshot_exports_are_read_only_and_changes_are_tracked() {
     let h = Host::new();

@@ -20,9 +20,12 @@
 //! fresh volume). Ferry's time includes its verify pass and its flushes;
 //! qemu-img's does not verify, and by default (destination cache mode
 //! `unsafe`) never flushes: peer `qemu-img-convert-t-writeback` is the
-//! same with `-t writeback`, which flushes at the end. `--rounds N`
-//! (default 3): each copy N times (to a new VM, to new target volumes for
-//! qemu-img), the three taking turns going first; medians compared.
+//! same with `-t writeback`, which flushes at the end. Ferry's copy has the
+//! target export its new volumes with direct writes (large writes bypass
+//! the page cache); peer `qemu-img-convert-direct-export` is qemu-img
+//! writing into such an export too. `--rounds N` (default 3): each copy N
+//! times (to a new VM, to new target volumes for qemu-img), the four
+//! taking turns going first; medians compared.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -367,11 +370,11 @@ fn qemu_uri(tcp: &str) -> String {
     tcp.to_string()
 }
 
-async fn export(d: &Daemon, volume: &str) -> anyhow::Result<String> {
+async fn export(d: &Daemon, volume: &str, direct: bool) -> anyhow::Result<String> {
     let e = d
         .post(
             "/v1/exports",
-            json!({ "volume": volume, "name": format!("bench-{volume}") }),
+            json!({ "volume": volume, "name": format!("bench-{volume}"), "direct": direct }),
         )
         .await?;
     Ok(qemu_uri(e["tcp_uri"].as_str().context("no TCP NBD")?))
@@ -399,14 +402,15 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
         let vol = format!("{kind}-disk");
         p.src.import(&vol, &raw).await?;
         define(&p.src, kind, &[&vol]).await?;
-        let from = export(&p.src, &vol).await?;
-        // [Ferry, qemu-img convert, qemu-img convert -t writeback].
-        let mut times: [Vec<f64>; 3] = Default::default();
+        let from = export(&p.src, &vol, false).await?;
+        // [Ferry, qemu-img convert, qemu-img convert -t writeback,
+        // qemu-img convert into a direct export].
+        let mut times: [Vec<f64>; 4] = Default::default();
         for round in 0..rounds {
             // Take turns going first: a device whose writes slow down
             // after a burst must not favour one side.
-            for k in 0..3 {
-                let who = (k + round as usize) % 3;
+            for k in 0..4 {
+                let who = (k + round as usize) % 4;
                 if who == 0 {
                     // Ferry: the whole operation, transfer and verify.
                     settle()?;
@@ -438,11 +442,13 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                 // default cache mode for the destination is `unsafe`: it
                 // never flushes, so the copy is not durable when it exits;
                 // `-t writeback` flushes at the end, as Ferry's copy does.
+                // The fourth writes into a direct export, as Ferry's copy
+                // does (its target's large writes bypass the page cache).
                 let dst_vol = format!("{kind}-qemu-{round}-{who}");
                 p.dst
                     .post("/v1/volumes", json!({ "name": dst_vol, "size": size }))
                     .await?;
-                let to = export(&p.dst, &dst_vol).await?;
+                let to = export(&p.dst, &dst_vol, who == 3).await?;
                 let mut args = vec!["convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "8"];
                 if who == 2 {
                     args.extend(["-t", "writeback"]);
@@ -460,19 +466,21 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                 }
                 times[who].push(t0.elapsed().as_secs_f64());
             }
+            let r = round as usize;
             eprintln!(
-                "{kind} round {round}: ferry {:.3}s (with verify), qemu-img convert {:.3}s, with -t writeback {:.3}s",
-                times[0][round as usize], times[1][round as usize], times[2][round as usize]
+                "{kind} round {round}: ferry {:.3}s (with verify), qemu-img convert {:.3}s, with -t writeback {:.3}s, into a direct export {:.3}s",
+                times[0][r], times[1][r], times[2][r], times[3][r]
             );
         }
-        let [ferry, qemu, durable] = times.map(|mut t| median(&mut t));
+        let [ferry, qemu, durable, direct] = times.map(|mut t| median(&mut t));
         eprintln!(
-            "{kind}: median of {rounds}: ferry {ferry:.3}s (with verify), qemu-img convert {qemu:.3}s, with -t writeback {durable:.3}s"
+            "{kind}: median of {rounds}: ferry {ferry:.3}s (with verify), qemu-img convert {qemu:.3}s, with -t writeback {durable:.3}s, into a direct export {direct:.3}s"
         );
         r.push(
             Measurement::new(format!("{kind}-copy-time"), "s", ferry)
                 .peer("qemu-img-convert", qemu)
                 .peer("qemu-img-convert-t-writeback", durable)
+                .peer("qemu-img-convert-direct-export", direct)
                 .lower_is_better(),
         );
     }

@@ -19,6 +19,7 @@ impl From<ExportError> for Failure {
             ExportError::Exists(_) => error_response(StatusCode::CONFLICT, &e.to_string(), None),
             ExportError::NotFound(_) => error_response(StatusCode::NOT_FOUND, &e.to_string(), None),
             ExportError::Target => bad_field("volume", &e.to_string()),
+            ExportError::DirectSnapshot => bad_field("direct", &e.to_string()),
             ExportError::Other { .. } => {
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None)
             }
@@ -54,12 +55,11 @@ pub async fn create(
         ));
     }
     let (exports, pool) = (d.exports.clone(), d.pool().clone());
-    let info =
-        tokio::task::spawn_blocking(move || exports.add(&pool, &name, req.volume, req.snapshot))
-            .await
-            .map_err(|e| {
-                error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None)
-            })??;
+    let info = tokio::task::spawn_blocking(move || {
+        exports.add(&pool, &name, req.volume, req.snapshot, req.direct)
+    })
+    .await
+    .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None))??;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

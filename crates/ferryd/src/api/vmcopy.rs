@@ -139,7 +139,9 @@ fn relay(d: &Daemon, vm: String, from: String, req: VmCopyRequest) -> Result<Str
 }
 
 /// Hashes ranges of a volume of this host (XXH3-128 or BLAKE3 each), for a
-/// peer that copied to it and verifies.
+/// peer that copied to it and verifies. Read straight from the disk: what
+/// the copy wrote there is checked, and reading it back does not fill the
+/// page cache (the copy wrote it around the cache too).
 pub async fn hash(
     State(d): State<Arc<Daemon>>,
     Body(req): Body<HashRanges>,
@@ -162,6 +164,11 @@ pub async fn hash(
         let v = pool.volume(&vol)?;
         vmcopy::hash_ranges(algorithm, &req.ranges, |off, buf| {
             v.read_at(off, buf).map_err(|e| e.to_string())
+        })
+        .inspect(|_| {
+            for &(off, len) in &req.ranges {
+                v.release_cached(off, len);
+            }
         })
         .map_err(|e| ferry_pool::Error::new(ferry_pool::ErrorKind::InvalidArgument, e))
     })

@@ -28,7 +28,9 @@
 //! blocking pool; of those, 1 MiB blocks that read as all zeroes are not
 //! sent (the new target volume reads zero there). Each block is hashed as
 //! it is read (XXH3-128, see [`Algorithm`]), so verify reads only the
-//! target's copy.
+//! target's copy: each piece once its flush answered, after which the
+//! target lets the piece's pages go, and the next pieces reuse them (see
+//! `docs/vm-copy.md`, "What is sent").
 //!
 //! # Resume
 //! After every [`CHECKPOINT_EVERY`] bytes of a leaf and at its end, the
@@ -453,31 +455,36 @@ impl Pacer {
     }
 }
 
-/// A flush of a target export sent while the transfer goes on, and the
-/// checkpoint it makes durable once it answers.
+/// A flush of a target export sent while the transfer goes on, the
+/// checkpoint it makes durable once it answers, and what is verified then:
+/// the piece it flushed (and the end of its leaf).
 struct Flushing {
     task: tokio::task::JoinHandle<Result<(), ferry_nbd::Error>>,
     mark: Mark,
     volume: String,
+    then: Vec<Check>,
 }
 
 impl Flushing {
-    fn start(disk: &Disk, mark: Mark) -> Self {
+    fn start(disk: &Disk, mark: Mark, piece: Check) -> Self {
         let nbd = disk.nbd.clone();
         Flushing {
             task: tokio::spawn(async move { nbd.flush().await }),
             mark,
             volume: disk.target.volume.clone(),
+            then: vec![piece],
         }
     }
 
-    /// Waits for the flush, then records the checkpoint.
-    async fn done(self, cx: &StepContext<App>) -> Result<(), StepError> {
+    /// Waits for the flush, then records the checkpoint; returns what is
+    /// to be verified now.
+    async fn done(self, cx: &StepContext<App>) -> Result<Vec<Check>, StepError> {
         self.task
             .await
             .map_err(StepError::failed)?
             .map_err(|e| StepError::failed(format!("flushing {}: {e}", self.volume)))?;
-        cx.checkpoint(json!(self.mark).to_string())
+        cx.checkpoint(json!(self.mark).to_string())?;
+        Ok(self.then)
     }
 }
 
@@ -876,10 +883,10 @@ impl Step<App> for CopyData {
                 start: Instant::now(),
                 sent: AtomicU64::new(0),
             };
-            // Transfer and verify run at once: each piece is verified
-            // while the next ones are sent (verify reads the target's copy;
-            // the piece's flush runs meanwhile, and the step ends only once
-            // every flush answered).
+            // Transfer and verify run at once: each piece is verified once
+            // its flush answered, while the next ones are sent (verify
+            // reads the target's copy from its page cache, and the target
+            // then lets those pages go: see `api::vmcopy::hash`).
             let (checks, mut to_check) = tokio::sync::mpsc::unbounded_channel::<Check>();
             let transfer = async {
                 let mut sent = 0u64;
@@ -925,12 +932,11 @@ impl Step<App> for CopyData {
                                     cx.progress.update(|t| t.set_fraction(n.transfer, f));
                                 })
                                 .await?;
-                            check(Check::piece(di, li, piece));
                             at += pb;
                             through += pb;
                             if let Some(f) = flushing.take() {
                                 let w = Instant::now();
-                                f.done(cx).await?;
+                                f.done(cx).await?.into_iter().for_each(check);
                                 waited += w.elapsed();
                             }
                             // Learn the transfer rate as the leaf goes (the
@@ -944,12 +950,12 @@ impl Step<App> for CopyData {
                                 leaf: li,
                                 done: at,
                             };
-                            let f = Flushing::start(disk, mark);
+                            let f = Flushing::start(disk, mark, Check::piece(di, li, piece));
                             // Test-only: a crash point once half the data is
                             // sent (and checkpointed) in this run.
                             if !paused && through * 2 >= grand - resumed.min(grand) {
                                 paused = true;
-                                f.done(cx).await?;
+                                f.done(cx).await?.into_iter().for_each(check);
                                 test_pause("vm.copy:copying").await;
                             } else {
                                 flushing = Some(f);
@@ -965,7 +971,8 @@ impl Step<App> for CopyData {
                         let secs = |d: std::time::Duration| d.as_secs_f64();
                         let moved = (total - skip) as f64;
                         let tt = secs(t_took);
-                        check(Check {
+                        // The leaf's end is verified after its last piece.
+                        let end = Check {
                             disk: di,
                             leaf: li,
                             ranges: Vec::new(),
@@ -977,11 +984,15 @@ impl Step<App> for CopyData {
                                 moved / tt.max(1e-9) / 1e6,
                                 secs(waited),
                             )),
-                        });
+                        };
+                        match flushing.as_mut() {
+                            Some(f) => f.then.push(end),
+                            None => check(end),
+                        }
                     }
                 }
                 if let Some(f) = flushing.take() {
-                    f.done(cx).await?;
+                    f.done(cx).await?.into_iter().for_each(check);
                 }
                 drop(checks);
                 Ok::<_, StepError>(sent)

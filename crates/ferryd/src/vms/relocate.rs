@@ -110,7 +110,7 @@ impl Vms {
             }
             None => {
                 self.exports
-                    .add(&self.pool, &alias, Some(target.to_string()), None)
+                    .add(&self.pool, &alias, Some(target.to_string()), None, false)
                     .map_err(|e| other(format!("cannot export volume {target}: {e}")))?;
             }
         }

@@ -85,6 +85,7 @@ pub async fn ensure(
                     name: Some(name.clone()),
                     volume: Some(volume.to_string()),
                     snapshot: None,
+                    direct: false,
                 };
                 client
                     .post::<_, ExportInfo>("/v1/exports", &req)
