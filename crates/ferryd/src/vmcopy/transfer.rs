@@ -70,11 +70,16 @@ const HASH_BATCH: usize = 16;
 /// Hash requests in flight at once.
 const HASH_IN_FLIGHT: usize = 3;
 /// A leaf's transfer is flushed and checkpointed after this many bytes.
-/// One flush runs while the next piece is sent, and the transfer waits
-/// for it before the next: the sender stays at most two pieces ahead of
-/// what the target wrote out, so its rate (and the bar) follows the
-/// target's write rate instead of racing ahead into its page cache.
+/// Each flush runs while the next pieces are sent, and the transfer waits
+/// for the oldest once [`FLUSHES_AHEAD`] are in flight: the sender stays
+/// at most three pieces ahead of what the target wrote out, so its rate
+/// (and the bar) follows the target's write rate instead of racing ahead
+/// into its page cache.
 const CHECKPOINT_EVERY: u64 = 32 << 20;
+/// Flushes in flight before the transfer waits for the oldest. Two kept
+/// the target's disk busier than one: a dense 1 GiB copy waited 0.29 s
+/// for flushes instead of 0.43 s (transfer 1.68 s instead of 1.84 s).
+const FLUSHES_AHEAD: usize = 2;
 /// NBD connections to each target export.
 const CONNECTIONS: usize = 4;
 /// Throughputs assumed before anything was measured on a pair of hosts.
@@ -892,10 +897,10 @@ impl Step<App> for CopyData {
                 let mut sent = 0u64;
                 let mut started: Vec<Vec<bool>> =
                     disks.iter().map(|d| vec![false; d.leaves.len()]).collect();
-                // The flush of the last piece sent: it runs while the next
-                // piece (of this leaf or the next) is sent, and is waited
-                // for before the one after.
-                let mut flushing: Option<Flushing> = None;
+                // The flushes of the last pieces sent: they run while the
+                // next pieces (of this leaf or the next) are sent; the
+                // oldest is waited for once FLUSHES_AHEAD are in flight.
+                let mut flushing: std::collections::VecDeque<Flushing> = Default::default();
                 let check = |c: Check| {
                     // The verify side stops only on an error, which ends
                     // the step anyway.
@@ -912,7 +917,7 @@ impl Step<App> for CopyData {
                             check(Check::piece(di, li, upto(&leaf.ranges, skip)));
                         }
                         // Transfer what is not checkpointed yet. Each piece's
-                        // flush runs while the next piece is sent; its
+                        // flush runs while the next pieces are sent; its
                         // checkpoint is recorded once it answered.
                         let todo = after(&leaf.ranges, skip);
                         let mut at = skip;
@@ -934,7 +939,9 @@ impl Step<App> for CopyData {
                                 .await?;
                             at += pb;
                             through += pb;
-                            if let Some(f) = flushing.take() {
+                            if flushing.len() >= FLUSHES_AHEAD
+                                && let Some(f) = flushing.pop_front()
+                            {
                                 let w = Instant::now();
                                 f.done(cx).await?.into_iter().for_each(check);
                                 waited += w.elapsed();
@@ -950,15 +957,19 @@ impl Step<App> for CopyData {
                                 leaf: li,
                                 done: at,
                             };
-                            let f = Flushing::start(disk, mark, Check::piece(di, li, piece));
+                            flushing.push_back(Flushing::start(
+                                disk,
+                                mark,
+                                Check::piece(di, li, piece),
+                            ));
                             // Test-only: a crash point once half the data is
                             // sent (and checkpointed) in this run.
                             if !paused && through * 2 >= grand - resumed.min(grand) {
                                 paused = true;
-                                f.done(cx).await?.into_iter().for_each(check);
+                                while let Some(f) = flushing.pop_front() {
+                                    f.done(cx).await?.into_iter().for_each(check);
+                                }
                                 test_pause("vm.copy:copying").await;
-                            } else {
-                                flushing = Some(f);
                             }
                         }
                         cx.progress.update(|t| t.finish(n.transfer));
@@ -985,13 +996,13 @@ impl Step<App> for CopyData {
                                 secs(waited),
                             )),
                         };
-                        match flushing.as_mut() {
+                        match flushing.back_mut() {
                             Some(f) => f.then.push(end),
                             None => check(end),
                         }
                     }
                 }
-                if let Some(f) = flushing.take() {
+                while let Some(f) = flushing.pop_front() {
                     f.done(cx).await?.into_iter().for_each(check);
                 }
                 drop(checks);
