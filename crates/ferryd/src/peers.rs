@@ -117,9 +117,7 @@ impl PeerClient {
     }
 
     /// Creates volume `volume` of `size` bytes on the peer, then a
-    /// read-write export `export` of it, with direct writes (the caller
-    /// fills it in bulk: its data should not crowd the peer's page cache,
-    /// see `VolumeExport::direct`). Returns the export's TCP URI:
+    /// read-write export `export` of it. Returns the export's TCP URI:
     /// `None` when the peer serves NBD on no TCP address (it cannot then
     /// receive data from another host).
     pub async fn create_exported_volume(

@@ -20,10 +20,10 @@
 //! fresh volume). Ferry's time includes its verify pass and its flushes;
 //! qemu-img's does not verify, and by default (destination cache mode
 //! `unsafe`) never flushes: peer `qemu-img-convert-t-writeback` is the
-//! same with `-t writeback`, which flushes at the end. Ferry's copy has the
-//! target export its new volumes with direct writes (large writes bypass
-//! the page cache); peer `qemu-img-convert-direct-export` is qemu-img
-//! writing into such an export too. `--rounds N` (default 3): each copy N
+//! same with `-t writeback`, which flushes at the end. Peer
+//! `qemu-img-convert-direct-export` writes into a target export made with
+//! `direct` (its large writes bypass the page cache); Ferry's copy writes
+//! into ordinary exports. `--rounds N` (default 3): each copy N
 //! times (to a new VM, to new target volumes for qemu-img), the four
 //! taking turns going first; medians compared.
 
@@ -442,8 +442,8 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                 // default cache mode for the destination is `unsafe`: it
                 // never flushes, so the copy is not durable when it exits;
                 // `-t writeback` flushes at the end, as Ferry's copy does.
-                // The fourth writes into a direct export, as Ferry's copy
-                // does (its target's large writes bypass the page cache).
+                // The fourth writes into a direct export (its large writes
+                // bypass the page cache).
                 let dst_vol = format!("{kind}-qemu-{round}-{who}");
                 p.dst
                     .post("/v1/volumes", json!({ "name": dst_vol, "size": size }))

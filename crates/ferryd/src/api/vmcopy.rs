@@ -139,9 +139,10 @@ fn relay(d: &Daemon, vm: String, from: String, req: VmCopyRequest) -> Result<Str
 }
 
 /// Hashes ranges of a volume of this host (XXH3-128 or BLAKE3 each), for a
-/// peer that copied to it and verifies. Read straight from the disk: what
-/// the copy wrote there is checked, and reading it back does not fill the
-/// page cache (the copy wrote it around the cache too).
+/// peer that copied to it and verifies. Read through the page cache,
+/// which then lets those pages go (`Volume::release_cached`): the copy
+/// asks for a piece once it was flushed, and its next pieces take the
+/// pages freed (see `docs/vm-copy.md`).
 pub async fn hash(
     State(d): State<Arc<Daemon>>,
     Body(req): Body<HashRanges>,
