@@ -25,7 +25,7 @@ use std::sync::{Arc, PoisonError};
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::fastmap::Fast;
-use crate::pool::{Shared, lock};
+use crate::pool::{Shared, add_run, lock};
 use crate::volume::Volume;
 
 /// Mappings of the data file grow in steps of at least this much.
@@ -142,11 +142,7 @@ impl Volume {
             };
             words.push((c, w));
             pinned.push(p);
-            let from = self.sh.data_at(p) + within;
-            match runs.last_mut() {
-                Some(r) if r.1 == from => r.1 += n as u64,
-                _ => runs.push((from, from + n as u64)),
-            }
+            add_run(&mut runs, self.sh.data_at(p) + within, n as u64);
         }
         self.sh.pin(&pinned);
         let pins = Pins(self.sh.clone(), pinned);

@@ -151,6 +151,15 @@ pub fn aligned_slice(mem: &mut Vec<u8>, n: usize) -> &mut [u8] {
     &mut mem[pad..pad + n]
 }
 
+/// Adds the `n` bytes of the data file at `from` to `runs` (start, end),
+/// extending the last run when they follow it.
+pub(crate) fn add_run(runs: &mut Vec<(u64, u64)>, from: u64, n: u64) {
+    match runs.last_mut() {
+        Some(r) if r.1 == from => r.1 += n,
+        _ => runs.push((from, from + n)),
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

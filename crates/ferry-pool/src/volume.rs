@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::fastmap::{Fast, FastMap};
 use crate::lazy::LazyState;
 use crate::meta::{VolumeRec, ZERO};
-use crate::pool::{Shared, lock};
+use crate::pool::{Shared, add_run, lock};
 use crate::profile::Profile;
 
 /// Hasher of the chunk maps: chunk numbers are plain integers chosen by
@@ -332,11 +332,7 @@ impl Volume {
             let Fast::Data(p) = self.v.fast.load(c).fast() else {
                 continue;
             };
-            let from = self.sh.data_at(p) + within;
-            match runs.last_mut() {
-                Some(r) if r.1 == from => r.1 += n as u64,
-                _ => runs.push((from, from + n as u64)),
-            }
+            add_run(&mut runs, self.sh.data_at(p) + within, n as u64);
         }
         for (from, to) in runs {
             self.sh.release_cached(from, to - from);
