@@ -41,6 +41,14 @@ fn tool(cmd: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Snapshot `name` of `volume`.
+async fn snapshot(h: &Host, name: &str, volume: &str) {
+    let (s, snaps) = h
+        .post("/v1/snapshots", json!({"name": name, "volumes": [volume]}))
+        .await;
+    assert_eq!(s, 201, "{snaps}");
+}
+
 async fn export(h: &Host, body: Value) -> Value {
     let (s, e) = h.post("/v1/exports", body).await;
     assert_eq!(s, 201, "{e}");
@@ -194,13 +202,7 @@ async fn direct_export_writes_around_the_page_cache_and_survives_kill_9() {
     qemu_io(&unix, &check);
 
     // A snapshot's export is read-only: no direct writes there.
-    let (s, snaps) = h
-        .post(
-            "/v1/snapshots",
-            json!({"name": "fill-s", "volumes": ["fill"]}),
-        )
-        .await;
-    assert_eq!(s, 201, "{snaps}");
+    snapshot(&h, "fill-s", "fill").await;
     let (s, err) = h
         .post("/v1/exports", json!({"snapshot": "fill-s", "direct": true}))
         .await;
@@ -224,13 +226,7 @@ async fn snapshot_exports_are_read_only_and_changes_are_tracked() {
     let v = export(&h, json!({"volume": "vol"})).await;
     let vol_uri = v["unix_uri"].as_str().unwrap().to_string();
     qemu_io(&vol_uri, &["write -P 0x11 0 1M"]);
-    let (s, snaps) = h
-        .post(
-            "/v1/snapshots",
-            json!({"name": "before", "volumes": ["vol"]}),
-        )
-        .await;
-    assert_eq!(s, 201, "{snaps}");
+    snapshot(&h, "before", "vol").await;
     qemu_io(&vol_uri, &["write -P 0x22 4M 64k"]);
 
     let snap = export(&h, json!({"snapshot": "before", "name": "before-ro"})).await;
