@@ -18,6 +18,10 @@
 //!   have not started are re-split: their fraction is 0, so the overall
 //!   figure does not move when they are (the split is inside a leaf whose
 //!   total weight is fixed).
+//! - A transfer's fraction is the mean of the leaf's bytes sent and bytes
+//!   flushed ([`transfer_fraction`]); it is done once all is flushed, so
+//!   the flushes still running after a leaf is all sent (the copy's last
+//!   ones above all) count for part of its weight.
 //! - Before its first node, the step weighs the operation's steps in
 //!   seconds (see [`step_weights`]): the fixed steps count for the time
 //!   they take. A disk weighs its expected seconds, next to an `open disks`
@@ -481,15 +485,15 @@ impl Flushing {
         }
     }
 
-    /// Waits for the flush, then records the checkpoint; returns what is
-    /// to be verified now.
-    async fn done(self, cx: &StepContext<App>) -> Result<Vec<Check>, StepError> {
+    /// Waits for the flush, then records the checkpoint; returns how far
+    /// the leaf is now durable and what is to be verified now.
+    async fn done(self, cx: &StepContext<App>) -> Result<(Mark, Vec<Check>), StepError> {
         self.task
             .await
             .map_err(StepError::failed)?
             .map_err(|e| StepError::failed(format!("flushing {}: {e}", self.volume)))?;
         cx.checkpoint(json!(self.mark).to_string())?;
-        Ok(self.then)
+        Ok((self.mark, self.then))
     }
 }
 
@@ -739,6 +743,13 @@ impl CopyData {
     }
 }
 
+/// The fraction of a leaf's transfer with `sent` of its `total` bytes sent
+/// and `durable` of them flushed: their mean; `None` once all is durable
+/// (the transfer is done).
+fn transfer_fraction(sent: u64, durable: u64, total: u64) -> Option<f64> {
+    (durable < total).then(|| (sent.min(total) + durable) as f64 / (2 * total) as f64)
+}
+
 /// Splits a leaf's weight (its bytes) between transfer and verify by their
 /// expected times.
 fn split(bytes: u64, r: Rates, limit: Option<u64>) -> (f64, f64) {
@@ -906,10 +917,35 @@ impl Step<App> for CopyData {
                     // the step anyway.
                     let _ = checks.send(c);
                 };
+                // Per leaf: bytes sent and bytes flushed (durable). The
+                // transfer's fraction is their mean, so the flushes still
+                // running when a leaf is all sent (the copy's last ones
+                // above all) count for part of its weight; it is done once
+                // all is flushed. Both only grow: so does the fraction.
+                let legs = std::sync::Mutex::new(HashMap::<(usize, usize), (u64, u64)>::new());
+                let leg = |di: usize, li: usize, sent: Option<u64>, durable: Option<u64>| {
+                    let total = disks[di].leaves[li].bytes();
+                    let (s, d) = {
+                        let mut g = legs.lock().unwrap_or_else(|p| p.into_inner());
+                        let e = g.entry((di, li)).or_default();
+                        e.0 = e.0.max(sent.unwrap_or(0));
+                        e.1 = e.1.max(durable.unwrap_or(0));
+                        *e
+                    };
+                    let n = nodes[di][li].transfer;
+                    cx.progress
+                        .update(|t| match transfer_fraction(s, d, total) {
+                            Some(f) => t.set_fraction(n, f),
+                            None => t.finish(n),
+                        });
+                };
+                let landed = |(m, then): (Mark, Vec<Check>)| {
+                    leg(m.disk, m.leaf, None, Some(m.done));
+                    then.into_iter().for_each(check);
+                };
                 for (di, disk) in disks.iter().enumerate() {
                     for (li, leaf) in disk.leaves.iter().enumerate() {
                         started[di][li] = true;
-                        let n = &nodes[di][li];
                         let total = leaf.bytes();
                         let skip = done.get(&(di, li)).copied().unwrap_or(0).min(total);
                         // What a run before a restart sent is verified too.
@@ -921,9 +957,7 @@ impl Step<App> for CopyData {
                         // checkpoint is recorded once it answered.
                         let todo = after(&leaf.ranges, skip);
                         let mut at = skip;
-                        cx.progress.update(|t| {
-                            t.set_fraction(n.transfer, at as f64 / total.max(1) as f64)
-                        });
+                        leg(di, li, Some(skip), Some(skip));
                         let t0 = Instant::now();
                         let mut waited = std::time::Duration::ZERO;
                         for piece in pieces(&todo, CHECKPOINT_EVERY) {
@@ -933,8 +967,7 @@ impl Step<App> for CopyData {
                             sent += self
                                 .send(cx, disk, &piece, XFER, &pacer, |b| {
                                     got += b;
-                                    let f = (base + got) as f64 / total.max(1) as f64;
-                                    cx.progress.update(|t| t.set_fraction(n.transfer, f));
+                                    leg(di, li, Some(base + got), None);
                                 })
                                 .await?;
                             at += pb;
@@ -943,7 +976,7 @@ impl Step<App> for CopyData {
                                 && let Some(f) = flushing.pop_front()
                             {
                                 let w = Instant::now();
-                                f.done(cx).await?.into_iter().for_each(check);
+                                landed(f.done(cx).await?);
                                 waited += w.elapsed();
                             }
                             // Learn the transfer rate as the leaf goes (the
@@ -967,12 +1000,11 @@ impl Step<App> for CopyData {
                             if !paused && through * 2 >= grand - resumed.min(grand) {
                                 paused = true;
                                 while let Some(f) = flushing.pop_front() {
-                                    f.done(cx).await?.into_iter().for_each(check);
+                                    landed(f.done(cx).await?);
                                 }
                                 test_pause("vm.copy:copying").await;
                             }
                         }
-                        cx.progress.update(|t| t.finish(n.transfer));
                         let t_took = t0.elapsed();
                         {
                             let mut m = measure.lock().unwrap_or_else(|p| p.into_inner());
@@ -1003,7 +1035,7 @@ impl Step<App> for CopyData {
                     }
                 }
                 while let Some(f) = flushing.pop_front() {
-                    f.done(cx).await?.into_iter().for_each(check);
+                    landed(f.done(cx).await?);
                 }
                 drop(checks);
                 Ok::<_, StepError>(sent)
@@ -1159,6 +1191,18 @@ mod tests {
                 vec![(34, 35)]
             ]
         );
+    }
+
+    #[test]
+    fn a_transfer_counts_sent_and_flushed_bytes_alike() {
+        assert_eq!(transfer_fraction(0, 0, 100), Some(0.0));
+        assert_eq!(transfer_fraction(60, 0, 100), Some(0.3));
+        assert_eq!(transfer_fraction(100, 40, 100), Some(0.7));
+        // All sent is not done: the last flushes still count.
+        assert!(transfer_fraction(100, 99, 100).unwrap() < 1.0);
+        assert_eq!(transfer_fraction(100, 100, 100), None);
+        // A leaf with nothing to send is done at once.
+        assert_eq!(transfer_fraction(0, 0, 0), None);
     }
 
     #[test]
