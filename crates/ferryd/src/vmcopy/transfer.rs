@@ -78,8 +78,11 @@ const HASH_IN_FLIGHT: usize = 3;
 /// for the oldest once [`FLUSHES_AHEAD`] are in flight: the sender stays
 /// at most three pieces ahead of what the target wrote out, so its rate
 /// (and the bar) follows the target's write rate instead of racing ahead
-/// into its page cache.
-const CHECKPOINT_EVERY: u64 = 32 << 20;
+/// into its page cache. 16 MiB rather than 32: the bar's transfer counts
+/// flushed bytes too ([`transfer_fraction`]), and smaller pieces keep
+/// what is sent but not yet flushed small (`progress`: 4.37-4.73 points
+/// instead of 4.93-5.30; `copy`: dense 1.55 s instead of 1.69 s).
+const CHECKPOINT_EVERY: u64 = 16 << 20;
 /// Flushes in flight before the transfer waits for the oldest. Two kept
 /// the target's disk busier than one: a dense 1 GiB copy waited 0.29 s
 /// for flushes instead of 0.43 s (transfer 1.68 s instead of 1.84 s).
