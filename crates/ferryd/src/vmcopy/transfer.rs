@@ -925,14 +925,15 @@ impl Step<App> for CopyData {
                 // running when a leaf is all sent (the copy's last ones
                 // above all) count for part of its weight; it is done once
                 // all is flushed. Both only grow: so does the fraction.
-                let legs = std::sync::Mutex::new(HashMap::<(usize, usize), (u64, u64)>::new());
-                let leg = |di: usize, li: usize, sent: Option<u64>, durable: Option<u64>| {
+                let legs: std::sync::Mutex<Vec<Vec<(u64, u64)>>> = std::sync::Mutex::new(
+                    disks.iter().map(|d| vec![(0, 0); d.leaves.len()]).collect(),
+                );
+                let leg = |di: usize, li: usize, sent: u64, durable: u64| {
                     let total = disks[di].leaves[li].bytes();
                     let (s, d) = {
                         let mut g = legs.lock().unwrap_or_else(|p| p.into_inner());
-                        let e = g.entry((di, li)).or_default();
-                        e.0 = e.0.max(sent.unwrap_or(0));
-                        e.1 = e.1.max(durable.unwrap_or(0));
+                        let e = &mut g[di][li];
+                        *e = (e.0.max(sent), e.1.max(durable));
                         *e
                     };
                     let n = nodes[di][li].transfer;
@@ -943,7 +944,7 @@ impl Step<App> for CopyData {
                         });
                 };
                 let landed = |(m, then): (Mark, Vec<Check>)| {
-                    leg(m.disk, m.leaf, None, Some(m.done));
+                    leg(m.disk, m.leaf, 0, m.done);
                     then.into_iter().for_each(check);
                 };
                 for (di, disk) in disks.iter().enumerate() {
@@ -960,7 +961,7 @@ impl Step<App> for CopyData {
                         // checkpoint is recorded once it answered.
                         let todo = after(&leaf.ranges, skip);
                         let mut at = skip;
-                        leg(di, li, Some(skip), Some(skip));
+                        leg(di, li, skip, skip);
                         let t0 = Instant::now();
                         let mut waited = std::time::Duration::ZERO;
                         for piece in pieces(&todo, CHECKPOINT_EVERY) {
@@ -970,7 +971,7 @@ impl Step<App> for CopyData {
                             sent += self
                                 .send(cx, disk, &piece, XFER, &pacer, |b| {
                                     got += b;
-                                    leg(di, li, Some(base + got), None);
+                                    leg(di, li, base + got, 0);
                                 })
                                 .await?;
                             at += pb;
