@@ -65,27 +65,40 @@ use crate::operations::{blocking, snapshot_data_ranges, span_bytes};
 /// Hash unit of verify (and the unit of zero detection).
 pub const BLOCK: u64 = 1 << 20;
 /// Transfer unit: one read of the snapshot, up to this many bytes written
-/// per NBD request (a multiple of [`BLOCK`]).
-const XFER: u64 = 4 << 20;
-/// Transfer units in flight at once (read, hashed and written).
-const IN_FLIGHT: usize = 8;
+/// per NBD request (a multiple of [`BLOCK`]). 2 MiB rather than 4: with
+/// two in flight, less of the target's page cache is taken at once
+/// (`copy`, session 16: sparse 0.152-0.196 s instead of 0.178-0.292 s,
+/// dense 1.17-1.27 s).
+const XFER: u64 = 2 << 20;
+/// Transfer units in flight at once (read, hashed and written), each a
+/// task of its own. Two: one is read while the other is written, and what
+/// the target holds in its page cache, not yet flushed and verified, stays
+/// small — every fresh page costs the target a fault on a VM host, pages
+/// it let go are reused (`copy`, session 16, 4 MiB units: eight in flight
+/// gave a sparse copy of 0.17-0.29 s, two 0.18-0.21 s; dense 1.24-1.34 s
+/// and 1.12-1.18 s).
+const IN_FLIGHT: usize = 2;
 /// Blocks per hash request to the target.
 const HASH_BATCH: usize = 16;
 /// Hash requests in flight at once.
 const HASH_IN_FLIGHT: usize = 3;
-/// A leaf's transfer is flushed and checkpointed after this many bytes.
-/// Each flush runs while the next pieces are sent, and the transfer waits
-/// for the oldest once [`FLUSHES_AHEAD`] are in flight: the sender stays
-/// at most three pieces ahead of what the target wrote out, so its rate
-/// (and the bar) follows the target's write rate instead of racing ahead
-/// into its page cache. 16 MiB rather than 32: the bar's transfer counts
-/// flushed bytes too ([`transfer_fraction`]), and smaller pieces keep
-/// what is sent but not yet flushed small (`progress`: 4.37-4.73 points
-/// instead of 4.93-5.30; `copy`: dense 1.55 s instead of 1.69 s).
-const CHECKPOINT_EVERY: u64 = 16 << 20;
+/// A leaf's transfer is flushed and checkpointed after each piece of this
+/// many bytes. The flush is sent once the piece's last unit answered, while
+/// the next units are in flight; the transfer waits for the oldest flush
+/// once [`FLUSHES_AHEAD`] are in flight: the sender stays within a few
+/// pieces of what the target wrote out, so its rate (and the bar) follows
+/// the target's write rate instead of racing ahead into its page cache.
+/// The bar's transfer counts flushed bytes too ([`transfer_fraction`]),
+/// and each piece is verified and its pages let go once flushed: the
+/// smaller the piece, the less is sent but not flushed, and the fewer
+/// fresh pages the target takes (`copy`, session 16, sparse median with
+/// pieces sent one after another: 16 MiB 0.312 s, 8 MiB 0.232 s, 4 MiB
+/// 0.184 s; BENCHMARKS.md).
+const CHECKPOINT_EVERY: u64 = 4 << 20;
 /// Flushes in flight before the transfer waits for the oldest. Two kept
 /// the target's disk busier than one: a dense 1 GiB copy waited 0.29 s
-/// for flushes instead of 0.43 s (transfer 1.68 s instead of 1.84 s).
+/// for flushes instead of 0.43 s (transfer 1.68 s instead of 1.84 s, 32 MiB
+/// pieces). Four did not help with 4 MiB pieces (sparse 0.17-0.24 s).
 const FLUSHES_AHEAD: usize = 2;
 /// NBD connections to each target export.
 const CONNECTIONS: usize = 4;
@@ -404,6 +417,107 @@ struct Disk {
     hashes: std::sync::Mutex<HashMap<(u64, u64), String>>,
 }
 
+/// One unit sent: its bytes, the bytes of it sent (its blocks that are
+/// not all zeroes), and the hash of each of its blocks.
+struct Sent {
+    bytes: u64,
+    sent: u64,
+    hashes: Vec<((u64, u64), String)>,
+}
+
+/// A unit being read, hashed and written, as a task of its own: it goes on
+/// while the transfer waits for a flush. Aborted if dropped (the step
+/// ended).
+struct Sending(tokio::task::JoinHandle<Result<Sent, StepError>>);
+
+impl std::future::Future for Sending {
+    type Output = Result<Sent, StepError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(StepError::failed)?)
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Disk {
+    /// The `units` `(offset, length)` of this disk, each read and hashed
+    /// on the blocking pool and its blocks that are not all zeroes written
+    /// to the target; [`IN_FLIGHT`] at once, answered in order. A caller
+    /// that stops polling (waiting for a flush) does not stop the units
+    /// in flight.
+    fn sending(
+        &self,
+        units: Vec<(u64, u64)>,
+    ) -> impl futures::Stream<Item = Result<Sent, StepError>> + use<> {
+        let (snap, nbd, vol) = (
+            self.snap.clone(),
+            self.nbd.clone(),
+            self.target.volume.clone(),
+        );
+        futures::stream::iter(units)
+            .map(move |(off, n)| {
+                let (snap, nbd, vol) = (snap.clone(), nbd.clone(), vol.clone());
+                Sending(tokio::spawn(async move {
+                    let name = snap.name().to_string();
+                    let u = tokio::task::spawn_blocking(move || read_unit(&snap, off, n))
+                        .await
+                        .map_err(StepError::failed)?
+                        .map_err(|e| {
+                            StepError::failed(format!("reading snapshot {name} at {off}: {e}"))
+                        })?;
+                    let mut sent = 0;
+                    for &(a, b) in &u.runs {
+                        let at = off + a as u64;
+                        nbd.write_at(at, &u.data[a..b], false).await.map_err(|e| {
+                            StepError::failed(format!("writing {vol} at {at}: {e}"))
+                        })?;
+                        sent += (b - a) as u64;
+                    }
+                    spares().give(u.data);
+                    Ok(Sent {
+                        bytes: n,
+                        sent,
+                        hashes: u.hashes,
+                    })
+                }))
+            })
+            .buffered(IN_FLIGHT)
+    }
+
+    /// Takes note of a unit [`Disk::sending`] answered: keeps its hashes
+    /// for verify and paces the transfer. Returns its bytes and the bytes
+    /// of it sent.
+    async fn answered(
+        &self,
+        cx: &StepContext<App>,
+        pacer: &Pacer,
+        r: Result<Sent, StepError>,
+    ) -> Result<(u64, u64), StepError> {
+        if cx.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
+        let u = r?;
+        self.hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(u.hashes);
+        if u.sent > 0 {
+            pacer.sent(u.sent).await;
+        }
+        Ok((u.bytes, u.sent))
+    }
+}
+
 /// Ranges of a leaf sent (or found sent by an earlier run) and to be
 /// verified; `last` (the leaf's transfer line) once the leaf is all sent.
 struct Check {
@@ -564,10 +678,9 @@ impl CopyData {
         Ok((disks, lines))
     }
 
-    /// Sends `ranges` of a disk in units of at most `unit` bytes: each unit
-    /// is read and hashed on the blocking pool ([`IN_FLIGHT`] at once), its
-    /// blocks that are all zeroes are not sent. Returns the bytes sent;
-    /// `on_unit` gets the bytes of each unit done, in order.
+    /// Sends `ranges` of a disk in units of at most `unit` bytes (see
+    /// [`Disk::sending`]). Returns the bytes sent; `on_unit` gets the bytes
+    /// of each unit done, in order.
     async fn send(
         &self,
         cx: &StepContext<App>,
@@ -577,45 +690,11 @@ impl CopyData {
         pacer: &Pacer,
         mut on_unit: impl FnMut(u64),
     ) -> Result<u64, StepError> {
-        let (nbd, vol) = (&disk.nbd, &disk.target.volume);
-        let mut writes = futures::stream::iter(cut(ranges, unit))
-            .map(|(off, n)| {
-                let snap = disk.snap.clone();
-                let read = tokio::task::spawn_blocking(move || read_unit(&snap, off, n));
-                async move {
-                    let u = read.await.map_err(StepError::failed)?.map_err(|e| {
-                        StepError::failed(format!(
-                            "reading snapshot {} at {off}: {e}",
-                            disk.snap.name()
-                        ))
-                    })?;
-                    let mut sent = 0;
-                    for &(a, b) in &u.runs {
-                        let at = off + a as u64;
-                        nbd.write_at(at, &u.data[a..b], false).await.map_err(|e| {
-                            StepError::failed(format!("writing {vol} at {at}: {e}"))
-                        })?;
-                        sent += (b - a) as u64;
-                    }
-                    spares().give(u.data);
-                    Ok::<_, StepError>((n, sent, u.hashes))
-                }
-            })
-            .buffered(IN_FLIGHT);
+        let mut units = disk.sending(cut(ranges, unit));
         let mut sent = 0;
-        while let Some(r) = writes.next().await {
-            if cx.is_cancelled() {
-                return Err(StepError::Cancelled);
-            }
-            let (n, s, hashes) = r?;
-            disk.hashes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(hashes);
+        while let Some(r) = units.next().await {
+            let (n, s) = disk.answered(cx, pacer, r).await?;
             sent += s;
-            if s > 0 {
-                pacer.sent(s).await;
-            }
             on_unit(n);
         }
         Ok(sent)
@@ -964,16 +1043,31 @@ impl Step<App> for CopyData {
                         leg(di, li, skip, skip);
                         let t0 = Instant::now();
                         let mut waited = std::time::Duration::ZERO;
-                        for piece in pieces(&todo, CHECKPOINT_EVERY) {
+                        // The units of all the leaf's pieces go out in one
+                        // stream: a piece's flush is sent once its last unit
+                        // answered (its writes all did), while the next
+                        // pieces' units are in flight.
+                        let (units, plan) = unit_plan(&todo, CHECKPOINT_EVERY, XFER);
+                        let mut stream = disk.sending(units).enumerate();
+                        let mut plan = plan.into_iter();
+                        let mut next = plan.next();
+                        let mut got = 0u64;
+                        while let Some((i, r)) = stream.next().await {
+                            let (n, s) = disk.answered(cx, &pacer, r).await?;
+                            sent += s;
+                            got += n;
+                            leg(di, li, skip + got, 0);
+                            let piece = match next.take() {
+                                Some((end, piece)) if end == i => {
+                                    next = plan.next();
+                                    piece
+                                }
+                                other => {
+                                    next = other;
+                                    continue;
+                                }
+                            };
                             let pb = span_bytes(&piece);
-                            let base = at;
-                            let mut got = 0u64;
-                            sent += self
-                                .send(cx, disk, &piece, XFER, &pacer, |b| {
-                                    got += b;
-                                    leg(di, li, base + got, 0);
-                                })
-                                .await?;
                             at += pb;
                             through += pb;
                             if flushing.len() >= FLUSHES_AHEAD
@@ -1155,6 +1249,23 @@ fn pieces(ranges: &[(u64, u64)], size: u64) -> Vec<Vec<(u64, u64)>> {
     out
 }
 
+/// A piece of a leaf: the index of its last unit, and its ranges.
+type PieceEnd = (usize, Vec<(u64, u64)>);
+
+/// The units to send `ranges` in pieces of about `piece` bytes, each cut
+/// in units of at most `unit` bytes (a unit never straddles two pieces),
+/// and each piece with the index of its last unit: once that unit is
+/// answered, so are all of the piece's.
+fn unit_plan(ranges: &[(u64, u64)], piece: u64, unit: u64) -> (Vec<(u64, u64)>, Vec<PieceEnd>) {
+    let mut units = Vec::new();
+    let mut plan = Vec::new();
+    for p in pieces(ranges, piece) {
+        units.extend(cut(&p, unit));
+        plan.push((units.len() - 1, p));
+    }
+    (units, plan)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,6 +1278,36 @@ mod tests {
         assert_eq!(after(&r, 10), [(20, 30)]);
         assert_eq!(after(&r, 15), [(25, 30)]);
         assert!(after(&r, 20).is_empty());
+    }
+
+    #[test]
+    fn a_piece_ends_with_its_last_unit_and_units_stay_within_pieces() {
+        let r = [(0, 10), (20, 23), (30, 45)];
+        for (piece, unit) in [(4, 4), (8, 4), (8, 3), (5, 2), (100, 4), (1, 1)] {
+            let (units, plan) = unit_plan(&r, piece, unit);
+            // The units are the ranges, in order, none longer than `unit`.
+            let spans: Vec<(u64, u64)> = units.iter().map(|&(o, n)| (o, o + n)).collect();
+            assert_eq!(span_bytes(&spans), 28, "{piece}/{unit}");
+            assert!(units.iter().all(|&(_, n)| n > 0 && n <= unit));
+            assert!(units.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+            // Each piece is exactly the units since the previous piece's
+            // last one.
+            let mut first = 0;
+            for (end, p) in &plan {
+                let mine: Vec<(u64, u64)> = units[first..=*end]
+                    .iter()
+                    .map(|&(o, n)| (o, o + n))
+                    .collect();
+                assert_eq!(span_bytes(&mine), span_bytes(p), "{piece}/{unit}");
+                assert!(
+                    mine.iter()
+                        .all(|&(s, e)| p.iter().any(|&(a, b)| a <= s && e <= b))
+                );
+                first = end + 1;
+            }
+            assert_eq!(first, units.len(), "{piece}/{unit}");
+        }
+        assert_eq!(unit_plan(&[], 4, 4), (Vec::new(), Vec::new()));
     }
 
     #[test]
