@@ -516,6 +516,23 @@ impl Disk {
         }
         Ok((u.bytes, u.sent))
     }
+
+    /// Sends `ranges` in units of at most `unit` bytes, as
+    /// [`Disk::sending`] does; returns the bytes sent.
+    async fn send(
+        &self,
+        cx: &StepContext<App>,
+        ranges: &[(u64, u64)],
+        unit: u64,
+        pacer: &Pacer,
+    ) -> Result<u64, StepError> {
+        let mut units = self.sending(cut(ranges, unit));
+        let mut sent = 0;
+        while let Some(r) = units.next().await {
+            sent += self.answered(cx, pacer, r).await?.1;
+        }
+        Ok(sent)
+    }
 }
 
 /// Ranges of a leaf sent (or found sent by an earlier run) and to be
@@ -678,28 +695,6 @@ impl CopyData {
         Ok((disks, lines))
     }
 
-    /// Sends `ranges` of a disk in units of at most `unit` bytes (see
-    /// [`Disk::sending`]). Returns the bytes sent; `on_unit` gets the bytes
-    /// of each unit done, in order.
-    async fn send(
-        &self,
-        cx: &StepContext<App>,
-        disk: &Disk,
-        ranges: &[(u64, u64)],
-        unit: u64,
-        pacer: &Pacer,
-        mut on_unit: impl FnMut(u64),
-    ) -> Result<u64, StepError> {
-        let mut units = disk.sending(cut(ranges, unit));
-        let mut sent = 0;
-        while let Some(r) = units.next().await {
-            let (n, s) = disk.answered(cx, pacer, r).await?;
-            sent += s;
-            on_unit(n);
-        }
-        Ok(sent)
-    }
-
     /// Hashes `ranges` (blocks) on both hosts; returns the blocks that
     /// differ. The source's hashes are those taken when the blocks were
     /// sent; the target reads and hashes what it stored.
@@ -806,7 +801,7 @@ impl CopyData {
                     .unwrap_or_else(|p| p.into_inner())
                     .retain(|k, _| !bad.contains(k));
                 let ranges: Vec<(u64, u64)> = bad.iter().map(|&(o, n)| (o, o + n)).collect();
-                resent += self.send(cx, disk, &ranges, BLOCK, pacer, |_| {}).await?;
+                resent += disk.send(cx, &ranges, BLOCK, pacer).await?;
                 disk.nbd.flush().await.map_err(|e| {
                     StepError::failed(format!("flushing {}: {e}", disk.target.volume))
                 })?;
@@ -1049,8 +1044,7 @@ impl Step<App> for CopyData {
                         // pieces' units are in flight.
                         let (units, plan) = unit_plan(&todo, CHECKPOINT_EVERY, XFER);
                         let mut stream = disk.sending(units).enumerate();
-                        let mut plan = plan.into_iter();
-                        let mut next = plan.next();
+                        let mut plan = plan.into_iter().peekable();
                         let mut got = 0u64;
                         while let Some((i, r)) = stream.next().await {
                             let (n, s) = disk.answered(cx, &pacer, r).await?;
@@ -1058,10 +1052,7 @@ impl Step<App> for CopyData {
                             got += n;
                             leg(di, li, skip + got, 0);
                             // Not the last unit of the next piece: go on.
-                            if next.as_ref().is_none_or(|(end, _)| *end != i) {
-                                continue;
-                            }
-                            let Some((_, piece)) = std::mem::replace(&mut next, plan.next()) else {
+                            let Some((_, piece)) = plan.next_if(|(end, _)| *end == i) else {
                                 continue;
                             };
                             let pb = span_bytes(&piece);
