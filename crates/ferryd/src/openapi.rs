@@ -327,8 +327,12 @@ fn build() -> Doc {
         "An operation with its steps, log and progress tree.",
         None,
         (200, s),
-        NF,
+        &[400, 404],
     );
+    d.ops.last_mut().expect("just pushed").query = &[(
+        "wait_s",
+        "Seconds to wait for the operation to finish before answering (0..=300, default 0).",
+    )];
     d.op(
         "get",
         "/v1/operations/{id}/events",

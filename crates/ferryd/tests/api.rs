@@ -122,6 +122,11 @@ async fn bad_input_names_the_field_or_object() {
     assert_eq!(s, 404, "{e}");
     let (s, e) = h.get("/v1/operations/nope").await;
     assert_eq!(s, 404, "{e}");
+    let (s, e) = h.get("/v1/operations/nope?wait_s=5").await;
+    assert_eq!(s, 404, "{e}");
+    let (s, e) = h.get("/v1/operations/nope?wait_s=301").await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["field"], "wait_s");
     let (s, e) = h
         .post(
             "/v1/volumes/imp/import",
@@ -156,9 +161,14 @@ async fn import_runs_as_an_operation_with_progress() {
         .await;
     assert_eq!(s, 202, "{started}");
     let id = started["operation"].as_str().unwrap().to_string();
-    let op = h.wait_op(&id).await;
+    // A long poll answers once the import is done (asked right after it
+    // started, the same call without wait_s sees it running).
+    let (s, op) = h.get(&format!("/v1/operations/{id}?wait_s=60")).await;
+    assert_eq!(s, 200, "{op}");
     assert_eq!(op["state"], "succeeded", "{op}");
     assert_eq!(op["progress"]["overall"], 1.0, "{op}");
+    let op = h.wait_op(&id).await;
+    assert_eq!(op["state"], "succeeded", "{op}");
     let steps: Vec<&str> = op["steps"]
         .as_array()
         .unwrap()

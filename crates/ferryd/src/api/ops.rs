@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use ferry_api::{LogLine, Operation, StepInfo};
 use ferry_ops::OpRecord;
 use futures::Stream;
+use serde::Deserialize;
 
-use super::{ApiResult, Failure};
+use super::{ApiResult, Failure, bad_field};
 use crate::daemon::Daemon;
 
 fn operation(d: &Daemon, r: OpRecord, detail: bool) -> Operation {
@@ -64,8 +65,38 @@ pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<Operation>> {
     ))
 }
 
-pub async fn show(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Operation> {
-    let r = d.ops.journal().get(&id)?;
+/// Longest `wait_s` of [`show`].
+const MAX_WAIT_S: u64 = 300;
+
+#[derive(Debug, Deserialize)]
+pub struct ShowParams {
+    /// Seconds to wait for the operation to finish before answering (a
+    /// long poll: no need to ask again and again). Answers at once when it
+    /// is finished or does not run on this host.
+    pub wait_s: Option<u64>,
+}
+
+pub async fn show(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Query(q): Query<ShowParams>,
+) -> ApiResult<Operation> {
+    let wait = q.wait_s.unwrap_or(0);
+    if wait > MAX_WAIT_S {
+        return Err(bad_field(
+            "wait_s",
+            &format!("wait_s is within 0..={MAX_WAIT_S}"),
+        ));
+    }
+    let mut r = d.ops.journal().get(&id)?;
+    if wait > 0 && !r.state.is_finished() {
+        // Answers with what is known when the time is up, finished or not.
+        if let Ok(done) = tokio::time::timeout(Duration::from_secs(wait), d.ops.wait(&id)).await {
+            r = done?;
+        } else {
+            r = d.ops.journal().get(&id)?;
+        }
+    }
     Ok(Json(operation(&d, r, true)))
 }
 
