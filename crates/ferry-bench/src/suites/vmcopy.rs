@@ -360,16 +360,17 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
     Ok(r)
 }
 
-/// Waits for an operation, asking every 5 ms: the copy of a sparse disk
-/// takes ~0.2 s, so the daemon's usual 20 ms poll would add up to a tenth
-/// to Ferry's time (qemu-img's is its process's exit, exact).
+/// Waits for an operation with the API's long poll (`wait_s`): answered
+/// as it finishes, as qemu-img's time is its process's exit. (Until
+/// session 17, a request every 5 ms: up to 5 ms late, plus the requests'
+/// own load beside a copy of ~0.1 s.)
 async fn wait_closely(d: &Daemon, id: &str) -> anyhow::Result<Value> {
     loop {
-        let op = d.get(&format!("/v1/operations/{id}")).await?;
+        let op = d.get(&format!("/v1/operations/{id}?wait_s=60")).await?;
         match op["state"].as_str().unwrap_or("") {
             "succeeded" => return Ok(op),
             "failed" | "cancelled" => bail!("operation {id} {}: {}", op["state"], op["error"]),
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => {}
         }
     }
 }
