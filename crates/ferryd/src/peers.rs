@@ -83,9 +83,9 @@ pub struct PeerClient {
 /// The HTTP client every [`PeerClient`] of this process shares: its
 /// connections to a peer stay open from one call to the next, and it is
 /// built once. Building one reads the system's root certificates (reqwest
-/// is built with TLS for the backup repository's object stores), which
-/// took a few milliseconds per call when each step of an operation built
-/// its own (a VM copy's six steps: 36 ms of fixed cost with an empty disk).
+/// is built with TLS for the backup repository's object stores): when each
+/// call built its own, a VM copy of an empty disk spent 34 ms in its fixed
+/// steps, 4-6 ms per step that calls the peer; 17 ms with this one.
 fn shared_http() -> reqwest::Client {
     static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     HTTP.get_or_init(|| {

@@ -370,7 +370,9 @@ async fn wait_closely(d: &Daemon, id: &str) -> anyhow::Result<Value> {
         match op["state"].as_str().unwrap_or("") {
             "succeeded" => return Ok(op),
             "failed" | "cancelled" => bail!("operation {id} {}: {}", op["state"], op["error"]),
-            _ => {}
+            // Not finished after the wait, or not running (yet) where the
+            // long poll can wait for it: ask again shortly.
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }
