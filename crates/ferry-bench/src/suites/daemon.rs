@@ -145,17 +145,16 @@ impl Daemon {
 
     pub(crate) async fn wait_op(&self, id: &str) -> anyhow::Result<Value> {
         loop {
-            let op = self
-                .call(
-                    reqwest::Method::GET,
-                    &format!("/v1/operations/{id}"),
-                    Value::Null,
-                )
-                .await?;
+            // A long poll: answered as the operation finishes, so a suite
+            // that times an operation gets its end exactly (as a peer's
+            // time is its process's exit).
+            let op = self.get(&format!("/v1/operations/{id}?wait_s=60")).await?;
             let state = op["state"].as_str().unwrap_or("");
             if ["succeeded", "failed", "cancelled"].contains(&state) {
                 return Ok(op);
             }
+            // Not finished after the wait, or not running (yet) where the
+            // long poll can wait for it: ask again shortly.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

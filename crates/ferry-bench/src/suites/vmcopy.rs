@@ -360,23 +360,6 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
     Ok(r)
 }
 
-/// Waits for an operation with the API's long poll (`wait_s`): answered
-/// as it finishes, as qemu-img's time is its process's exit. (Until
-/// session 17, a request every 5 ms: up to 5 ms late, plus the requests'
-/// own load beside a copy of ~0.1 s.)
-async fn wait_closely(d: &Daemon, id: &str) -> anyhow::Result<Value> {
-    loop {
-        let op = d.get(&format!("/v1/operations/{id}?wait_s=60")).await?;
-        match op["state"].as_str().unwrap_or("") {
-            "succeeded" => return Ok(op),
-            "failed" | "cancelled" => bail!("operation {id} {}: {}", op["state"], op["error"]),
-            // Not finished after the wait, or not running (yet) where the
-            // long poll can wait for it: ask again shortly.
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-}
-
 pub fn copy(opts: &Options) -> anyhow::Result<Report> {
     runtime()?.block_on(copy_async(opts))
 }
@@ -441,8 +424,11 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                         )
                         .await?;
                     let id = s["operation"].as_str().context("operation id")?;
-                    let op = wait_closely(&p.src, id).await?;
+                    let op = p.src.wait_op(id).await?;
                     times[0].push(t0.elapsed().as_secs_f64());
+                    if op["state"] != "succeeded" {
+                        bail!("copy of {kind}: {} ({})", op["state"], op["error"]);
+                    }
                     // The last round's log: the first pays for first use
                     // (buffers, connections' warm-up) that later ones do not.
                     if round + 1 == rounds {

@@ -138,7 +138,12 @@ impl Host {
     pub async fn wait_op(&self, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (s, op) = self.get(&format!("/v1/operations/{id}")).await;
+            // A long poll: answered as the operation finishes (at once when
+            // it does not run here, say while a restarted daemon recovers).
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+            let (s, op) = self
+                .get(&format!("/v1/operations/{id}?wait_s={}", left.max(1)))
+                .await;
             assert_eq!(s, 200, "{op}");
             let state = op["state"].as_str().unwrap();
             if ["succeeded", "failed", "cancelled"].contains(&state) {
