@@ -24,8 +24,11 @@
 //! same with `-t writeback`, which flushes at the end. Peer
 //! `qemu-img-convert-direct-export` writes into a target export made with
 //! `direct` (its large writes bypass the page cache); Ferry's copy writes
-//! into ordinary exports. `--rounds N` (default 3): each copy N
-//! times (to a new VM, to new target volumes for qemu-img), the four
+//! into ordinary exports. Peer `target-disk-floor` is no copy: the
+//! time the target's disk takes to write the image's allocated bytes with
+//! `O_DIRECT` and one fdatasync ([`disk_floor`]), the least any copy that
+//! makes them durable there can take. `--rounds N` (default 3): each copy
+//! N times (to a new VM, to new target volumes for qemu-img), the five
 //! taking turns going first; medians compared.
 
 use std::io::Write;
@@ -360,6 +363,44 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
     Ok(r)
 }
 
+/// The target disk's floor for a copy of `bytes`: the time to write that
+/// many bytes (pseudo-random, prepared beforehand) with `O_DIRECT` in
+/// 4 MiB writes into a new file in `dir` (the target's directory, on the
+/// filesystem of its pool), then one fdatasync. No copy that makes the
+/// bytes durable on that disk can be faster, whatever its transport.
+fn disk_floor(dir: &Path, bytes: u64, round: u32) -> anyhow::Result<f64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const PIECE: usize = 4 << 20;
+    const PIECES: usize = 16;
+    const ALIGN: usize = 4096;
+    let buf = noise(0xf100 + u64::from(round), PIECES * PIECE + ALIGN);
+    let skew = buf.as_ptr().align_offset(ALIGN);
+    let data = &buf[skew..skew + PIECES * PIECE];
+    let path = dir.join("disk-floor.bin");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let total = bytes.next_multiple_of(ALIGN as u64);
+    let t0 = Instant::now();
+    let mut off = 0u64;
+    let mut i = 0;
+    while off < total {
+        let n = (total - off).min(PIECE as u64) as usize;
+        f.write_all_at(&data[i * PIECE..i * PIECE + n], off)
+            .with_context(|| format!("write {}", path.display()))?;
+        off += n as u64;
+        i = (i + 1) % PIECES;
+    }
+    f.sync_data()?;
+    let t = t0.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(t)
+}
+
 pub fn copy(opts: &Options) -> anyhow::Result<Report> {
     runtime()?.block_on(copy_async(opts))
 }
@@ -400,18 +441,25 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
             std::fs::File::create(&raw)?.set_len(size)?;
             fill(&raw, 0, size, 13)?;
         }
+        // The bytes any copy must write: the image's allocated blocks.
+        let data_bytes = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&raw)?) * 512;
         let vol = format!("{kind}-disk");
         p.src.import(&vol, &raw).await?;
         define(&p.src, kind, &[&vol]).await?;
         let from = export(&p.src, &vol, false).await?;
         // [Ferry, qemu-img convert, qemu-img convert -t writeback,
-        // qemu-img convert into a direct export].
-        let mut times: [Vec<f64>; 4] = Default::default();
+        // qemu-img convert into a direct export, the target disk's floor].
+        let mut times: [Vec<f64>; 5] = Default::default();
         for round in 0..rounds {
             // Take turns going first: a device whose writes slow down
             // after a burst must not favour one side.
-            for k in 0..4 {
-                let who = (k + round as usize) % 4;
+            for k in 0..5 {
+                let who = (k + round as usize) % 5;
+                if who == 4 {
+                    settle()?;
+                    times[4].push(disk_floor(&p.scratch.join("dst"), data_bytes, round)?);
+                    continue;
+                }
                 if who == 0 {
                     // Ferry: the whole operation, transfer and verify.
                     settle()?;
@@ -472,19 +520,26 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
             }
             let r = round as usize;
             eprintln!(
-                "{kind} round {round}: ferry {:.3}s (with verify), qemu-img convert {:.3}s, with -t writeback {:.3}s, into a direct export {:.3}s",
-                times[0][r], times[1][r], times[2][r], times[3][r]
+                "{kind} round {round}: ferry {:.3}s (with verify), qemu-img convert {:.3}s, with -t writeback {:.3}s, into a direct export {:.3}s; disk floor {:.3}s",
+                times[0][r], times[1][r], times[2][r], times[3][r], times[4][r]
             );
         }
-        let [ferry, qemu, durable, direct] = times.map(|mut t| median(&mut t));
+        let [ferry, qemu, durable, direct, floor] = times.map(|mut t| median(&mut t));
         eprintln!(
             "{kind}: median of {rounds}: ferry {ferry:.3}s (with verify), qemu-img convert {qemu:.3}s, with -t writeback {durable:.3}s, into a direct export {direct:.3}s"
+        );
+        eprintln!(
+            "{kind}: the target disk writes the {:.1} MB durably in {floor:.3}s (median): no copy that makes them durable there can lead qemu-img convert by more than {:.2}x, or its -t writeback by more than {:.2}x, even with no fixed cost",
+            data_bytes as f64 / 1e6,
+            qemu / floor,
+            durable / floor,
         );
         r.push(
             Measurement::new(format!("{kind}-copy-time"), "s", ferry)
                 .peer("qemu-img-convert", qemu)
                 .peer("qemu-img-convert-t-writeback", durable)
                 .peer("qemu-img-convert-direct-export", direct)
+                .peer("target-disk-floor", floor)
                 .lower_is_better(),
         );
     }
