@@ -7,34 +7,17 @@
 //! 1000).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use ferry_pool::crashtest::{Crash, trial};
 use ferry_pool::workload::Rng;
 
-use crate::report::{Measurement, Report, scratch_dir, target_dir};
+use crate::report::{Measurement, Report, scratch_dir};
 use crate::suites::Options;
 
 /// Build the child binary with the same profile and target directory.
 fn child_exe() -> anyhow::Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ferry-pool",
-            "--bin",
-            "ferry-pool-crashchild",
-        ])
-        .env("CARGO_TARGET_DIR", target_dir())
-        .status()
-        .context("run cargo build for ferry-pool-crashchild")?;
-    if !status.success() {
-        bail!("cargo build of ferry-pool-crashchild failed: {status}");
-    }
-    Ok(target_dir().join("release").join("ferry-pool-crashchild"))
+    crate::suites::build_release("ferry-pool", "ferry-pool-crashchild")
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<Report> {

@@ -10,19 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::report::target_dir;
-
 /// Builds the release `ferryd` (a no-op when current) and returns its path.
 pub(crate) fn ferryd_exe() -> anyhow::Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-p", "ferryd", "--bin", "ferryd"])
-        .env("CARGO_TARGET_DIR", target_dir())
-        .status()
-        .context("run cargo build for ferryd")?;
-    if !status.success() {
-        bail!("cargo build of ferryd failed: {status}");
-    }
-    Ok(target_dir().join("release").join("ferryd"))
+    crate::suites::build_release("ferryd", "ferryd")
 }
 
 /// A ferryd process, killed on drop, with every QEMU it started.

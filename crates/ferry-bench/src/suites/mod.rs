@@ -25,6 +25,41 @@ pub(crate) fn settle() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo build --release -p <package> --bin <bin>` into the bench's
+/// target directory; returns the binary's path.
+///
+/// The environment `cargo run` gave this program (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, ...) is not passed on: build scripts that watch
+/// those variables (ring's does) would otherwise see them change between
+/// this build and the next plain `cargo build`, and each would rebuild
+/// them and everything above them (ferryd: about 2.5 minutes per suite).
+pub(crate) fn build_release(package: &str, bin: &str) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let mut cmd =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--release", "-p", package, "--bin", bin])
+        .env("CARGO_TARGET_DIR", crate::report::target_dir());
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&&*k)
+        {
+            cmd.env_remove(&*k);
+        }
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("run cargo build for {bin}"))?;
+    anyhow::ensure!(status.success(), "cargo build of {bin} failed: {status}");
+    Ok(crate::report::target_dir().join("release").join(bin))
+}
+
 /// Options every suite understands (each uses the ones that apply).
 #[derive(Debug, Clone)]
 pub struct Options {
