@@ -147,6 +147,8 @@ struct Pair {
     _dir: tempfile::TempDir,
     src: Daemon,
     dst: Daemon,
+    /// The target's data directory (its pool's filesystem).
+    dst_dir: PathBuf,
     scratch: PathBuf,
 }
 
@@ -159,12 +161,8 @@ async fn pair(suite: &str) -> anyhow::Result<Pair> {
         "source",
         &["--nbd-listen", "127.0.0.1:0"],
     )?;
-    let dst = Daemon::start_named(
-        &exe,
-        &dir.path().join("dst"),
-        "target",
-        &["--nbd-listen", "127.0.0.1:0"],
-    )?;
+    let dst_dir = dir.path().join("dst");
+    let dst = Daemon::start_named(&exe, &dst_dir, "target", &["--nbd-listen", "127.0.0.1:0"])?;
     let t = dst.get("/v1/host/peer-token").await?;
     src.post(
         "/v1/peers",
@@ -176,6 +174,7 @@ async fn pair(suite: &str) -> anyhow::Result<Pair> {
         _dir: dir,
         src,
         dst,
+        dst_dir,
         scratch,
     })
 }
@@ -363,19 +362,26 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
     Ok(r)
 }
 
+/// Write size of [`disk_floor`] and the alignment `O_DIRECT` needs.
+const FLOOR_PIECE: usize = 4 << 20;
+const FLOOR_ALIGN: usize = 4096;
+
+/// What [`disk_floor`] writes: 16 distinct pseudo-random pieces, the
+/// buffer with room to start them on an `O_DIRECT` boundary.
+fn floor_data() -> Vec<u8> {
+    noise(0xf100, 16 * FLOOR_PIECE + FLOOR_ALIGN)
+}
+
 /// The target disk's floor for a copy of `bytes`: the time to write that
-/// many bytes (pseudo-random, prepared beforehand) with `O_DIRECT` in
-/// 4 MiB writes into a new file in `dir` (the target's directory, on the
-/// filesystem of its pool), then one fdatasync. No copy that makes the
-/// bytes durable on that disk can be faster, whatever its transport.
-fn disk_floor(dir: &Path, bytes: u64, round: u32) -> anyhow::Result<f64> {
+/// many bytes (`buf`, from [`floor_data`], prepared beforehand) with
+/// `O_DIRECT` in 4 MiB writes into a new file in `dir` (the target's data
+/// directory, on the filesystem of its pool), then one fdatasync. No copy
+/// that makes the bytes durable on that disk can be faster, whatever its
+/// transport.
+fn disk_floor(dir: &Path, bytes: u64, buf: &[u8]) -> anyhow::Result<f64> {
     use std::os::unix::fs::OpenOptionsExt;
-    const PIECE: usize = 4 << 20;
-    const PIECES: usize = 16;
-    const ALIGN: usize = 4096;
-    let buf = noise(0xf100 + u64::from(round), PIECES * PIECE + ALIGN);
-    let skew = buf.as_ptr().align_offset(ALIGN);
-    let data = &buf[skew..skew + PIECES * PIECE];
+    let skew = buf.as_ptr().align_offset(FLOOR_ALIGN);
+    let pieces: Vec<&[u8]> = buf[skew..].chunks_exact(FLOOR_PIECE).collect();
     let path = dir.join("disk-floor.bin");
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -383,16 +389,17 @@ fn disk_floor(dir: &Path, bytes: u64, round: u32) -> anyhow::Result<f64> {
         .custom_flags(libc::O_DIRECT)
         .open(&path)
         .with_context(|| format!("create {}", path.display()))?;
-    let total = bytes.next_multiple_of(ALIGN as u64);
+    let total = bytes.next_multiple_of(FLOOR_ALIGN as u64);
     let t0 = Instant::now();
     let mut off = 0u64;
-    let mut i = 0;
-    while off < total {
-        let n = (total - off).min(PIECE as u64) as usize;
-        f.write_all_at(&data[i * PIECE..i * PIECE + n], off)
+    for piece in pieces.iter().cycle() {
+        if off >= total {
+            break;
+        }
+        let n = (total - off).min(FLOOR_PIECE as u64) as usize;
+        f.write_all_at(&piece[..n], off)
             .with_context(|| format!("write {}", path.display()))?;
         off += n as u64;
-        i = (i + 1) % PIECES;
     }
     f.sync_data()?;
     let t = t0.elapsed().as_secs_f64();
@@ -426,6 +433,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
     let size = parse_size(&opts.size)?;
     let rounds = crate::suites::rounds("copy", opts, 3)?;
     let p = pair("copy").await?;
+    let floor_buf = floor_data();
     let mut r = Report::new("copy");
     for kind in ["sparse", "dense"] {
         let raw = p.scratch.join(format!("{kind}.raw"));
@@ -457,7 +465,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                 let who = (k + round as usize) % 5;
                 if who == 4 {
                     settle()?;
-                    times[4].push(disk_floor(&p.scratch.join("dst"), data_bytes, round)?);
+                    times[4].push(disk_floor(&p.dst_dir, data_bytes, &floor_buf)?);
                     continue;
                 }
                 if who == 0 {
