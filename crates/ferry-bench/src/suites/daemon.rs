@@ -111,6 +111,25 @@ impl Daemon {
         })
     }
 
+    /// CPU time (user + system, all threads, in seconds) the process used
+    /// so far; clock-tick resolution (10 ms on common kernels).
+    pub(crate) fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command name (in parentheses, which may
+        // hold spaces): utime and stime are the 14th and 15th of the line.
+        let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f
+            .get(11..13)
+            .context("short /proc stat")?
+            .iter()
+            .map(|v| v.parse::<f64>())
+            .sum::<Result<f64, _>>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Ok(ticks / hz.max(1) as f64)
+    }
+
     pub(crate) async fn call(
         &self,
         method: reqwest::Method,

@@ -29,7 +29,11 @@
 //! `O_DIRECT` and one fdatasync ([`disk_floor`]), the least any copy that
 //! makes them durable there can take. `--rounds N` (default 3): each copy
 //! N times (to a new VM, to new target volumes for qemu-img), the five
-//! taking turns going first; medians compared.
+//! taking turns going first; medians compared. Also the CPU time of each
+//! copy (metric `*-copy-cpu`): both ferryd's (from `/proc`, clock-tick
+//! resolution) plus, for qemu-img's copies, qemu-img's own. Both hosts
+//! share this machine's cores, so Ferry's CPU time over the cores is a
+//! floor of its copy's time here (on two real hosts each does its half).
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -368,6 +372,18 @@ const FLOOR_ALIGN: usize = 4096;
 
 /// What [`disk_floor`] writes: 16 distinct pseudo-random pieces, the
 /// buffer with room to start them on an `O_DIRECT` boundary.
+/// CPU seconds (user + system) of the children this process waited for.
+fn children_cpu() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
+}
+
 fn floor_data() -> Vec<u8> {
     noise(0xf100, 16 * FLOOR_PIECE + FLOOR_ALIGN)
 }
@@ -458,6 +474,9 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
         // [Ferry, qemu-img convert, qemu-img convert -t writeback,
         // qemu-img convert into a direct export, the target disk's floor].
         let mut times: [Vec<f64>; 5] = Default::default();
+        // CPU seconds of each copy: both ferryd, and qemu-img's own.
+        let mut cpu: [Vec<f64>; 4] = Default::default();
+        let daemons_cpu = || -> anyhow::Result<f64> { Ok(p.src.cpu_secs()? + p.dst.cpu_secs()?) };
         for round in 0..rounds {
             // Take turns going first: a device whose writes slow down
             // after a burst must not favour one side.
@@ -471,6 +490,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                 if who == 0 {
                     // Ferry: the whole operation, transfer and verify.
                     settle()?;
+                    let c0 = daemons_cpu()?;
                     let t0 = Instant::now();
                     let s = p
                         .src
@@ -482,6 +502,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                     let id = s["operation"].as_str().context("operation id")?;
                     let op = p.src.wait_op(id).await?;
                     times[0].push(t0.elapsed().as_secs_f64());
+                    cpu[0].push(daemons_cpu()? - c0);
                     if op["state"] != "succeeded" {
                         bail!("copy of {kind}: {} ({})", op["state"], op["error"]);
                     }
@@ -514,6 +535,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                     args.extend(["-t", "writeback"]);
                 }
                 settle()?;
+                let c0 = daemons_cpu()? + children_cpu();
                 let t0 = Instant::now();
                 let st = Command::new("qemu-img")
                     .args(&args)
@@ -525,6 +547,7 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                     bail!("qemu-img convert failed: {st}");
                 }
                 times[who].push(t0.elapsed().as_secs_f64());
+                cpu[who].push(daemons_cpu()? + children_cpu() - c0);
             }
             let r = round as usize;
             eprintln!(
@@ -541,6 +564,19 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
             data_bytes as f64 / 1e6,
             qemu / floor,
             durable / floor,
+        );
+        let [c_ferry, c_qemu, c_durable, c_direct] = cpu.map(|mut c| median(&mut c));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        eprintln!(
+            "{kind}: CPU per copy (median; both ferryd, plus qemu-img's own): ferry {c_ferry:.3}s, qemu-img convert {c_qemu:.3}s, with -t writeback {c_durable:.3}s, into a direct export {c_direct:.3}s; with both hosts on {cores} cores, Ferry's copy cannot take less than {:.3}s",
+            c_ferry / cores as f64
+        );
+        r.push(
+            Measurement::new(format!("{kind}-copy-cpu"), "s", c_ferry)
+                .peer("qemu-img-convert", c_qemu)
+                .peer("qemu-img-convert-t-writeback", c_durable)
+                .peer("qemu-img-convert-direct-export", c_direct)
+                .lower_is_better(),
         );
         r.push(
             Measurement::new(format!("{kind}-copy-time"), "s", ferry)
