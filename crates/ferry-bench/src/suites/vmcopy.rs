@@ -34,10 +34,6 @@
 //! resolution) plus, for qemu-img's copies, qemu-img's own. Both hosts
 //! share this machine's cores, so Ferry's CPU time over the cores is a
 //! floor of its copy's time here (on two real hosts each does its half).
-//! `--memory warm` touches and frees the copy's bytes of memory right
-//! before each copy ([`warm_memory`]), so that no contender pays for pages
-//! the hypervisor took back; by default (`--memory found`) each copy
-//! finds the memory as the one before it left it.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -374,52 +370,6 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
 const FLOOR_PIECE: usize = 4 << 20;
 const FLOOR_ALIGN: usize = 4096;
 
-/// `--rounds N` (default 3) and `--memory warm|found` (default `found`)
-/// of the copy suite: the rounds, and whether memory is made warm before
-/// each copy ([`warm_memory`]).
-fn copy_args(opts: &Options) -> anyhow::Result<(u32, bool)> {
-    let mut rest = Vec::new();
-    let mut warm = false;
-    let mut it = opts.rest.iter();
-    while let Some(a) = it.next() {
-        if a != "--memory" {
-            rest.push(a.clone());
-            continue;
-        }
-        warm = match it.next().map(String::as_str) {
-            Some("warm") => true,
-            Some("found") => false,
-            other => bail!("copy: --memory takes warm or found, not {other:?}"),
-        };
-    }
-    let rounds = crate::suites::rounds(
-        "copy",
-        &Options {
-            rest,
-            size: opts.size.clone(),
-            ..*opts
-        },
-        3,
-    )?;
-    Ok((rounds, warm))
-}
-
-/// Touches, then frees, `bytes` of memory plus 64 MiB, right before a
-/// copy. On a VM host that hands freed memory back to its hypervisor
-/// (free page reporting, as this machine does within a second), the first
-/// touch of such a page costs a fault in the hypervisor: a copy writing
-/// into fresh page-cache pages then runs several times slower. Pages
-/// just freed here are not handed back yet, so the copy that follows
-/// finds the memory as a host with memory to spare would have it, whoever
-/// ran before.
-fn warm_memory(bytes: u64) {
-    let n = (bytes + (64 << 20)) as usize;
-    let mut v: Vec<u8> = Vec::with_capacity(n);
-    // Write every page, so each is really taken, then give them back.
-    v.resize(n, 1);
-    std::hint::black_box(&v);
-}
-
 /// CPU seconds (user + system) of the children this process waited for.
 fn children_cpu() -> f64 {
     // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
@@ -497,7 +447,7 @@ async fn export(d: &Daemon, volume: &str, direct: bool) -> anyhow::Result<String
 
 async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
     let size = parse_size(&opts.size)?;
-    let (rounds, warm) = copy_args(opts)?;
+    let rounds = crate::suites::rounds("copy", opts, 3)?;
     let p = pair("copy").await?;
     let floor_buf = floor_data();
     let mut r = Report::new("copy");
@@ -540,9 +490,6 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                 if who == 0 {
                     // Ferry: the whole operation, transfer and verify.
                     settle()?;
-                    if warm {
-                        warm_memory(data_bytes);
-                    }
                     let c0 = daemons_cpu()?;
                     let t0 = Instant::now();
                     let s = p
@@ -588,9 +535,6 @@ async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
                     args.extend(["-t", "writeback"]);
                 }
                 settle()?;
-                if warm {
-                    warm_memory(data_bytes);
-                }
                 let c0 = daemons_cpu()? + children_cpu();
                 let t0 = Instant::now();
                 let st = Command::new("qemu-img")
