@@ -668,20 +668,25 @@ struct Records {
 }
 
 impl Records {
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         Records {
             bytes: 0,
-            last: Instant::now(),
+            last: now,
         }
     }
 
     /// Takes note of a flushed piece of `bytes`; whether its checkpoint
     /// is to be recorded (always if `must`).
     fn due(&mut self, bytes: u64, must: bool) -> bool {
+        self.due_at(bytes, must, Instant::now())
+    }
+
+    /// [`Records::due`] at time `now`.
+    fn due_at(&mut self, bytes: u64, must: bool, now: Instant) -> bool {
         self.bytes += bytes;
-        if must || self.bytes >= RECORD_EVERY || self.last.elapsed() >= RECORD_AFTER {
+        if must || self.bytes >= RECORD_EVERY || now.duration_since(self.last) >= RECORD_AFTER {
             self.bytes = 0;
-            self.last = Instant::now();
+            self.last = now;
             return true;
         }
         false
@@ -1046,7 +1051,7 @@ impl Step<App> for CopyData {
                 // next pieces (of this leaf or the next) are sent; the
                 // oldest is waited for once FLUSHES_AHEAD are in flight.
                 let mut flushing: std::collections::VecDeque<Flushing> = Default::default();
-                let mut records = Records::new();
+                let mut records = Records::new(Instant::now());
                 let check = |c: Check| {
                     // The verify side stops only on an error, which ends
                     // the step anyway.
@@ -1359,21 +1364,27 @@ mod tests {
 
     #[test]
     fn checkpoints_are_recorded_per_record_every_bytes_and_at_leaf_ends() {
-        let mut r = Records::new();
+        let t0 = Instant::now();
+        let mut r = Records::new(t0);
         let piece = CHECKPOINT_EVERY;
         let per_record = RECORD_EVERY / piece;
-        let recorded: Vec<bool> = (0..2 * per_record).map(|_| r.due(piece, false)).collect();
-        // Every RECORD_EVERY bytes (the test runs well within RECORD_AFTER).
+        assert!(per_record > 1, "a record spans several pieces");
+        let recorded: Vec<bool> = (0..2 * per_record)
+            .map(|_| r.due_at(piece, false, t0))
+            .collect();
+        // One record per RECORD_EVERY bytes.
         let expect: Vec<bool> = (1..=2 * per_record).map(|i| i % per_record == 0).collect();
         assert_eq!(recorded, expect);
-        // A leaf's end, or a pause, is recorded whatever came before, and
-        // starts the count again.
-        assert!(r.due(piece, false) == (per_record == 1));
-        assert!(r.due(1, true));
-        assert!(!r.due(piece, false) || per_record == 1);
-        // So is a piece flushed RECORD_AFTER after the last record.
-        r.last -= RECORD_AFTER;
-        assert!(r.due(1, false));
+        // A leaf's end (or the pause) is recorded whatever came before,
+        // and the count starts again.
+        assert!(!r.due_at(piece, false, t0));
+        assert!(r.due_at(1, true, t0));
+        assert!(!r.due_at(piece, false, t0));
+        // A piece flushed RECORD_AFTER after the last record is recorded,
+        // and the clock starts again there.
+        let later = t0 + RECORD_AFTER;
+        assert!(r.due_at(1, false, later));
+        assert!(!r.due_at(1, false, later));
     }
 
     #[test]
