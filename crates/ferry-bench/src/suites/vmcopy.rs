@@ -370,18 +370,6 @@ async fn progress_async(opts: &Options) -> anyhow::Result<Report> {
 const FLOOR_PIECE: usize = 4 << 20;
 const FLOOR_ALIGN: usize = 4096;
 
-/// CPU seconds (user + system) of the children this process waited for.
-fn children_cpu() -> f64 {
-    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
-        return 0.0;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(u.ru_utime) + secs(u.ru_stime)
-}
-
 /// What [`disk_floor`] writes: 16 distinct pseudo-random pieces, the
 /// buffer with room to start them on an `O_DIRECT` boundary.
 fn floor_data() -> Vec<u8> {
@@ -422,6 +410,18 @@ fn disk_floor(dir: &Path, bytes: u64, buf: &[u8]) -> anyhow::Result<f64> {
     drop(f);
     std::fs::remove_file(&path)?;
     Ok(t)
+}
+
+/// CPU seconds (user + system) of the children this process waited for.
+fn children_cpu() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 pub fn copy(opts: &Options) -> anyhow::Result<Report> {

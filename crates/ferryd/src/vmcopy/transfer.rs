@@ -617,30 +617,24 @@ impl Pacer {
 struct Flushing {
     task: tokio::task::JoinHandle<Result<(), ferry_nbd::Error>>,
     mark: Mark,
-    /// The piece's bytes.
-    bytes: u64,
-    /// The piece is its leaf's last: its checkpoint is always recorded.
-    ends_leaf: bool,
     volume: String,
     then: Vec<Check>,
 }
 
 impl Flushing {
-    fn start(disk: &Disk, mark: Mark, ends_leaf: bool, piece: Check) -> Self {
+    fn start(disk: &Disk, mark: Mark, piece: Check) -> Self {
         let nbd = disk.nbd.clone();
         Flushing {
             task: tokio::spawn(async move { nbd.flush().await }),
             mark,
-            bytes: span_bytes(&piece.ranges),
-            ends_leaf,
             volume: disk.target.volume.clone(),
             then: vec![piece],
         }
     }
 
     /// Waits for the flush, then records the checkpoint if `records` says
-    /// it is due (or `always`); returns how far the leaf is now durable
-    /// and what is to be verified now.
+    /// it is due (always at the end of its leaf, or if `always`); returns
+    /// how far the leaf is now durable and what is to be verified now.
     async fn done(
         self,
         cx: &StepContext<App>,
@@ -651,7 +645,9 @@ impl Flushing {
             .await
             .map_err(StepError::failed)?
             .map_err(|e| StepError::failed(format!("flushing {}: {e}", self.volume)))?;
-        if records.due(self.bytes, always || self.ends_leaf) {
+        let bytes = self.then.iter().map(|c| span_bytes(&c.ranges)).sum();
+        let ends_leaf = self.then.iter().any(|c| c.last.is_some());
+        if records.due(bytes, always || ends_leaf) {
             cx.checkpoint(json!(self.mark).to_string())?;
         }
         Ok((self.mark, self.then))
@@ -1142,7 +1138,6 @@ impl Step<App> for CopyData {
                             flushing.push_back(Flushing::start(
                                 disk,
                                 mark,
-                                plan.peek().is_none(),
                                 Check::piece(di, li, piece),
                             ));
                             // Test-only: a crash point once half the data is
