@@ -1,6 +1,6 @@
 //! The pool: its files, in-memory state, allocation and the group commit.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::{AsFd, AsRawFd};
@@ -37,6 +37,12 @@ const LOG_COMMITTED: &str = "log_committed";
 /// rate but reads 0.73×; 256 KiB gives 2.6× and 0.86×, 1 MiB 0.98× and
 /// 0.84× (BENCHMARKS.md "## pool").
 const WRITE_PIECE: usize = 256 << 10;
+/// Bytes of the data file [`Shared::write_behind`] leaves being written
+/// out before it waits for the oldest and lets their pages go: one piece
+/// of a copy (a sparse 80 MiB copy, 12 rounds each: 4 MiB 0.092-0.094 s,
+/// 8 MiB 0.098 s, none left (each piece waited for at once) 0.109 s;
+/// BENCHMARKS.md session 20).
+const WRITE_BEHIND: u64 = 4 << 20;
 
 /// Parameters of a new pool.
 #[derive(Debug, Clone)]
@@ -138,6 +144,13 @@ pub(crate) struct Shared {
     pub map: RwLock<Option<Arc<memmap2::MmapRaw>>>,
     /// What the stage logs held when the pool was opened.
     pub recovery: Recovery,
+    /// Runs of the data file (start, end) whose writeback
+    /// [`Shared::write_behind`] started, oldest first, and their bytes.
+    pub behind: Mutex<(VecDeque<(u64, u64)>, u64)>,
+    /// A writeback error `write_behind` saw: waiting for writeback takes
+    /// the error the next fdatasync would have reported, so the next
+    /// commit reports it instead.
+    pub behind_error: Mutex<Option<std::io::Error>>,
 }
 
 /// The first `n` bytes of `mem` from an address aligned for direct I/O
@@ -173,6 +186,66 @@ impl Shared {
         self.data
             .read_exact_at(buf, self.data_at(phys) + within)
             .ctx(|| format!("read physical chunk {phys} of pool {}", self.dir.display()))
+    }
+
+    /// Starts writing out `runs` (start, end) of the data file, then
+    /// waits for the oldest runs started before, beyond the newest
+    /// [`WRITE_BEHIND`] bytes, and lets their pages go: for a writer
+    /// that will not read them again soon and flushes later (a copy's
+    /// target), so the flush finds them written, and pages are freed one
+    /// piece at a time and reused by the next writes instead of the page
+    /// cache growing (on a VM host every fresh page costs a fault in the
+    /// hypervisor). A writeback error is reported by the next commit.
+    pub(crate) fn write_behind(&self, runs: &[(u64, u64)]) {
+        let fd = self.data.as_raw_fd();
+        let sfr = |(from, to): (u64, u64), flags: libc::c_uint| {
+            // SAFETY: sync_file_range on a descriptor we own, with
+            // integer arguments; no memory is passed.
+            let r = unsafe {
+                libc::sync_file_range(
+                    fd,
+                    from as libc::off64_t,
+                    (to - from) as libc::off64_t,
+                    flags,
+                )
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                // EINVAL/ESPIPE: not a file that writes back; nothing
+                // was taken from the next fdatasync.
+                if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ESPIPE)) {
+                    self.data_dirty.store(true, Ordering::SeqCst);
+                    lock(&self.behind_error).get_or_insert(e);
+                }
+            }
+        };
+        for &r in runs {
+            sfr(r, libc::SYNC_FILE_RANGE_WRITE);
+        }
+        let done: Vec<(u64, u64)> = {
+            let mut b = lock(&self.behind);
+            for &(from, to) in runs {
+                b.0.push_back((from, to));
+                b.1 += to - from;
+            }
+            let mut done = Vec::new();
+            while b.1 > WRITE_BEHIND
+                && let Some((from, to)) = b.0.pop_front()
+            {
+                b.1 -= to - from;
+                done.push((from, to));
+            }
+            done
+        };
+        for r in done {
+            sfr(
+                r,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+            self.release_cached(r.0, r.1 - r.0);
+        }
     }
 
     /// `POSIX_FADV_DONTNEED` on `len` bytes of the data file at `at`.
@@ -509,7 +582,10 @@ impl Shared {
         let result = (|| -> Result<()> {
             // New chunks' data must be durable before metadata points at them.
             if self.data_dirty.swap(false, Ordering::SeqCst) {
-                let synced = self.data.sync_data();
+                let synced = match lock(&self.behind_error).take() {
+                    Some(e) => Err(e),
+                    None => self.data.sync_data(),
+                };
                 if synced.is_err() {
                     self.data_dirty.store(true, Ordering::SeqCst);
                 }
@@ -792,6 +868,8 @@ pub(crate) fn open(dir: &Path) -> Result<Arc<Shared>> {
         boot,
         recovery,
         map: RwLock::new(None),
+        behind: Mutex::new((VecDeque::new(), 0)),
+        behind_error: Mutex::new(None),
     }))
 }
 

@@ -324,19 +324,38 @@ impl Volume {
     /// fresh page also costs a fault in the hypervisor). Advice only:
     /// pages not written out yet stay, and readers see no change.
     pub fn release_cached(&self, off: u64, len: u64) {
-        if len == 0 || self.check("release", off, len).is_err() {
-            return;
+        for (from, to) in self.data_runs("release", off, len) {
+            self.sh.release_cached(from, to - from);
         }
+    }
+
+    /// Starts writing `[off, off + len)` out to the disk without waiting,
+    /// and lets go of the pages of what earlier calls (on any volume of
+    /// the pool) started writing, a few MiB behind, once written: for a
+    /// writer that will not read the range again soon and flushes later.
+    /// A copy's target calls it for each piece it verified, so the copy
+    /// can flush rarely and still find the data written out and the
+    /// pages reused (see `docs/vm-copy.md`). Like a write, durable only
+    /// after a flush; a writeback error is reported by the next flush.
+    pub fn write_behind(&self, off: u64, len: u64) {
+        self.sh
+            .write_behind(&self.data_runs("write behind", off, len));
+    }
+
+    /// The runs (start, end) of the data file holding `[off, off + len)`'s
+    /// data chunks; none for a range out of bounds.
+    fn data_runs(&self, what: &str, off: u64, len: u64) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
+        if len == 0 || self.check(what, off, len).is_err() {
+            return runs;
+        }
         for (c, within, n, _) in self.pieces(off, len) {
             let Fast::Data(p) = self.v.fast.load(c).fast() else {
                 continue;
             };
             add_run(&mut runs, self.sh.data_at(p) + within, n as u64);
         }
-        for (from, to) in runs {
-            self.sh.release_cached(from, to - from);
-        }
+        runs
     }
 
     /// The same read, only if it needs neither the disk (the page cache

@@ -724,6 +724,44 @@ fn released_pages_leave_the_page_cache_and_nothing_else_changes() {
 }
 
 #[test]
+fn written_behind_pages_leave_the_page_cache_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let data_file = dir.path().join("p").join(ferry_pool::DATA_FILE);
+    let v = p.create_volume("v", 8192 * CS).unwrap();
+    // Six pieces of 4 MiB, each written behind once written, no flush:
+    // all but the last few MiB are written out and their pages let go.
+    let pieces: Vec<Vec<u8>> = (0..6)
+        .map(|i| pattern(1024 * CS as usize, 0x50 + i))
+        .collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let at = i as u64 * 1024 * CS;
+        v.write_at(at, piece).unwrap();
+        v.write_behind(at, 1024 * CS);
+    }
+    let left = cached(&data_file);
+    assert!(
+        left <= 9 << 20,
+        "{left} bytes cached after writing 24 MiB behind (at most 8 MiB are left being written)"
+    );
+    // The data reads back; a flush and a reopen keep it.
+    for (i, piece) in pieces.iter().enumerate() {
+        assert_eq!(&read(&v, i as u64 * 1024 * CS, piece.len()), piece);
+    }
+    // Out of range or holes: nothing to write out, no error.
+    v.write_behind(8192 * CS, CS);
+    v.write_behind(7000 * CS, CS);
+    v.flush().unwrap();
+    drop((v, p));
+    let p = Pool::open(dir.path().join("p")).unwrap();
+    let v = p.volume("v").unwrap();
+    for (i, piece) in pieces.iter().enumerate() {
+        assert_eq!(&read(&v, i as u64 * 1024 * CS, piece.len()), piece);
+    }
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
+
+#[test]
 fn a_mapped_read_holds_the_volumes_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let p = pool(&dir);
