@@ -38,6 +38,12 @@ fn armed() -> Option<&'static str> {
         .as_deref()
 }
 
+/// Whether `point` is the armed pause point: a step that must prepare
+/// for a pause (make its work so far durable) does so only then.
+pub fn test_pause_armed(point: &str) -> bool {
+    armed() == Some(point)
+}
+
 /// Waits if `point` is the armed pause point — forever, or until the
 /// [`RELEASE_VAR`] file exists; returns at once otherwise (always, unless
 /// [`PAUSE_VAR`] is set).

@@ -262,19 +262,19 @@ impl Journal {
         self.with(|c| sql::step_finished(c, id, idx, state, result, error))
     }
 
-    /// Step `idx` is done with `result`: that, a log line and the
+    /// Step `idx` is done with `result`: that, log lines and the
     /// operation's progress, durable together.
     pub fn step_done_logged(
         &self,
         id: &str,
         idx: usize,
         result: &Value,
-        msg: &str,
+        msgs: &[String],
         progress: &Value,
     ) -> Result<()> {
         self.in_tx(|c| {
             sql::step_finished(c, id, idx, StepState::Done, Some(result), None)?;
-            sql::log(c, id, "info", msg)?;
+            msgs.iter().try_for_each(|m| sql::log(c, id, "info", m))?;
             sql::save_progress(c, id, progress)
         })
     }
@@ -569,7 +569,7 @@ mod tests {
                 "op1",
                 0,
                 &json!("frozen"),
-                "step freeze done",
+                &["froze 1 guest".into(), "step freeze done".into()],
                 &json!({"overall": 0.5}),
             )
             .unwrap();
@@ -600,6 +600,7 @@ mod tests {
             [
                 "demo started",
                 "step freeze started",
+                "froze 1 guest",
                 "step freeze done",
                 "succeeded"
             ]

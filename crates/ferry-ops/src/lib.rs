@@ -33,7 +33,7 @@ pub mod progress;
 pub mod step;
 
 pub use error::{OpsError, Result, StepError};
-pub use fault::test_pause;
+pub use fault::{test_pause, test_pause_armed};
 pub use journal::{Journal, LogLine, OpRecord, OpState, StepRecord, StepState};
 pub use manager::Manager;
 pub use progress::{Node, NodeId, ProgressTree, ProgressView};

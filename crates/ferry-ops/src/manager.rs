@@ -272,6 +272,7 @@ impl<C: Send + Sync + 'static> Manager<C> {
             journal: Arc::clone(&self.journal),
             cancel: run.cancel.clone(),
             results: results.clone(),
+            when_done: Default::default(),
         }
     }
 
@@ -316,7 +317,12 @@ impl<C: Send + Sync + 'static> Manager<C> {
                     progress.update(|t| t.finish(cx.node));
                     let msg = format!("step {name} done");
                     let view = view_json(&progress.view());
-                    if let Err(e) = self.journal.step_done_logged(id, idx, &result, &msg, &view) {
+                    let mut lines = cx.take_when_done();
+                    lines.push(msg.clone());
+                    if let Err(e) = self
+                        .journal
+                        .step_done_logged(id, idx, &result, &lines, &view)
+                    {
                         // The step acted but the journal cannot say so: undo it
                         // rather than go on with an unrecorded change.
                         let reason = format!("step {name} done but not journaled: {e}");
@@ -328,6 +334,10 @@ impl<C: Send + Sync + 'static> Manager<C> {
                 }
                 Err(e) => {
                     let cancelled = e == StepError::Cancelled;
+                    let said = cx.take_when_done();
+                    if !said.is_empty() {
+                        let _ = self.journal.log_all(id, "info", &said);
+                    }
                     let _ = self.journal.step_finished(
                         id,
                         idx,

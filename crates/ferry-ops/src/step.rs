@@ -136,6 +136,9 @@ pub struct StepContext<C> {
     pub(crate) journal: Arc<Journal>,
     pub(crate) cancel: CancellationToken,
     pub(crate) results: HashMap<String, Value>,
+    /// Lines [`StepContext::log_when_done`] keeps for the journal write
+    /// that records the step's end.
+    pub(crate) when_done: std::sync::Mutex<Vec<String>>,
 }
 
 impl<C> StepContext<C> {
@@ -169,6 +172,13 @@ impl<C> StepContext<C> {
             .map_err(StepError::failed)
     }
 
+    /// Several checkpoints at once (one journal write).
+    pub fn checkpoint_all(&self, msgs: &[String]) -> Result<(), StepError> {
+        self.journal
+            .log_all(&self.op_id, CHECKPOINT, msgs)
+            .map_err(StepError::failed)
+    }
+
     /// The checkpoints this operation recorded, oldest first (across runs).
     pub fn checkpoints(&self) -> Result<Vec<String>, StepError> {
         Ok(self
@@ -190,6 +200,24 @@ impl<C> StepContext<C> {
         if let Err(e) = self.journal.log_all(&self.op_id, "info", msgs) {
             tracing::warn!(op = %self.op_id, "cannot write the journal log: {e}");
         }
+    }
+
+    /// A line for the operation's durable log, written with the record
+    /// of the step's end (done or failed) instead of a journal write of
+    /// its own: for what a step says as it finishes. Lost if the daemon
+    /// dies before the step ends, as the step's end is.
+    pub fn log_when_done(&self, msg: impl Into<String>) {
+        let msg = msg.into();
+        tracing::info!(op = %self.op_id, "{msg}");
+        self.when_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(msg);
+    }
+
+    /// The lines [`StepContext::log_when_done`] kept, taken.
+    pub(crate) fn take_when_done(&self) -> Vec<String> {
+        std::mem::take(&mut self.when_done.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Writes a line to the operation's durable log.

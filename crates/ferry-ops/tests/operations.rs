@@ -56,6 +56,7 @@ impl Step<World> for CreateFile {
     fn run<'a>(&'a self, cx: &'a StepContext<World>) -> BoxFuture<'a, Result<Value, StepError>> {
         Box::pin(async move {
             pause_point("before-act", &self.name);
+            cx.log_when_done(format!("{} looked around", self.name));
             if self.fail {
                 return Err(StepError::failed(format!("{} refused", self.name)));
             }
@@ -157,6 +158,31 @@ async fn success_runs_every_step_and_reaches_100() {
     let steps = m.journal().steps(&id).unwrap();
     assert!(steps.iter().all(|s| s.state == StepState::Done));
     assert_eq!(steps[1].result, Some(json!({"bytes": 1})));
+    // A line kept for the step's end is written with it, after the lines
+    // the step wrote at once.
+    let log: Vec<String> = logs(&m, &id);
+    let at = |m: &str| {
+        log.iter()
+            .position(|l| l == m)
+            .unwrap_or_else(|| panic!("{m:?} in {log:?}"))
+    };
+    assert_eq!(at("b looked around") + 1, at("step b done"));
+    assert!(
+        at("b looked around")
+            > log
+                .iter()
+                .position(|l| l.starts_with("created ") && l.ends_with("/b"))
+                .unwrap()
+    );
+}
+
+fn logs(m: &Manager<World>, id: &str) -> Vec<String> {
+    m.journal()
+        .logs(id)
+        .unwrap()
+        .into_iter()
+        .map(|l| l.msg)
+        .collect()
 }
 
 #[tokio::test]
@@ -169,6 +195,8 @@ async fn failure_compensates_and_names_the_step() {
     let err = op.error.unwrap();
     assert!(err.contains("step c failed: c refused"), "{err}");
     assert!(err.contains("undone: c, b, a"), "{err}");
+    // What the failed step kept for its end is written all the same.
+    assert!(logs(&m, &id).iter().any(|l| l == "c looked around"));
     assert!(files(dir.path()).is_empty());
     let p = m.progress(&id).unwrap().unwrap();
     assert!(p.overall < 1.0 && !p.complete);
