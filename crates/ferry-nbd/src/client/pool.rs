@@ -37,12 +37,13 @@ impl Pool {
         } else {
             1
         };
-        let mut conns = vec![tokio::sync::Mutex::new(Some(Arc::new(first)))];
-        for _ in 1..n {
-            conns.push(tokio::sync::Mutex::new(Some(Arc::new(
-                Client::connect(&addr, &cfg).await?,
-            ))));
-        }
+        // The others at once: each handshake is a few round trips.
+        let rest =
+            futures::future::try_join_all((1..n).map(|_| Client::connect(&addr, &cfg))).await?;
+        let conns = std::iter::once(first)
+            .chain(rest)
+            .map(|c| tokio::sync::Mutex::new(Some(Arc::new(c))))
+            .collect();
         Ok(Pool {
             addr,
             cfg,
