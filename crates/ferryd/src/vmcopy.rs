@@ -301,7 +301,7 @@ impl Step<App> for Snapshot {
                     .ok_or_else(|| {
                         StepError::failed(format!("group {group} lacks VM {}", self.p.vm))
                     })?;
-                cx.log(format!(
+                cx.log_when_done(format!(
                     "VM {} is running: copying from snapshot group {group} ({:?}: {})",
                     self.p.vm, snap_vm.consistency, snap_vm.note
                 ));
@@ -340,7 +340,7 @@ impl Step<App> for Snapshot {
                     Ok(ds)
                 })
                 .await?;
-                cx.log(format!(
+                cx.log_when_done(format!(
                     "VM {} is {state}: copying from pool snapshots {}",
                     self.p.vm,
                     disks
@@ -366,12 +366,23 @@ impl Step<App> for Snapshot {
         intent: &'a Value,
         _result: Option<&'a Value>,
     ) -> BoxFuture<'a, Result<(), StepError>> {
-        Box::pin(async move { drop_snapshots(&self.env, cx, intent).await })
+        Box::pin(async move {
+            let said = drop_snapshots(&self.env, cx, intent).await?;
+            cx.log_all(&said);
+            Ok(())
+        })
     }
 }
 
 /// Deletes the copy's snapshot group or plain snapshots, whichever exist.
-async fn drop_snapshots(env: &Env, cx: &StepContext<App>, names: &Value) -> Result<(), StepError> {
+/// Deletes the copy's source snapshots (`names` as the snapshot step's
+/// intent has them); returns what it did, for the operation's log.
+async fn drop_snapshots(
+    env: &Env,
+    cx: &StepContext<App>,
+    names: &Value,
+) -> Result<Vec<String>, StepError> {
+    let mut said = Vec::new();
     let group = names["group"].as_str().unwrap_or_default().to_string();
     let prefix = names["prefix"].as_str().unwrap_or_default().to_string();
     let genv = env.groups();
@@ -380,7 +391,7 @@ async fn drop_snapshots(env: &Env, cx: &StepContext<App>, names: &Value) -> Resu
         groupsnap::delete_group(Arc::new(genv), pool.clone(), group.clone())
             .await
             .map_err(StepError::failed)?;
-        cx.log(format!("deleted snapshot group {group}"));
+        said.push(format!("deleted snapshot group {group}"));
     }
     if prefix.len() > ".copy-".len() {
         let deleted = blocking(move || {
@@ -397,10 +408,10 @@ async fn drop_snapshots(env: &Env, cx: &StepContext<App>, names: &Value) -> Resu
         })
         .await?;
         if !deleted.is_empty() {
-            cx.log(format!("deleted snapshots {}", deleted.join(", ")));
+            said.push(format!("deleted snapshots {}", deleted.join(", ")));
         }
     }
-    Ok(())
+    Ok(said)
 }
 
 fn not_found(e: &PeerError) -> bool {
@@ -553,13 +564,11 @@ impl Step<App> for CreateTarget {
             )
             .await;
             let mut out = Vec::new();
-            let mut lines = Vec::new();
             for r in made {
                 let (t, line) = r?;
                 out.push(t);
-                lines.push(line);
+                cx.log_when_done(line);
             }
-            cx.log_all(&lines);
             Ok(json!({ "disks": out }))
         })
     }
@@ -639,7 +648,7 @@ impl Step<App> for Define {
                 .post("/v1/vms", &def)
                 .await
                 .map_err(StepError::failed)?;
-            cx.log(format!(
+            cx.log_when_done(format!(
                 "defined VM {} (uuid {}) on {}",
                 info.name, info.uuid, self.p.to
             ));
@@ -681,16 +690,26 @@ impl Step<App> for CleanUp {
         Box::pin(async move {
             let peer = self.env.peer(&self.p.to)?;
             let targets: Value = result(cx, "create target volumes")?;
-            for d in targets["disks"].as_array().into_iter().flatten() {
-                if let Some(e) = d["export"].as_str() {
-                    delete_on(&peer, &format!("/v1/exports/{e}")).await?;
-                }
-            }
+            // The target's exports and this host's snapshots at once.
+            let exports = futures::future::try_join_all(
+                targets["disks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d["export"].as_str())
+                    .map(|e| {
+                        let path = format!("/v1/exports/{e}");
+                        let peer = &peer;
+                        async move { delete_on(peer, &path).await }
+                    }),
+            );
             let names = json!({
                 "group": group_name(&cx.op_id),
                 "prefix": plain_snapshot(&cx.op_id, ""),
             });
-            drop_snapshots(&self.env, cx, &names).await?;
+            let (exports, said) = tokio::join!(exports, drop_snapshots(&self.env, cx, &names));
+            exports?;
+            said?.into_iter().for_each(|l| cx.log_when_done(l));
             Ok(Value::Null)
         })
     }

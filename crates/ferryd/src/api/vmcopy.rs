@@ -139,10 +139,10 @@ fn relay(d: &Daemon, vm: String, from: String, req: VmCopyRequest) -> Result<Str
 }
 
 /// Hashes ranges of a volume of this host (XXH3-128 or BLAKE3 each), for a
-/// peer that copied to it and verifies. Read through the page cache,
-/// which then lets those pages go (`Volume::release_cached`): the copy
-/// asks for a piece once it was flushed, and its next pieces take the
-/// pages freed (see `docs/vm-copy.md`).
+/// peer that copied to it and verifies. Read through the page cache; the
+/// ranges are then written out behind (`Volume::write_behind`): the copy
+/// asks for a piece once its writes answered, flushes only now and then,
+/// and its next pieces take the pages freed (see `docs/vm-copy.md`).
 pub async fn hash(
     State(d): State<Arc<Daemon>>,
     Body(req): Body<HashRanges>,
@@ -168,7 +168,7 @@ pub async fn hash(
         })
         .inspect(|_| {
             for &(off, len) in &req.ranges {
-                v.release_cached(off, len);
+                v.write_behind(off, len);
             }
         })
         .map_err(|e| ferry_pool::Error::new(ferry_pool::ErrorKind::InvalidArgument, e))

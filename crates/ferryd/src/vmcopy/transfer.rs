@@ -32,19 +32,19 @@
 //! blocking pool; of those, 1 MiB blocks that read as all zeroes are not
 //! sent (the new target volume reads zero there). Each block is hashed as
 //! it is read (XXH3-128, see [`Algorithm`]), so verify reads only the
-//! target's copy: each piece once its flush answered, after which the
-//! target lets the piece's pages go, and the next pieces reuse them (see
-//! `docs/vm-copy.md`, "What is sent").
+//! target's copy: each [`CHECKPOINT_EVERY`] piece once its writes
+//! answered, after which the target writes the piece out behind and lets
+//! its pages go, and the next pieces reuse them (see `docs/vm-copy.md`,
+//! "What is sent").
 //!
 //! # Resume
-//! After every [`CHECKPOINT_EVERY`] bytes of a leaf and at its end, the
-//! step flushes the target. Once a flush answered, the step records in the
-//! journal how far the leaf's transfer got
-//! (`{"disk":D,"leaf":L,"done":BYTES}`) if the leaf ended there or if
-//! [`RECORD_EVERY`] bytes or [`RECORD_AFTER`] passed since the last record
-//! ([`Records`]); a run after a crash skips what was recorded, so it sends
-//! again at most that much. Verify always runs in full, so it covers
-//! whatever the crash left.
+//! Once [`RECORD_EVERY`] bytes were sent or [`RECORD_AFTER`] passed since
+//! the last flush ([`Records`]), and at the end of each disk, the step
+//! flushes the target. Once a flush answered, the step records in the
+//! journal how far each leaf it covers got
+//! (`{"disk":D,"leaf":L,"done":BYTES}`, one journal write); a run after a
+//! crash skips what was recorded, so it sends again at most that much.
+//! Verify always runs in full, so it covers whatever the crash left.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,7 +55,9 @@ use ferry_backup::is_zero;
 use ferry_nbd::ClientConfig;
 use ferry_nbd::buffers::Reserve;
 use ferry_nbd::client::{Address, Pool as NbdPool};
-use ferry_ops::{BoxFuture, NodeId, Recovery, Step, StepContext, StepError, test_pause};
+use ferry_ops::{
+    BoxFuture, NodeId, Recovery, Step, StepContext, StepError, test_pause, test_pause_armed,
+};
 use ferry_pool::Snapshot as PoolSnapshot;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -83,28 +85,31 @@ const XFER: u64 = 2 << 20;
 const IN_FLIGHT: usize = 2;
 /// Blocks per hash request to the target.
 const HASH_BATCH: usize = 16;
-/// Hash requests in flight at once.
+/// Hash requests in flight at once, within one check.
 const HASH_IN_FLIGHT: usize = 3;
-/// A leaf's transfer is flushed and checkpointed after each piece of this
-/// many bytes. The flush is sent once the piece's last unit answered, while
-/// the next units are in flight; the transfer waits for the oldest flush
-/// once [`FLUSHES_AHEAD`] are in flight: the sender stays within a few
-/// pieces of what the target wrote out, so its rate (and the bar) follows
-/// the target's write rate instead of racing ahead into its page cache.
-/// The bar's transfer counts flushed bytes too ([`transfer_fraction`]),
-/// and each piece is verified and its pages let go once flushed: the
-/// smaller the piece, the less is sent but not flushed, and the fewer
-/// fresh pages the target takes (`copy`, session 16, sparse median with
+/// Checks (pieces) verified at once: while the target waits for one
+/// piece's writeback before it answers, the next piece's writeback has
+/// started (`Volume::write_behind`).
+const VERIFY_AHEAD: usize = 2;
+/// A leaf's transfer is cut in pieces of this many bytes. Each piece is
+/// verified once its last unit answered (all its writes did), while the
+/// next units are in flight; the target then writes it out behind
+/// (`Volume::write_behind`) and lets its pages go once written, so the
+/// copy's next pieces reuse them: the smaller the piece, the fewer fresh
+/// pages the target takes (`copy`, session 16, sparse median with
 /// pieces sent one after another: 16 MiB 0.312 s, 8 MiB 0.232 s, 4 MiB
-/// 0.184 s; BENCHMARKS.md).
+/// 0.184 s; BENCHMARKS.md). The transfer stays within
+/// [`PIECES_AHEAD`] pieces of what verify finished.
 const CHECKPOINT_EVERY: u64 = 4 << 20;
-/// A flushed piece's checkpoint is recorded in the journal once this many
-/// bytes of the run's transfer were flushed since the last record (or
-/// [`RECORD_AFTER`] passed, or its leaf ended): each record is a journal
-/// transaction with its fsync, on the same disk as the target's flushes
-/// when both hosts share one. One per 4 MiB piece cost a sparse 80 MiB
-/// copy 8-17 ms of its ~0.12 s (`copy`, session 19; BENCHMARKS.md); a
-/// copy resumed after a crash sends again at most this much per disk.
+/// A piece is flushed, and its checkpoint recorded in the journal once
+/// the flush answered, when this many bytes of the run's transfer were
+/// sent since the last flush (or [`RECORD_AFTER`] passed, or its leaf
+/// ends). Each flush is an fdatasync and a pool commit on the target,
+/// each record a journal transaction with its fsync, on the same disk
+/// when both hosts share one: one of each per 4 MiB piece cost a sparse
+/// 80 MiB copy ~10 ms of its ~0.1 s (`copy`, sessions 19 and 20;
+/// BENCHMARKS.md). A copy resumed after a crash sends again at most
+/// this much per disk.
 const RECORD_EVERY: u64 = 64 << 20;
 /// ... or once this long passed since the last record.
 const RECORD_AFTER: Duration = Duration::from_secs(1);
@@ -113,6 +118,12 @@ const RECORD_AFTER: Duration = Duration::from_secs(1);
 /// for flushes instead of 0.43 s (transfer 1.68 s instead of 1.84 s, 32 MiB
 /// pieces). Four did not help with 4 MiB pieces (sparse 0.17-0.24 s).
 const FLUSHES_AHEAD: usize = 2;
+/// Pieces sent but not verified yet before the transfer waits for
+/// verify: the target's verify writes each piece out behind, so this
+/// bounds what the target holds in its page cache, not yet written out,
+/// and the sender's rate (and the bar) follows the target's disk instead
+/// of racing ahead into its page cache.
+const PIECES_AHEAD: usize = 4;
 /// NBD connections to each target export.
 const CONNECTIONS: usize = 4;
 /// Throughputs assumed before anything was measured on a pair of hosts.
@@ -555,6 +566,9 @@ struct Check {
     leaf: usize,
     ranges: Vec<(u64, u64)>,
     last: Option<String>,
+    /// A piece's place among the [`PIECES_AHEAD`] the transfer may have
+    /// unverified; given back when the check is done with.
+    _ahead: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Check {
@@ -564,6 +578,7 @@ impl Check {
             leaf,
             ranges,
             last: None,
+            _ahead: None,
         }
     }
 }
@@ -612,53 +627,47 @@ impl Pacer {
 }
 
 /// A flush of a target export sent while the transfer goes on, the
-/// checkpoint it makes durable once it answers, and what is verified then:
-/// the piece it flushed (and the end of its leaf).
+/// checkpoints it makes durable once it answers (how far each leaf it
+/// covers got), and what is verified then: the ends of the leaves it
+/// completes (a leaf is done once durable and verified), and the piece
+/// that made it due.
 struct Flushing {
     task: tokio::task::JoinHandle<Result<(), ferry_nbd::Error>>,
-    mark: Mark,
+    marks: Vec<Mark>,
     volume: String,
     then: Vec<Check>,
 }
 
 impl Flushing {
-    fn start(disk: &Disk, mark: Mark, piece: Check) -> Self {
+    fn start(disk: &Disk, marks: Vec<Mark>, then: Vec<Check>) -> Self {
         let nbd = disk.nbd.clone();
         Flushing {
             task: tokio::spawn(async move { nbd.flush().await }),
-            mark,
+            marks,
             volume: disk.target.volume.clone(),
-            then: vec![piece],
+            then,
         }
     }
 
-    /// Waits for the flush, then records the checkpoint if `records` says
-    /// it is due (always at the end of its leaf, or if `always`); returns
-    /// how far the leaf is now durable and what is to be verified now.
-    async fn done(
-        self,
-        cx: &StepContext<App>,
-        records: &mut Records,
-        always: bool,
-    ) -> Result<(Mark, Vec<Check>), StepError> {
+    /// Waits for the flush, then records the checkpoints (one journal
+    /// write); returns how far the leaves are now durable and what is to
+    /// be verified now.
+    async fn done(self, cx: &StepContext<App>) -> Result<(Vec<Mark>, Vec<Check>), StepError> {
         self.task
             .await
             .map_err(StepError::failed)?
             .map_err(|e| StepError::failed(format!("flushing {}: {e}", self.volume)))?;
-        let bytes = self.then.iter().map(|c| span_bytes(&c.ranges)).sum();
-        let ends_leaf = self.then.iter().any(|c| c.last.is_some());
-        if records.due(bytes, always || ends_leaf) {
-            cx.checkpoint(json!(self.mark).to_string())?;
-        }
-        Ok((self.mark, self.then))
+        let lines: Vec<String> = self.marks.iter().map(|m| json!(m).to_string()).collect();
+        cx.checkpoint_all(&lines)?;
+        Ok((self.marks, self.then))
     }
 }
 
-/// When a flushed piece's checkpoint is recorded in the journal: at its
-/// leaf's end, and otherwise once [`RECORD_EVERY`] bytes were flushed or
-/// [`RECORD_AFTER`] passed since the last record.
+/// When a piece is flushed and its checkpoint recorded in the journal: at
+/// the end of its disk's last leaf, and otherwise once [`RECORD_EVERY`]
+/// bytes were sent or [`RECORD_AFTER`] passed since the last record.
 struct Records {
-    /// Bytes flushed since the last record.
+    /// Bytes sent since the last record.
     bytes: u64,
     last: Instant,
 }
@@ -671,18 +680,24 @@ impl Records {
         }
     }
 
-    /// Takes note of a flushed piece of `bytes`; whether its checkpoint
-    /// is to be recorded (always if `must`).
+    /// Takes note of a piece of `bytes` sent; whether it is to be flushed
+    /// and its checkpoint recorded (always if `must`).
     fn due(&mut self, bytes: u64, must: bool) -> bool {
         self.due_at(bytes, must, Instant::now())
+    }
+
+    /// A flush was sent for another reason (the disk's end) at `now`:
+    /// the next is due [`RECORD_EVERY`] bytes or [`RECORD_AFTER`] later.
+    fn flushed(&mut self, now: Instant) {
+        self.bytes = 0;
+        self.last = now;
     }
 
     /// [`Records::due`] at time `now`.
     fn due_at(&mut self, bytes: u64, must: bool, now: Instant) -> bool {
         self.bytes += bytes;
         if must || self.bytes >= RECORD_EVERY || now.duration_since(self.last) >= RECORD_AFTER {
-            self.bytes = 0;
-            self.last = now;
+            self.flushed(now);
             return true;
         }
         false
@@ -879,10 +894,11 @@ impl CopyData {
 }
 
 /// The fraction of a leaf's transfer with `sent` of its `total` bytes sent
-/// and `durable` of them flushed: their mean; `None` once all is durable
-/// (the transfer is done).
+/// and `durable` of them flushed: the bytes sent; `None` once all is
+/// durable (the transfer is done). Flushes come every [`RECORD_EVERY`]
+/// bytes: counting them would move the bar in steps.
 fn transfer_fraction(sent: u64, durable: u64, total: u64) -> Option<f64> {
-    (durable < total).then(|| (sent.min(total) + durable) as f64 / (2 * total) as f64)
+    (durable < total).then(|| sent.min(total) as f64 / total as f64)
 }
 
 /// Splits a leaf's weight (its bytes) between transfer and verify by their
@@ -1035,28 +1051,28 @@ impl Step<App> for CopyData {
                 sent: AtomicU64::new(0),
             };
             // Transfer and verify run at once: each piece is verified once
-            // its flush answered, while the next ones are sent (verify
+            // its writes answered, while the next ones are sent (verify
             // reads the target's copy from its page cache, and the target
-            // then lets those pages go: see `api::vmcopy::hash`).
-            let (checks, mut to_check) = tokio::sync::mpsc::unbounded_channel::<Check>();
+            // then writes it out behind and lets those pages go: see
+            // `api::vmcopy::hash`).
+            let (checks, to_check) = tokio::sync::mpsc::unbounded_channel::<Check>();
             let transfer = async {
                 let mut sent = 0u64;
                 let mut started: Vec<Vec<bool>> =
                     disks.iter().map(|d| vec![false; d.leaves.len()]).collect();
-                // The flushes of the last pieces sent: they run while the
-                // next pieces (of this leaf or the next) are sent; the
-                // oldest is waited for once FLUSHES_AHEAD are in flight.
+                // The flushes sent last: they run while the next pieces
+                // (of this leaf or the next) are sent; the oldest is
+                // waited for once FLUSHES_AHEAD are in flight.
                 let mut flushing: std::collections::VecDeque<Flushing> = Default::default();
                 let mut records = Records::new(Instant::now());
+                let pieces_ahead = Arc::new(tokio::sync::Semaphore::new(PIECES_AHEAD));
                 let check = |c: Check| {
                     // The verify side stops only on an error, which ends
                     // the step anyway.
                     let _ = checks.send(c);
                 };
                 // Per leaf: bytes sent and bytes flushed (durable). The
-                // transfer's fraction is their mean, so the flushes still
-                // running when a leaf is all sent (the copy's last ones
-                // above all) count for part of its weight; it is done once
+                // transfer's fraction is the bytes sent; it is done once
                 // all is flushed. Both only grow: so does the fraction.
                 let legs: std::sync::Mutex<Vec<Vec<(u64, u64)>>> = std::sync::Mutex::new(
                     disks.iter().map(|d| vec![(0, 0); d.leaves.len()]).collect(),
@@ -1076,10 +1092,18 @@ impl Step<App> for CopyData {
                             None => t.finish(n),
                         });
                 };
-                let landed = |(m, then): (Mark, Vec<Check>)| {
-                    leg(m.disk, m.leaf, 0, m.done);
+                let landed = |(marks, then): (Vec<Mark>, Vec<Check>)| {
+                    for m in marks {
+                        leg(m.disk, m.leaf, 0, m.done);
+                    }
                     then.into_iter().for_each(check);
                 };
+                // Leaves of this disk sent since its last flush: how far
+                // each got, and their end checks. A leaf's end does not
+                // call for a flush of its own; the next flush covers it
+                // (at the latest the one at the end of the disk).
+                let mut unflushed: Vec<Mark> = Vec::new();
+                let mut held: Vec<Check> = Vec::new();
                 for (di, disk) in disks.iter().enumerate() {
                     for (li, leaf) in disk.leaves.iter().enumerate() {
                         started[di][li] = true;
@@ -1089,18 +1113,19 @@ impl Step<App> for CopyData {
                         if skip > 0 {
                             check(Check::piece(di, li, upto(&leaf.ranges, skip)));
                         }
-                        // Transfer what is not checkpointed yet. Each piece's
-                        // flush runs while the next pieces are sent; its
-                        // checkpoint is recorded once it answered.
+                        // Transfer what is not checkpointed yet. A flush runs
+                        // while the next pieces are sent; its checkpoints
+                        // are recorded once it answered.
                         let todo = after(&leaf.ranges, skip);
                         let mut at = skip;
+                        let mut flushed_to = skip;
                         leg(di, li, skip, skip);
                         let t0 = Instant::now();
                         let mut waited = std::time::Duration::ZERO;
                         // The units of all the leaf's pieces go out in one
-                        // stream: a piece's flush is sent once its last unit
-                        // answered (its writes all did), while the next
-                        // pieces' units are in flight.
+                        // stream: a piece is verified (or flushed) once its
+                        // last unit answered (its writes all did), while
+                        // the next pieces' units are in flight.
                         let (units, plan) = unit_plan(&todo, CHECKPOINT_EVERY, XFER);
                         let mut stream = disk.sending(units).enumerate();
                         let mut plan = plan.into_iter().peekable();
@@ -1110,6 +1135,12 @@ impl Step<App> for CopyData {
                             sent += s;
                             got += n;
                             leg(di, li, skip + got, 0);
+                            // Flushes that answered: their leaves' progress
+                            // and checks go on now.
+                            while flushing.front().is_some_and(|f| f.task.is_finished()) {
+                                let f = flushing.pop_front().expect("a front flush");
+                                landed(f.done(cx).await?);
+                            }
                             // Not the last unit of the next piece: go on.
                             let Some((_, piece)) = plan.next_if(|(end, _)| *end == i) else {
                                 continue;
@@ -1117,35 +1148,64 @@ impl Step<App> for CopyData {
                             let pb = span_bytes(&piece);
                             at += pb;
                             through += pb;
-                            if flushing.len() >= FLUSHES_AHEAD
-                                && let Some(f) = flushing.pop_front()
-                            {
-                                let w = Instant::now();
-                                landed(f.done(cx, &mut records, false).await?);
-                                waited += w.elapsed();
-                            }
                             // Learn the transfer rate as the leaf goes (the
                             // first leaves' split is otherwise a guess).
                             let mut m = measured();
                             m.t_bytes += at - skip;
                             m.t_secs += t0.elapsed().as_secs_f64();
                             resplit(&m, &started);
-                            let mark = Mark {
+                            // Test-only: a crash point once half the data is
+                            // sent (and checkpointed) in this run.
+                            let pause = !paused
+                                && through * 2 >= grand - resumed.min(grand)
+                                && test_pause_armed("vm.copy:copying");
+                            // At most PIECES_AHEAD pieces unverified. The
+                            // checks the flushes hold are verify's to do.
+                            let w = Instant::now();
+                            let ahead = match pieces_ahead.clone().try_acquire_owned() {
+                                Ok(p) => p,
+                                Err(_) => {
+                                    while let Some(f) = flushing.pop_front() {
+                                        landed(f.done(cx).await?);
+                                    }
+                                    pieces_ahead
+                                        .clone()
+                                        .acquire_owned()
+                                        .await
+                                        .map_err(StepError::failed)?
+                                }
+                            };
+                            let piece = Check {
+                                _ahead: Some(ahead),
+                                ..Check::piece(di, li, piece)
+                            };
+                            if !records.due(pb, pause) {
+                                waited += w.elapsed();
+                                check(piece);
+                                continue;
+                            }
+                            if flushing.len() >= FLUSHES_AHEAD
+                                && let Some(f) = flushing.pop_front()
+                            {
+                                landed(f.done(cx).await?);
+                            }
+                            waited += w.elapsed();
+                            unflushed.push(Mark {
                                 disk: di,
                                 leaf: li,
                                 done: at,
-                            };
+                            });
+                            flushed_to = at;
+                            held.push(piece);
                             flushing.push_back(Flushing::start(
                                 disk,
-                                mark,
-                                Check::piece(di, li, piece),
+                                std::mem::take(&mut unflushed),
+                                std::mem::take(&mut held),
                             ));
-                            // Test-only: a crash point once half the data is
-                            // sent (and checkpointed) in this run.
-                            if !paused && through * 2 >= grand - resumed.min(grand) {
+                            if pause {
                                 paused = true;
                                 while let Some(f) = flushing.pop_front() {
-                                    landed(f.done(cx, &mut records, true).await?);
+                                    landed(f.done(cx).await?);
                                 }
                                 test_pause("vm.copy:copying").await;
                             }
@@ -1161,26 +1221,49 @@ impl Step<App> for CopyData {
                         let tt = secs(t_took);
                         // The leaf's end is verified after its last piece.
                         let end = Check {
-                            disk: di,
-                            leaf: li,
-                            ranges: Vec::new(),
                             last: Some(format!(
-                                "{} {}: {} MiB, transfer {tt:.3}s ({:.0} MB/s, {:.3}s of it waiting for flushes)",
+                                "{} {}: {} MiB, transfer {tt:.3}s ({:.0} MB/s, {:.3}s of it waiting for flushes and verify)",
                                 disk.target.device,
                                 leaf.name,
                                 moved / (1 << 20) as f64,
                                 moved / tt.max(1e-9) / 1e6,
                                 secs(waited),
                             )),
+                            ..Check::piece(di, li, Vec::new())
                         };
-                        match flushing.back_mut() {
-                            Some(f) => f.then.push(end),
-                            None => check(end),
+                        if at > flushed_to {
+                            // Not durable yet: done with the next flush.
+                            unflushed.push(Mark {
+                                disk: di,
+                                leaf: li,
+                                done: at,
+                            });
+                            held.push(end);
+                        } else {
+                            match flushing.back_mut() {
+                                Some(f) => f.then.push(end),
+                                None => check(end),
+                            }
+                        }
+                        if li + 1 == disk.leaves.len() && !(unflushed.is_empty() && held.is_empty())
+                        {
+                            // The disk's end: all it got is made durable.
+                            if flushing.len() >= FLUSHES_AHEAD
+                                && let Some(f) = flushing.pop_front()
+                            {
+                                landed(f.done(cx).await?);
+                            }
+                            records.flushed(Instant::now());
+                            flushing.push_back(Flushing::start(
+                                disk,
+                                std::mem::take(&mut unflushed),
+                                std::mem::take(&mut held),
+                            ));
                         }
                     }
                 }
                 while let Some(f) = flushing.pop_front() {
-                    landed(f.done(cx, &mut records, false).await?);
+                    landed(f.done(cx).await?);
                 }
                 drop(checks);
                 Ok::<_, StepError>(sent)
@@ -1189,20 +1272,44 @@ impl Step<App> for CopyData {
                 let (mut resent, mut verified) = (0u64, 0u64);
                 let mut leaf_lines: Vec<String> = Vec::new();
                 let mut vdone: HashMap<(usize, usize), (u64, f64)> = HashMap::new();
-                while let Some(c) = to_check.recv().await {
-                    let (disk, leaf) = (&disks[c.disk], &disks[c.disk].leaves[c.leaf]);
-                    let n = &nodes[c.disk][c.leaf];
+                // Bytes verified per leaf so far, by the checks running
+                // side by side.
+                let counted: std::sync::Mutex<HashMap<(usize, usize), u64>> = Default::default();
+                let counted = &counted;
+                let (peer, pacer, all_disks, all_nodes) = (&peer, &pacer, &disks, &nodes);
+                let runs = futures::stream::unfold(to_check, |mut rx| async move {
+                    rx.recv().await.map(|c| (c, rx))
+                })
+                .map(|c: Check| async move {
+                    let (disk, leaf) = (&all_disks[c.disk], &all_disks[c.disk].leaves[c.leaf]);
+                    let n = &all_nodes[c.disk][c.leaf];
                     let total = leaf.bytes();
                     let v0 = Instant::now();
-                    let mut did = vdone.get(&(c.disk, c.leaf)).map_or(0, |d| d.0);
-                    resent += self
-                        .verify(cx, disk, &peer, &c.ranges, &pacer, |b| {
-                            did += b;
+                    let r = self
+                        .verify(cx, disk, peer, &c.ranges, pacer, |b| {
+                            let did = {
+                                let mut g = counted.lock().unwrap_or_else(|p| p.into_inner());
+                                let e = g.entry((c.disk, c.leaf)).or_default();
+                                *e += b;
+                                *e
+                            };
                             let f = did as f64 / total.max(1) as f64;
                             cx.progress.update(|t| t.set_fraction(n.verify, f));
                         })
-                        .await?;
-                    let took = v0.elapsed().as_secs_f64();
+                        .await;
+                    (c, v0, r)
+                })
+                .buffered(VERIFY_AHEAD);
+                let mut runs = std::pin::pin!(runs);
+                // The time a check adds: from its start, or from the end
+                // of the one before if they overlapped.
+                let mut last_end = Instant::now();
+                while let Some((c, v0, r)) = runs.next().await {
+                    resent += r?;
+                    let n = &nodes[c.disk][c.leaf];
+                    let now = Instant::now();
+                    let took = now.duration_since(v0.max(last_end)).as_secs_f64();
+                    last_end = now;
                     let bytes = span_bytes(&c.ranges);
                     let e = vdone.entry((c.disk, c.leaf)).or_default();
                     e.0 += bytes;
@@ -1231,7 +1338,7 @@ impl Step<App> for CopyData {
                 r.transfer / 1e6,
                 r.verify / 1e6
             ));
-            cx.log_all(&leaf_lines);
+            leaf_lines.into_iter().for_each(|l| cx.log_when_done(l));
             Ok(json!({
                 "sent": sent,
                 "resumed_from": resumed,
@@ -1358,7 +1465,7 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_are_recorded_per_record_every_bytes_and_at_leaf_ends() {
+    fn flushes_are_due_per_record_every_bytes_and_when_they_must() {
         let t0 = Instant::now();
         let mut r = Records::new(t0);
         let piece = CHECKPOINT_EVERY;
@@ -1370,13 +1477,19 @@ mod tests {
         // One record per RECORD_EVERY bytes.
         let expect: Vec<bool> = (1..=2 * per_record).map(|i| i % per_record == 0).collect();
         assert_eq!(recorded, expect);
-        // A leaf's end (or the pause) is recorded whatever came before,
-        // and the count starts again.
+        // The pause is flushed whatever came before, and the count starts
+        // again; so it does after a flush at a disk's end.
         assert!(!r.due_at(piece, false, t0));
         assert!(r.due_at(1, true, t0));
         assert!(!r.due_at(piece, false, t0));
-        // A piece flushed RECORD_AFTER after the last record is recorded,
-        // and the clock starts again there.
+        r.flushed(t0);
+        let expect: Vec<bool> = (1..=per_record).map(|i| i == per_record).collect();
+        let recorded: Vec<bool> = (0..per_record)
+            .map(|_| r.due_at(piece, false, t0))
+            .collect();
+        assert_eq!(recorded, expect);
+        // A piece sent RECORD_AFTER after the last flush is flushed, and
+        // the clock starts again there.
         let later = t0 + RECORD_AFTER;
         assert!(r.due_at(1, false, later));
         assert!(!r.due_at(1, false, later));
@@ -1411,12 +1524,12 @@ mod tests {
     }
 
     #[test]
-    fn a_transfer_counts_sent_and_flushed_bytes_alike() {
+    fn a_transfer_counts_bytes_sent_and_is_done_once_all_are_flushed() {
         assert_eq!(transfer_fraction(0, 0, 100), Some(0.0));
-        assert_eq!(transfer_fraction(60, 0, 100), Some(0.3));
-        assert_eq!(transfer_fraction(100, 40, 100), Some(0.7));
-        // All sent is not done: the last flushes still count.
-        assert!(transfer_fraction(100, 99, 100).unwrap() < 1.0);
+        assert_eq!(transfer_fraction(60, 0, 100), Some(0.6));
+        assert_eq!(transfer_fraction(70, 64, 100), Some(0.7));
+        // All sent is not done until all is flushed.
+        assert_eq!(transfer_fraction(100, 64, 100), Some(1.0));
         assert_eq!(transfer_fraction(100, 100, 100), None);
         // A leaf with nothing to send is done at once.
         assert_eq!(transfer_fraction(0, 0, 0), None);
