@@ -27,7 +27,7 @@
 //! into ordinary exports. Peer `target-disk-floor` is no copy: the
 //! time the target's disk takes to write the image's allocated bytes with
 //! `O_DIRECT` and one fdatasync ([`disk_floor`]), the least any copy that
-//! makes them durable there can take. `--rounds N` (default 3): each copy
+//! makes them durable there can take. `--rounds N` (default 5): each copy
 //! N times (to a new VM, to new target volumes for qemu-img), the five
 //! taking turns going first; medians compared. Also the CPU time of each
 //! copy (metric `*-copy-cpu`): both ferryd's (from `/proc`, clock-tick
@@ -447,7 +447,7 @@ async fn export(d: &Daemon, volume: &str, direct: bool) -> anyhow::Result<String
 
 async fn copy_async(opts: &Options) -> anyhow::Result<Report> {
     let size = parse_size(&opts.size)?;
-    let rounds = crate::suites::rounds("copy", opts, 3)?;
+    let rounds = crate::suites::rounds("copy", opts, 5)?;
     let p = pair("copy").await?;
     let floor_buf = floor_data();
     let mut r = Report::new("copy");
