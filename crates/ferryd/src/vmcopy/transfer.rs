@@ -13,7 +13,7 @@
 //!   their expected times: bytes / throughput, with throughputs measured on
 //!   this pair of hosts — first those the last copy to the same peer
 //!   measured ([`KnownRates`]; [`PRIOR`] before any), then the running
-//!   measurement after each [`CHECKPOINT_EVERY`] piece (the transfer rate,
+//!   measurement after each piece of [`PIECE`] bytes (the transfer rate,
 //!   the current leaf's part included) and each leaf. Only leaves that
 //!   have not started are re-split: their fraction is 0, so the overall
 //!   figure does not move when they are (the split is inside a leaf whose
@@ -32,7 +32,7 @@
 //! blocking pool; of those, 1 MiB blocks that read as all zeroes are not
 //! sent (the new target volume reads zero there). Each block is hashed as
 //! it is read (XXH3-128, see [`Algorithm`]), so verify reads only the
-//! target's copy: each [`CHECKPOINT_EVERY`] piece once its writes
+//! target's copy: each piece of [`PIECE`] bytes once its writes
 //! answered, after which the target writes the piece out behind and lets
 //! its pages go, and the next pieces reuse them (see `docs/vm-copy.md`,
 //! "What is sent").
@@ -100,7 +100,7 @@ const VERIFY_AHEAD: usize = 2;
 /// pieces sent one after another: 16 MiB 0.312 s, 8 MiB 0.232 s, 4 MiB
 /// 0.184 s; BENCHMARKS.md). The transfer stays within
 /// [`PIECES_AHEAD`] pieces of what verify finished.
-const CHECKPOINT_EVERY: u64 = 4 << 20;
+const PIECE: u64 = 4 << 20;
 /// A piece is flushed, and its checkpoint recorded in the journal once
 /// the flush answered, when this many bytes of the run's transfer were
 /// sent since the last flush (or [`RECORD_AFTER`] passed, or its leaf
@@ -1126,7 +1126,7 @@ impl Step<App> for CopyData {
                         // stream: a piece is verified (or flushed) once its
                         // last unit answered (its writes all did), while
                         // the next pieces' units are in flight.
-                        let (units, plan) = unit_plan(&todo, CHECKPOINT_EVERY, XFER);
+                        let (units, plan) = unit_plan(&todo, PIECE, XFER);
                         let mut stream = disk.sending(units).enumerate();
                         let mut plan = plan.into_iter().peekable();
                         let mut got = 0u64;
@@ -1468,7 +1468,7 @@ mod tests {
     fn flushes_are_due_per_record_every_bytes_and_when_they_must() {
         let t0 = Instant::now();
         let mut r = Records::new(t0);
-        let piece = CHECKPOINT_EVERY;
+        let piece = PIECE;
         let per_record = RECORD_EVERY / piece;
         assert!(per_record > 1, "a record spans several pieces");
         let recorded: Vec<bool> = (0..2 * per_record)
