@@ -103,7 +103,7 @@ const VERIFY_AHEAD: usize = 2;
 const PIECE: u64 = 4 << 20;
 /// A piece is flushed, and its checkpoint recorded in the journal once
 /// the flush answered, when this many bytes of the run's transfer were
-/// sent since the last flush (or [`RECORD_AFTER`] passed, or its leaf
+/// sent since the last flush (or [`RECORD_AFTER`] passed, or its disk
 /// ends). Each flush is an fdatasync and a pool commit on the target,
 /// each record a journal transaction with its fsync, on the same disk
 /// when both hosts share one: one of each per 4 MiB piece cost a sparse
@@ -663,6 +663,30 @@ impl Flushing {
     }
 }
 
+/// Sends a flush of `disk` that covers the leaves `unflushed` and then
+/// verifies `held` (both taken), once fewer than [`FLUSHES_AHEAD`] are in
+/// flight: the oldest is waited for and `landed` first.
+async fn start_flush(
+    cx: &StepContext<App>,
+    disk: &Disk,
+    flushing: &mut std::collections::VecDeque<Flushing>,
+    unflushed: &mut Vec<Mark>,
+    held: &mut Vec<Check>,
+    landed: &impl Fn((Vec<Mark>, Vec<Check>)),
+) -> Result<(), StepError> {
+    if flushing.len() >= FLUSHES_AHEAD
+        && let Some(f) = flushing.pop_front()
+    {
+        landed(f.done(cx).await?);
+    }
+    flushing.push_back(Flushing::start(
+        disk,
+        std::mem::take(unflushed),
+        std::mem::take(held),
+    ));
+    Ok(())
+}
+
 /// When a piece is flushed and its checkpoint recorded in the journal: at
 /// the end of its disk's last leaf, and otherwise once [`RECORD_EVERY`]
 /// bytes were sent or [`RECORD_AFTER`] passed since the last record.
@@ -1184,12 +1208,6 @@ impl Step<App> for CopyData {
                                 check(piece);
                                 continue;
                             }
-                            if flushing.len() >= FLUSHES_AHEAD
-                                && let Some(f) = flushing.pop_front()
-                            {
-                                landed(f.done(cx).await?);
-                            }
-                            waited += w.elapsed();
                             unflushed.push(Mark {
                                 disk: di,
                                 leaf: li,
@@ -1197,11 +1215,16 @@ impl Step<App> for CopyData {
                             });
                             flushed_to = at;
                             held.push(piece);
-                            flushing.push_back(Flushing::start(
+                            start_flush(
+                                cx,
                                 disk,
-                                std::mem::take(&mut unflushed),
-                                std::mem::take(&mut held),
-                            ));
+                                &mut flushing,
+                                &mut unflushed,
+                                &mut held,
+                                &landed,
+                            )
+                            .await?;
+                            waited += w.elapsed();
                             if pause {
                                 paused = true;
                                 while let Some(f) = flushing.pop_front() {
@@ -1248,17 +1271,16 @@ impl Step<App> for CopyData {
                         if li + 1 == disk.leaves.len() && !(unflushed.is_empty() && held.is_empty())
                         {
                             // The disk's end: all it got is made durable.
-                            if flushing.len() >= FLUSHES_AHEAD
-                                && let Some(f) = flushing.pop_front()
-                            {
-                                landed(f.done(cx).await?);
-                            }
                             records.flushed(Instant::now());
-                            flushing.push_back(Flushing::start(
+                            start_flush(
+                                cx,
                                 disk,
-                                std::mem::take(&mut unflushed),
-                                std::mem::take(&mut held),
-                            ));
+                                &mut flushing,
+                                &mut unflushed,
+                                &mut held,
+                                &landed,
+                            )
+                            .await?;
                         }
                     }
                 }
