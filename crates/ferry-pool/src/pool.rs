@@ -188,6 +188,39 @@ impl Shared {
             .ctx(|| format!("read physical chunk {phys} of pool {}", self.dir.display()))
     }
 
+    /// `sync_file_range(flags)` on `[from, to)` of the data file. An error
+    /// (other than "not a file that writes back") is kept for the next
+    /// commit, whose fdatasync might otherwise not see it.
+    fn sync_range(&self, (from, to): (u64, u64), flags: libc::c_uint) {
+        // SAFETY: sync_file_range on a descriptor we own, with integer
+        // arguments; no memory is passed.
+        let r = unsafe {
+            libc::sync_file_range(
+                self.data.as_raw_fd(),
+                from as libc::off64_t,
+                (to - from) as libc::off64_t,
+                flags,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL/ESPIPE: not a file that writes back; nothing was
+            // taken from the next fdatasync.
+            if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ESPIPE)) {
+                self.data_dirty.store(true, Ordering::SeqCst);
+                lock(&self.behind_error).get_or_insert(e);
+            }
+        }
+    }
+
+    /// Starts writing out `runs` (start, end) of the data file, without
+    /// waiting: for a writer whose next flush should find them written.
+    pub(crate) fn start_writeback(&self, runs: &[(u64, u64)]) {
+        for &r in runs {
+            self.sync_range(r, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
     /// Starts writing out `runs` (start, end) of the data file, then
     /// waits for the oldest runs started before, beyond the newest
     /// [`WRITE_BEHIND`] bytes, and lets their pages go: for a writer
@@ -197,31 +230,7 @@ impl Shared {
     /// cache growing (on a VM host every fresh page costs a fault in the
     /// hypervisor). A writeback error is reported by the next commit.
     pub(crate) fn write_behind(&self, runs: &[(u64, u64)]) {
-        let fd = self.data.as_raw_fd();
-        let sfr = |(from, to): (u64, u64), flags: libc::c_uint| {
-            // SAFETY: sync_file_range on a descriptor we own, with
-            // integer arguments; no memory is passed.
-            let r = unsafe {
-                libc::sync_file_range(
-                    fd,
-                    from as libc::off64_t,
-                    (to - from) as libc::off64_t,
-                    flags,
-                )
-            };
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
-                // EINVAL/ESPIPE: not a file that writes back; nothing
-                // was taken from the next fdatasync.
-                if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ESPIPE)) {
-                    self.data_dirty.store(true, Ordering::SeqCst);
-                    lock(&self.behind_error).get_or_insert(e);
-                }
-            }
-        };
-        for &r in runs {
-            sfr(r, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        self.start_writeback(runs);
         let done: Vec<(u64, u64)> = {
             let mut b = lock(&self.behind);
             for &(from, to) in runs {
@@ -238,7 +247,7 @@ impl Shared {
             done
         };
         for r in done {
-            sfr(
+            self.sync_range(
                 r,
                 libc::SYNC_FILE_RANGE_WAIT_BEFORE
                     | libc::SYNC_FILE_RANGE_WRITE

@@ -329,17 +329,36 @@ impl Volume {
         }
     }
 
-    /// Starts writing `[off, off + len)` out to the disk without waiting,
-    /// and lets go of the pages of what earlier calls (on any volume of
-    /// the pool) started writing, a few MiB behind, once written: for a
-    /// writer that will not read the range again soon and flushes later.
-    /// A copy's target calls it for each piece it verified, so the copy
-    /// can flush rarely and still find the data written out and the
-    /// pages reused (see `docs/vm-copy.md`). Like a write, durable only
-    /// after a flush; a writeback error is reported by the next flush.
-    pub fn write_behind(&self, off: u64, len: u64) {
+    /// Starts writing `ranges` (each `(offset, length)`) out to the disk
+    /// without waiting, and lets go of the pages of what earlier calls (on
+    /// any volume of the pool) started writing, a few MiB behind, once
+    /// written: for a writer that will not read the ranges again soon and
+    /// flushes later. A copy's target calls it for the ranges of each
+    /// piece it verified, so the copy can flush rarely and still find the
+    /// data written out and the pages reused (see `docs/vm-copy.md`).
+    /// Ranges whose data lie one after the other in the pool's data file
+    /// are written out as one. Like a write, durable only after a flush; a
+    /// writeback error is reported by the next flush.
+    /// Starts writing `[off, off + len)` out to the disk, without waiting
+    /// and without letting its pages go: for a bulk writer (a copy's
+    /// target) whose flush at the end should find little left to write,
+    /// where the kernel would otherwise start only when the dirty data
+    /// pass its thresholds or age. Like a write, durable only after a
+    /// flush; a writeback error is reported by the next flush. Holes and a
+    /// range out of bounds have nothing to write out.
+    pub fn start_writeback(&self, off: u64, len: u64) {
         self.sh
-            .write_behind(&self.data_runs("write behind", off, len));
+            .start_writeback(&self.data_runs("write out", off, len));
+    }
+
+    pub fn write_behind(&self, ranges: &[(u64, u64)]) {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &(off, len) in ranges {
+            for (from, to) in self.data_runs("write behind", off, len) {
+                add_run(&mut runs, from, to - from);
+            }
+        }
+        self.sh.write_behind(&runs);
     }
 
     /// The runs (start, end) of the data file holding `[off, off + len)`'s

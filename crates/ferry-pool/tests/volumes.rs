@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry_pool::format::{HEADER_FILE, Header};
 use ferry_pool::{ErrorKind, ExtentKind, Pool, PoolOptions, ProfileLimit, Volume};
+use ferry_testkit::disk::page_states;
 
 const CS: u64 = 4096;
 
@@ -737,7 +738,7 @@ fn written_behind_pages_leave_the_page_cache_without_a_flush() {
     for (i, piece) in pieces.iter().enumerate() {
         let at = i as u64 * 1024 * CS;
         v.write_at(at, piece).unwrap();
-        v.write_behind(at, 1024 * CS);
+        v.write_behind(&[(at, 1024 * CS)]);
     }
     let left = cached(&data_file);
     assert!(
@@ -749,8 +750,7 @@ fn written_behind_pages_leave_the_page_cache_without_a_flush() {
         assert_eq!(&read(&v, i as u64 * 1024 * CS, piece.len()), piece);
     }
     // Out of range or holes: nothing to write out, no error.
-    v.write_behind(8192 * CS, CS);
-    v.write_behind(7000 * CS, CS);
+    v.write_behind(&[(8192 * CS, CS), (7000 * CS, CS)]);
     v.flush().unwrap();
     drop((v, p));
     let p = Pool::open(dir.path().join("p")).unwrap();
@@ -758,6 +758,41 @@ fn written_behind_pages_leave_the_page_cache_without_a_flush() {
     for (i, piece) in pieces.iter().enumerate() {
         assert_eq!(&read(&v, i as u64 * 1024 * CS, piece.len()), piece);
     }
+    assert_eq!(p.verify().unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn started_writeback_leaves_no_page_dirty_and_keeps_them_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let data_file = dir.path().join("p").join(ferry_pool::DATA_FILE);
+    let v = p.create_volume("v", 4096 * CS).unwrap();
+    let a = pattern(1024 * CS as usize, 0x61);
+    let b = pattern(1024 * CS as usize, 0x62);
+    v.write_at(0, &a).unwrap();
+    v.write_at(2048 * CS, &b).unwrap();
+    // The kernel writes dirty pages out after 30 s, or at once when much
+    // of the machine's memory is dirty: most are dirty now, unless so.
+    let before = page_states(&data_file).unwrap();
+    v.start_writeback(0, 1024 * CS);
+    v.start_writeback(2048 * CS, 1024 * CS);
+    // Out of range or a hole: nothing to write out, no error.
+    v.start_writeback(8192 * CS, CS);
+    v.start_writeback(1500 * CS, CS);
+    // Every page was sent to the disk (written or being written): none
+    // is dirty, with no flush; unlike a write behind, all stay cached.
+    let after = page_states(&data_file).unwrap();
+    assert_eq!(after.dirty, 0, "{before:?} before, {after:?} after");
+    assert!(after.cached >= 2048, "{after:?}");
+    assert_eq!(read(&v, 0, a.len()), a);
+    assert_eq!(read(&v, 2048 * CS, b.len()), b);
+    // Durable after a flush, as any write.
+    v.flush().unwrap();
+    drop((v, p));
+    let p = Pool::open(dir.path().join("p")).unwrap();
+    let v = p.volume("v").unwrap();
+    assert_eq!(read(&v, 0, a.len()), a);
+    assert_eq!(read(&v, 2048 * CS, b.len()), b);
     assert_eq!(p.verify().unwrap(), Vec::<String>::new());
 }
 

@@ -96,3 +96,57 @@ mod tests {
         assert_eq!(&head[..4], b"QFI\xfb");
     }
 }
+
+/// How much of a file the page cache holds, in pages (`cachestat(2)`,
+/// Linux 6.5 and later): for tests of what a writer leaves there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PageStates {
+    pub cached: u64,
+    pub dirty: u64,
+    pub writeback: u64,
+}
+
+/// The [`PageStates`] of all of `file`.
+pub fn page_states(file: &Path) -> std::io::Result<PageStates> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    /// `cachestat`'s number on x86-64 and aarch64 (the libc crate does not
+    /// name it yet).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let f = std::fs::File::open(file)?;
+    // Length 0: to the end of the file.
+    let range = Range { off: 0, len: 0 };
+    let mut st = Stat::default();
+    // SAFETY: cachestat reads `range` and fills `st`, both alive for the
+    // call and laid out as the kernel's structs; flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const Range,
+            &mut st as *mut Stat,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(PageStates {
+        cached: st.cache,
+        dirty: st.dirty,
+        writeback: st.writeback,
+    })
+}

@@ -166,11 +166,7 @@ pub async fn hash(
         vmcopy::hash_ranges(algorithm, &req.ranges, |off, buf| {
             v.read_at(off, buf).map_err(|e| e.to_string())
         })
-        .inspect(|_| {
-            for &(off, len) in &req.ranges {
-                v.write_behind(off, len);
-            }
-        })
+        .inspect(|_| v.write_behind(&req.ranges))
         .map_err(|e| ferry_pool::Error::new(ferry_pool::ErrorKind::InvalidArgument, e))
     })
     .await?;
