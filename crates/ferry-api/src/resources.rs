@@ -194,6 +194,9 @@ pub struct ExportInfo {
     /// Large writes go straight to the disk, bypassing the page cache.
     #[serde(default)]
     pub direct: bool,
+    /// Each write starts going to the disk at once.
+    #[serde(default)]
+    pub write_out: bool,
     /// For QEMU and tools on this host (no secret; the socket is root's).
     pub unix_uri: String,
     /// For other hosts: carries the export's secret. Treat it as one.
@@ -214,4 +217,11 @@ pub struct CreateExport {
     /// volume's export only.
     #[serde(default)]
     pub direct: bool,
+    /// Each write starts going to the disk as soon as it is in the page
+    /// cache (`sync_file_range`), instead of when the kernel's dirty
+    /// thresholds or age call for it: for a volume a bulk copy fills and
+    /// flushes at its end, so the flush finds little left to write. A
+    /// volume's export only.
+    #[serde(default)]
+    pub write_out: bool,
 }

@@ -205,6 +205,10 @@ enum ExportVerb {
         /// a volume a bulk copy fills. A volume's export only.
         #[arg(long, conflicts_with = "snapshot")]
         direct: bool,
+        /// Each write starts going to the disk at once: for a volume a
+        /// bulk copy fills and flushes at its end. A volume's export only.
+        #[arg(long, conflicts_with = "snapshot")]
+        write_out: bool,
     },
     Delete {
         name: String,
@@ -296,12 +300,18 @@ fn export_rows(e: &[ExportInfo]) -> String {
                         .map(|v| format!("volume {v}"))
                         .or_else(|| e.snapshot.as_ref().map(|s| format!("snapshot {s}")))
                         .unwrap_or_default(),
-                    match (e.read_only, e.direct) {
-                        (true, _) => "ro",
-                        (false, false) => "rw",
-                        (false, true) => "rw, direct",
-                    }
-                    .into(),
+                    if e.read_only {
+                        "ro".to_string()
+                    } else {
+                        let mut mode = vec!["rw"];
+                        if e.direct {
+                            mode.push("direct");
+                        }
+                        if e.write_out {
+                            mode.push("write-out");
+                        }
+                        mode.join(", ")
+                    },
                     e.unix_uri.clone(),
                 ]
             })
@@ -525,8 +535,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 snapshot,
                 name,
                 direct,
+                write_out,
             } => {
-                let body = json!({ "volume": volume, "snapshot": snapshot, "name": name, "direct": direct });
+                let body = json!({
+                    "volume": volume,
+                    "snapshot": snapshot,
+                    "name": name,
+                    "direct": direct,
+                    "write_out": write_out,
+                });
                 let e: ExportInfo = c.post("/v1/exports", &body).await?;
                 emit(j, &e, |e| export_rows(std::slice::from_ref(e)));
             }

@@ -30,6 +30,20 @@ pub struct ExportRecord {
     /// Large writes bypass the page cache (see [`VolumeExport::direct`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub direct: bool,
+    /// Writes start going to the disk at once (see
+    /// [`VolumeExport::write_out`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub write_out: bool,
+}
+
+/// How a volume's export writes (neither applies to a snapshot's
+/// export, which is read-only).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteOptions {
+    /// See [`VolumeExport::direct`].
+    pub direct: bool,
+    /// See [`VolumeExport::write_out`].
+    pub write_out: bool,
 }
 
 pub struct Exports {
@@ -49,8 +63,8 @@ pub enum ExportError {
     NotFound(String),
     #[error("name exactly one of volume or snapshot")]
     Target,
-    #[error("direct writes are for volume exports (a snapshot's export is read-only)")]
-    DirectSnapshot,
+    #[error("{0} is for volume exports (a snapshot's export is read-only)")]
+    ReadOnly(&'static str),
     #[error(transparent)]
     Pool(#[from] ferry_pool::Error),
     #[error("export {name}: {msg}")]
@@ -89,10 +103,16 @@ impl Exports {
 
     fn serve(&self, pool: &Pool, rec: &ExportRecord) -> Result<(), ExportError> {
         let export: Arc<dyn ferry_nbd::export::Export> = match (&rec.volume, &rec.snapshot) {
-            (Some(v), None) => {
-                Arc::new(VolumeExport::new(pool.clone(), pool.volume(v)?, rec.direct))
-            }
-            (None, Some(_)) if rec.direct => return Err(ExportError::DirectSnapshot),
+            (Some(v), None) => Arc::new(VolumeExport::new(
+                pool.clone(),
+                pool.volume(v)?,
+                WriteOptions {
+                    direct: rec.direct,
+                    write_out: rec.write_out,
+                },
+            )),
+            (None, Some(_)) if rec.direct => return Err(ExportError::ReadOnly("direct")),
+            (None, Some(_)) if rec.write_out => return Err(ExportError::ReadOnly("write_out")),
             (None, Some(s)) => Arc::new(SnapshotExport {
                 snapshot: pool.open_snapshot(s)?,
             }),
@@ -149,7 +169,7 @@ impl Exports {
         name: &str,
         volume: Option<String>,
         snapshot: Option<String>,
-        direct: bool,
+        writes: WriteOptions,
     ) -> Result<ExportInfo, ExportError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if records.contains_key(name) {
@@ -160,7 +180,8 @@ impl Exports {
             volume,
             snapshot,
             secret: new_token(),
-            direct,
+            direct: writes.direct,
+            write_out: writes.write_out,
         };
         self.serve(pool, &rec)?;
         records.insert(name.to_string(), rec.clone());
@@ -214,6 +235,7 @@ impl Exports {
             snapshot: r.snapshot.clone(),
             read_only: r.snapshot.is_some(),
             direct: r.direct,
+            write_out: r.write_out,
             unix_uri: format!("nbd+unix:///{}?socket={}", r.name, self.unix_path.display()),
             tcp_uri: tcp.map(|a| format!("nbd://{a}/{}/{}", r.name, r.secret)),
         }

@@ -12,6 +12,8 @@ use ferry_nbd::export::{BlockSize, Export, Extent, Fill, InlineWrites, Mapped};
 use ferry_nbd::proto::{STATE_CHANGED, STATE_HOLE, STATE_ZERO};
 use ferry_pool::{ErrorKind, ExtentKind, Pool, Snapshot, Volume};
 
+use crate::exports::WriteOptions;
+
 /// The prefix of the change-tracking context names.
 pub const CHANGED_PREFIX: &str = "ferry:changed:";
 
@@ -90,15 +92,32 @@ pub struct VolumeExport {
     /// MB/s here, `O_DIRECT` at 1.1-1.2 GB/s), and the page cache stays
     /// with the host's other users.
     pub direct: bool,
+    /// Each write starts going to the disk once it is in the page cache
+    /// ([`Volume::start_writeback`]): for a volume a bulk copy fills and
+    /// flushes at its end (a VM copy's target). The copy's flushes then
+    /// find its data mostly written, and the disk works while the copy
+    /// runs instead of after (BENCHMARKS.md, `copy`, session 21). Not for
+    /// a VM's disk: a block written again and again would go to the disk
+    /// each time.
+    pub write_out: bool,
 }
 
 impl VolumeExport {
-    pub fn new(pool: Pool, volume: Volume, direct: bool) -> Self {
+    pub fn new(pool: Pool, volume: Volume, writes: WriteOptions) -> Self {
         VolumeExport {
             pool,
             volume,
             inline: Default::default(),
-            direct,
+            direct: writes.direct,
+            write_out: writes.write_out,
+        }
+    }
+
+    /// After a write of `len` bytes at `offset` that answered `r`: starts
+    /// writing it out if the export is [`VolumeExport::write_out`].
+    fn wrote<T, E>(&self, offset: u64, len: usize, r: &Result<T, E>) {
+        if self.write_out && r.is_ok() {
+            self.volume.start_writeback(offset, len as u64);
         }
     }
 
@@ -174,6 +193,7 @@ impl Export for VolumeExport {
         } else {
             self.volume.write_at(offset, data)
         };
+        self.wrote(offset, data.len(), &written);
         let r = written.map_err(io_err).and_then(|()| {
             if fua {
                 self.volume.flush().map_err(io_err)
@@ -197,6 +217,7 @@ impl Export for VolumeExport {
             .inline
             .run(data.len(), || self.volume.try_write_at(offset, data))?
             .map_err(io_err);
+        self.wrote(offset, data.len(), &r);
         Some(count(
             &IO.write_ops,
             Some((&IO.write_bytes, data.len() as u64)),
@@ -221,6 +242,7 @@ impl Export for VolumeExport {
             .inline
             .run(len, || self.volume.try_write_spliced(offset, len, fill))?
             .map_err(io_err);
+        self.wrote(offset, len, &r);
         Some(count(&IO.write_ops, Some((&IO.write_bytes, len as u64)), r))
     }
 

@@ -131,7 +131,9 @@ impl PeerClient {
     }
 
     /// Creates volume `volume` of `size` bytes on the peer, then a
-    /// read-write export `export` of it. Returns the export's TCP URI:
+    /// read-write export `export` of it, whose writes start going to the
+    /// disk at once with `write_out` (see [`ferry_api::CreateExport`]).
+    /// Returns the export's TCP URI:
     /// `None` when the peer serves NBD on no TCP address (it cannot then
     /// receive data from another host).
     pub async fn create_exported_volume(
@@ -139,6 +141,7 @@ impl PeerClient {
         volume: &str,
         export: &str,
         size: u64,
+        write_out: bool,
     ) -> Result<Option<String>, PeerError> {
         let _: ferry_api::VolumeInfo = self
             .post(
@@ -157,6 +160,7 @@ impl PeerClient {
                     volume: Some(volume.to_string()),
                     snapshot: None,
                     direct: false,
+                    write_out,
                 },
             )
             .await?;

@@ -503,8 +503,10 @@ impl CreateTarget {
     ) -> Result<(TargetDisk, String), StepError> {
         let volume = target_volume(&self.p, &d.device);
         let export = target_export(op_id, &d.device);
+        // The copy flushes now and then and at its end: its writes go
+        // out to the target's disk as they come.
         let uri = peer
-            .create_exported_volume(&volume, &export, d.size)
+            .create_exported_volume(&volume, &export, d.size, true)
             .await
             .map_err(StepError::failed)?
             .ok_or_else(|| {

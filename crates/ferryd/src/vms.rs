@@ -541,7 +541,13 @@ impl Vms {
                 None => {}
             }
             self.exports
-                .add(&self.pool, &name, Some(v.to_string()), None, false)
+                .add(
+                    &self.pool,
+                    &name,
+                    Some(v.to_string()),
+                    None,
+                    Default::default(),
+                )
                 .map_err(|e| match e {
                     ExportError::Pool(p) if p.kind() == ferry_pool::ErrorKind::NotFound => {
                         VmError::VolumeNotFound(v.to_string())

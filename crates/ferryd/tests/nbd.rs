@@ -218,6 +218,81 @@ async fn direct_export_writes_around_the_page_cache_and_survives_kill_9() {
     qemu_io(got["tcp_uri"].as_str().unwrap(), &check);
 }
 
+/// NBD requests of `kind` this host served so far (its metrics).
+async fn served(h: &Host, kind: &str) -> u64 {
+    let text = h
+        .req(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let key = format!("ferry_nbd_requests_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in the metrics"))
+}
+
+#[tokio::test]
+async fn write_out_export_writes_go_to_the_disk_without_a_flush() {
+    let mut h = Host::new();
+    h.post("/v1/volumes", json!({"name": "out", "size": 32 << 20}))
+        .await;
+    let e = export(&h, json!({"volume": "out", "write_out": true})).await;
+    assert_eq!(e["write_out"], true, "{e}");
+    let uri = e["tcp_uri"].as_str().unwrap().to_string();
+    let data = h.data().join("pool/data");
+    // nbdcopy flushes only when asked (`--flush`). Each write was sent to
+    // the disk before it was answered: no page is left dirty (the kernel
+    // on its own waits 30 s, unless much of the machine's memory is dirty).
+    let src = h.data().join("src.raw");
+    let mut bytes = vec![0x61u8; 8 << 20];
+    bytes.extend(vec![0x62u8; 1 << 20]);
+    std::fs::write(&src, &bytes).unwrap();
+    let (ok, out) = tool("nbdcopy", &[src.to_str().unwrap(), &uri]);
+    assert!(ok, "nbdcopy: {out}");
+    assert_eq!(served(&h, "flush").await, 0);
+    assert!(served(&h, "write").await > 0);
+    let s = ferry_testkit::disk::page_states(&data).expect("cachestat");
+    assert_eq!(s.dirty, 0, "{s:?}");
+    assert!(s.cached >= 2048, "{s:?}");
+
+    // A snapshot's export is read-only: no write-out there.
+    snapshot(&h, "out-s", "out").await;
+    let (st, err) = h
+        .post(
+            "/v1/exports",
+            json!({"snapshot": "out-s", "write_out": true}),
+        )
+        .await;
+    assert_eq!(st, 400, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("write_out"),
+        "{err}"
+    );
+
+    // Durable after a flush, as any write; kill -9 keeps the writes and
+    // the export's mode.
+    qemu_io(&uri, &["write -P 0x63 12345 6789", "flush"]);
+    h.kill9();
+    h.start();
+    let (st, got) = h.get("/v1/exports/out").await;
+    assert_eq!(st, 200);
+    assert_eq!(got["write_out"], true, "{got}");
+    qemu_io(
+        got["tcp_uri"].as_str().unwrap(),
+        &[
+            "read -P 0x61 0 12345",
+            "read -P 0x63 12345 6789",
+            "read -P 0x61 19134 8369474",
+            "read -P 0x62 8M 1M",
+            "read -P 0 9M 1M",
+        ],
+    );
+}
+
 #[tokio::test]
 async fn snapshot_exports_are_read_only_and_changes_are_tracked() {
     let h = Host::new();

@@ -10,7 +10,7 @@ use ferry_api::{CreateExport, ExportInfo};
 use super::{ApiResult, Failure, bad_field, error_response};
 use crate::body::Body;
 use crate::daemon::Daemon;
-use crate::exports::ExportError;
+use crate::exports::{ExportError, WriteOptions};
 
 impl From<ExportError> for Failure {
     fn from(e: ExportError) -> Self {
@@ -19,7 +19,7 @@ impl From<ExportError> for Failure {
             ExportError::Exists(_) => error_response(StatusCode::CONFLICT, &e.to_string(), None),
             ExportError::NotFound(_) => error_response(StatusCode::NOT_FOUND, &e.to_string(), None),
             ExportError::Target => bad_field("volume", &e.to_string()),
-            ExportError::DirectSnapshot => bad_field("direct", &e.to_string()),
+            ExportError::ReadOnly(field) => bad_field(field, &e.to_string()),
             ExportError::Other { .. } => {
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None)
             }
@@ -56,7 +56,11 @@ pub async fn create(
     }
     let (exports, pool) = (d.exports.clone(), d.pool().clone());
     let info = tokio::task::spawn_blocking(move || {
-        exports.add(&pool, &name, req.volume, req.snapshot, req.direct)
+        let writes = WriteOptions {
+            direct: req.direct,
+            write_out: req.write_out,
+        };
+        exports.add(&pool, &name, req.volume, req.snapshot, writes)
     })
     .await
     .map_err(|e| error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None))??;

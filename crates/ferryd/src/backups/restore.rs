@@ -461,7 +461,7 @@ impl Step<App> for PeerVolumes {
             for (dev, volume, size) in &self.p.disks {
                 let export = peer_export(&cx.op_id, dev);
                 let uri = peer
-                    .create_exported_volume(volume, &export, *size)
+                    .create_exported_volume(volume, &export, *size, false)
                     .await
                     .map_err(StepError::failed)?
                     .ok_or_else(|| {

@@ -110,7 +110,13 @@ impl Vms {
             }
             None => {
                 self.exports
-                    .add(&self.pool, &alias, Some(target.to_string()), None, false)
+                    .add(
+                        &self.pool,
+                        &alias,
+                        Some(target.to_string()),
+                        None,
+                        Default::default(),
+                    )
                     .map_err(|e| other(format!("cannot export volume {target}: {e}")))?;
             }
         }

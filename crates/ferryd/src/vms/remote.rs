@@ -86,6 +86,7 @@ pub async fn ensure(
                     volume: Some(volume.to_string()),
                     snapshot: None,
                     direct: false,
+                    write_out: false,
                 };
                 client
                     .post::<_, ExportInfo>("/v1/exports", &req)
