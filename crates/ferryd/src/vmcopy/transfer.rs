@@ -29,8 +29,10 @@
 //!
 //! # What is sent
 //! The snapshot's allocated ranges only, read in [`XFER`] units on the
-//! blocking pool; of those, 1 MiB blocks that read as all zeroes are not
-//! sent (the new target volume reads zero there). Each block is hashed as
+//! blocking pool, a disk's units in one stream, leaf after leaf; of those,
+//! 1 MiB blocks that read as all zeroes are not sent (the new target
+//! volume reads zero there). The target's exports are `write_out`: each
+//! write starts going to its disk at once. Each block is hashed as
 //! it is read (XXH3-128, see [`Algorithm`]), so verify reads only the
 //! target's copy: each piece of [`PIECE`] bytes once its writes
 //! answered, after which the target writes the piece out behind and lets
@@ -743,56 +745,75 @@ impl CopyData {
         let targets: Value = result(cx, "create target volumes")?;
         let targets: Vec<TargetDisk> = serde_json::from_value(targets["disks"].clone())
             .map_err(|e| StepError::failed(format!("malformed target disks: {e}")))?;
-        let mut disks = Vec::new();
-        let mut lines = Vec::new();
-        for (d, t) in snapped.disks.iter().zip(targets) {
-            let pool = cx.app.pool.clone();
-            let (volume, snapshot, size) = (d.volume.clone(), d.snapshot.clone(), d.size);
-            let (snap, ranges, layout) = blocking(move || {
-                let snap = pool.open_snapshot(&snapshot)?;
-                let ranges = snapshot_data_ranges(&pool, &volume, &snapshot, size)?;
-                let layout = ferry_disk::read_layout(&SnapRead(&snap), size);
-                Ok((snap, ranges, layout))
+        // Each disk's layout is read while its target's NBD connections
+        // open, all disks at once.
+        let opened = futures::future::try_join_all(
+            snapped
+                .disks
+                .iter()
+                .zip(targets)
+                .map(|(d, t)| self.open_disk(cx, d, t)),
+        )
+        .await?;
+        Ok(opened.into_iter().unzip())
+    }
+
+    /// One disk of [`CopyData::open_disks`], and the line that tells its
+    /// layout.
+    async fn open_disk(
+        &self,
+        cx: &StepContext<App>,
+        d: &super::SourceDisk,
+        t: TargetDisk,
+    ) -> Result<(Disk, String), StepError> {
+        let pool = cx.app.pool.clone();
+        let (volume, snapshot, size) = (d.volume.clone(), d.snapshot.clone(), d.size);
+        let read = blocking(move || {
+            let snap = pool.open_snapshot(&snapshot)?;
+            let ranges = snapshot_data_ranges(&pool, &volume, &snapshot, size)?;
+            let layout = ferry_disk::read_layout(&SnapRead(&snap), size);
+            Ok((snap, ranges, layout))
+        });
+        let (addr, export) = nbd_address(&t.uri)?;
+        let cfg = ClientConfig {
+            export,
+            meta_contexts: Vec::new(),
+            tls: None,
+        };
+        let connect = async {
+            NbdPool::connect(addr, cfg, CONNECTIONS).await.map_err(|e| {
+                StepError::failed(format!(
+                    "connecting to export of {} on {}: {e}",
+                    t.volume, self.p.to
+                ))
             })
-            .await?;
-            let (leaves, what) = leaves(layout, &ranges);
-            lines.push(format!(
-                "disk {} ({}): {what}; {} bytes allocated in {} pieces",
-                d.device,
-                d.volume,
-                leaves.iter().map(Leaf::bytes).sum::<u64>(),
-                leaves.len()
-            ));
-            let (addr, export) = nbd_address(&t.uri)?;
-            let cfg = ClientConfig {
-                export,
-                meta_contexts: Vec::new(),
-                tls: None,
-            };
-            let nbd = NbdPool::connect(addr, cfg, CONNECTIONS)
-                .await
-                .map_err(|e| {
-                    StepError::failed(format!(
-                        "connecting to export of {} on {}: {e}",
-                        t.volume, self.p.to
-                    ))
-                })?;
-            if nbd.size() < size {
-                return Err(StepError::failed(format!(
-                    "target volume {} is {} bytes, smaller than {size}",
-                    t.volume,
-                    nbd.size()
-                )));
-            }
-            disks.push(Disk {
-                snap,
-                target: t,
-                nbd: Arc::new(nbd),
-                leaves,
-                hashes: Default::default(),
-            });
+        };
+        let (read, nbd) = tokio::join!(read, connect);
+        let (snap, ranges, layout) = read?;
+        let nbd = nbd?;
+        let (leaves, what) = leaves(layout, &ranges);
+        let line = format!(
+            "disk {} ({}): {what}; {} bytes allocated in {} pieces",
+            d.device,
+            d.volume,
+            leaves.iter().map(Leaf::bytes).sum::<u64>(),
+            leaves.len()
+        );
+        if nbd.size() < size {
+            return Err(StepError::failed(format!(
+                "target volume {} is {} bytes, smaller than {size}",
+                t.volume,
+                nbd.size()
+            )));
         }
-        Ok((disks, lines))
+        let disk = Disk {
+            snap,
+            target: t,
+            nbd: Arc::new(nbd),
+            leaves,
+            hashes: Default::default(),
+        };
+        Ok((disk, line))
     }
 
     /// Hashes `ranges` (blocks) on both hosts; returns the blocks that
@@ -1132,108 +1153,136 @@ impl Step<App> for CopyData {
                 let mut unflushed: Vec<Mark> = Vec::new();
                 let mut held: Vec<Check> = Vec::new();
                 for (di, disk) in disks.iter().enumerate() {
+                    // Transfer what is not checkpointed yet: the units of
+                    // all the disk's pieces, leaf after leaf, go out in
+                    // one stream. A piece is verified (or flushed) once
+                    // its last unit answered (its writes all did), while
+                    // the next pieces' units — of the next leaf too — are
+                    // in flight. A flush runs while the next pieces are
+                    // sent; its checkpoints are recorded once it answered.
+                    let mut units = Vec::new();
+                    let mut plans = Vec::new();
                     for (li, leaf) in disk.leaves.iter().enumerate() {
+                        let skip = done.get(&(di, li)).copied().unwrap_or(0).min(leaf.bytes());
+                        let (u, plan) = unit_plan(&after(&leaf.ranges, skip), PIECE, XFER);
+                        let base = units.len();
+                        units.extend(u);
+                        // The pieces' last units, and the leaf's (none
+                        // when all of it was sent before a restart).
+                        let plan: Vec<PieceEnd> =
+                            plan.into_iter().map(|(end, p)| (base + end, p)).collect();
+                        plans.push((skip, plan, (units.len() > base).then(|| units.len() - 1)));
+                    }
+                    let mut stream = disk.sending(units).enumerate();
+                    for ((li, leaf), (skip, plan, last)) in
+                        disk.leaves.iter().enumerate().zip(plans)
+                    {
                         started[di][li] = true;
                         let total = leaf.bytes();
-                        let skip = done.get(&(di, li)).copied().unwrap_or(0).min(total);
                         // What a run before a restart sent is verified too.
                         if skip > 0 {
                             check(Check::piece(di, li, upto(&leaf.ranges, skip)));
                         }
-                        // Transfer what is not checkpointed yet. A flush runs
-                        // while the next pieces are sent; its checkpoints
-                        // are recorded once it answered.
-                        let todo = after(&leaf.ranges, skip);
                         let mut at = skip;
                         let mut flushed_to = skip;
                         leg(di, li, skip, skip);
                         let t0 = Instant::now();
                         let mut waited = std::time::Duration::ZERO;
-                        // The units of all the leaf's pieces go out in one
-                        // stream: a piece is verified (or flushed) once its
-                        // last unit answered (its writes all did), while
-                        // the next pieces' units are in flight.
-                        let (units, plan) = unit_plan(&todo, PIECE, XFER);
-                        let mut stream = disk.sending(units).enumerate();
                         let mut plan = plan.into_iter().peekable();
                         let mut got = 0u64;
-                        while let Some((i, r)) = stream.next().await {
-                            let (n, s) = disk.answered(cx, &pacer, r).await?;
-                            sent += s;
-                            got += n;
-                            leg(di, li, skip + got, 0);
-                            // Flushes that answered: their leaves' progress
-                            // and checks go on now.
-                            while flushing.front().is_some_and(|f| f.task.is_finished()) {
-                                let f = flushing.pop_front().expect("a front flush");
-                                landed(f.done(cx).await?);
-                            }
-                            // Not the last unit of the next piece: go on.
-                            let Some((_, piece)) = plan.next_if(|(end, _)| *end == i) else {
-                                continue;
-                            };
-                            let pb = span_bytes(&piece);
-                            at += pb;
-                            through += pb;
-                            // Learn the transfer rate as the leaf goes (the
-                            // first leaves' split is otherwise a guess).
-                            let mut m = measured();
-                            m.t_bytes += at - skip;
-                            m.t_secs += t0.elapsed().as_secs_f64();
-                            resplit(&m, &started);
-                            // Test-only: a crash point once half the data is
-                            // sent (and checkpointed) in this run.
-                            let pause = !paused
-                                && through * 2 >= grand - resumed.min(grand)
-                                && test_pause_armed("vm.copy:copying");
-                            // At most PIECES_AHEAD pieces unverified. The
-                            // checks the flushes hold are verify's to do.
-                            let w = Instant::now();
-                            let ahead = match pieces_ahead.clone().try_acquire_owned() {
-                                Ok(p) => p,
-                                Err(_) => {
-                                    while let Some(f) = flushing.pop_front() {
+                        // The leaf's units, up to its last (none if all of
+                        // it was sent before a restart).
+                        if let Some(last) = last {
+                            loop {
+                                let Some((i, r)) = stream.next().await else {
+                                    return Err(StepError::failed(format!(
+                                        "{}: the transfer of {} ended before its last unit",
+                                        disk.target.device, leaf.name
+                                    )));
+                                };
+                                'unit: {
+                                    let (n, s) = disk.answered(cx, &pacer, r).await?;
+                                    sent += s;
+                                    got += n;
+                                    leg(di, li, skip + got, 0);
+                                    // Flushes that answered: their leaves' progress
+                                    // and checks go on now.
+                                    while flushing.front().is_some_and(|f| f.task.is_finished()) {
+                                        let f = flushing.pop_front().expect("a front flush");
                                         landed(f.done(cx).await?);
                                     }
-                                    pieces_ahead
-                                        .clone()
-                                        .acquire_owned()
-                                        .await
-                                        .map_err(StepError::failed)?
+                                    // Not the last unit of the next piece: go on.
+                                    let Some((_, piece)) = plan.next_if(|(end, _)| *end == i)
+                                    else {
+                                        break 'unit;
+                                    };
+                                    let pb = span_bytes(&piece);
+                                    at += pb;
+                                    through += pb;
+                                    // Learn the transfer rate as the leaf goes (the
+                                    // first leaves' split is otherwise a guess).
+                                    let mut m = measured();
+                                    m.t_bytes += at - skip;
+                                    m.t_secs += t0.elapsed().as_secs_f64();
+                                    resplit(&m, &started);
+                                    // Test-only: a crash point once half the data is
+                                    // sent (and checkpointed) in this run.
+                                    let pause = !paused
+                                        && through * 2 >= grand - resumed.min(grand)
+                                        && test_pause_armed("vm.copy:copying");
+                                    // At most PIECES_AHEAD pieces unverified. The
+                                    // checks the flushes hold are verify's to do.
+                                    let w = Instant::now();
+                                    let ahead = match pieces_ahead.clone().try_acquire_owned() {
+                                        Ok(p) => p,
+                                        Err(_) => {
+                                            while let Some(f) = flushing.pop_front() {
+                                                landed(f.done(cx).await?);
+                                            }
+                                            pieces_ahead
+                                                .clone()
+                                                .acquire_owned()
+                                                .await
+                                                .map_err(StepError::failed)?
+                                        }
+                                    };
+                                    let piece = Check {
+                                        _ahead: Some(ahead),
+                                        ..Check::piece(di, li, piece)
+                                    };
+                                    if !records.due(pb, pause) {
+                                        waited += w.elapsed();
+                                        check(piece);
+                                        break 'unit;
+                                    }
+                                    unflushed.push(Mark {
+                                        disk: di,
+                                        leaf: li,
+                                        done: at,
+                                    });
+                                    flushed_to = at;
+                                    held.push(piece);
+                                    start_flush(
+                                        cx,
+                                        disk,
+                                        &mut flushing,
+                                        &mut unflushed,
+                                        &mut held,
+                                        &landed,
+                                    )
+                                    .await?;
+                                    waited += w.elapsed();
+                                    if pause {
+                                        paused = true;
+                                        while let Some(f) = flushing.pop_front() {
+                                            landed(f.done(cx).await?);
+                                        }
+                                        test_pause("vm.copy:copying").await;
+                                    }
                                 }
-                            };
-                            let piece = Check {
-                                _ahead: Some(ahead),
-                                ..Check::piece(di, li, piece)
-                            };
-                            if !records.due(pb, pause) {
-                                waited += w.elapsed();
-                                check(piece);
-                                continue;
-                            }
-                            unflushed.push(Mark {
-                                disk: di,
-                                leaf: li,
-                                done: at,
-                            });
-                            flushed_to = at;
-                            held.push(piece);
-                            start_flush(
-                                cx,
-                                disk,
-                                &mut flushing,
-                                &mut unflushed,
-                                &mut held,
-                                &landed,
-                            )
-                            .await?;
-                            waited += w.elapsed();
-                            if pause {
-                                paused = true;
-                                while let Some(f) = flushing.pop_front() {
-                                    landed(f.done(cx).await?);
+                                if i == last {
+                                    break;
                                 }
-                                test_pause("vm.copy:copying").await;
                             }
                         }
                         let t_took = t0.elapsed();
