@@ -97,6 +97,16 @@ pub struct LogLine {
     pub msg: String,
 }
 
+/// A step's end, for the journal: its index, result, the lines it logs
+/// as it ends and the operation's progress with it done.
+#[derive(Debug, Clone, Copy)]
+pub struct StepDone<'a> {
+    pub idx: usize,
+    pub result: &'a Value,
+    pub msgs: &'a [String],
+    pub progress: &'a Value,
+}
+
 /// The journal. Cheap to share behind an `Arc`; calls serialise on one
 /// connection (each is a short transaction).
 #[derive(Debug)]
@@ -272,9 +282,48 @@ impl Journal {
         msgs: &[String],
         progress: &Value,
     ) -> Result<()> {
+        let done = StepDone {
+            idx,
+            result,
+            msgs,
+            progress,
+        };
+        self.in_tx(|c| sql::step_done(c, id, &done))
+    }
+
+    /// A step done ([`Journal::step_done_logged`]) and the next one
+    /// started ([`Journal::step_started_logged`]), durable together: one
+    /// sync of the journal between two steps instead of two.
+    pub fn step_done_then_started(
+        &self,
+        id: &str,
+        done: &StepDone<'_>,
+        idx: usize,
+        name: &str,
+        intent: &Value,
+        msg: &str,
+    ) -> Result<()> {
         self.in_tx(|c| {
-            sql::step_finished(c, id, idx, StepState::Done, Some(result), None)?;
-            msgs.iter().try_for_each(|m| sql::log(c, id, "info", m))?;
+            sql::step_done(c, id, done)?;
+            sql::step_started(c, id, idx, name, intent)?;
+            sql::log(c, id, "info", msg)
+        })
+    }
+
+    /// The last step done ([`Journal::step_done_logged`]) and the
+    /// operation ended ([`Journal::end`]), durable together.
+    pub fn step_done_then_end(
+        &self,
+        id: &str,
+        done: &StepDone<'_>,
+        state: OpState,
+        msg: &str,
+        progress: &Value,
+    ) -> Result<()> {
+        self.in_tx(|c| {
+            sql::step_done(c, id, done)?;
+            sql::log(c, id, "info", msg)?;
+            sql::set_state(c, id, state, None)?;
             sql::save_progress(c, id, progress)
         })
     }
@@ -513,6 +562,13 @@ mod sql {
         .map(drop)
     }
 
+    /// A step's end as [`super::Journal::step_done_logged`] writes it.
+    pub(super) fn step_done(c: &Connection, id: &str, d: &super::StepDone<'_>) -> Result<()> {
+        step_finished(c, id, d.idx, StepState::Done, Some(d.result), None)?;
+        d.msgs.iter().try_for_each(|m| log(c, id, "info", m))?;
+        save_progress(c, id, d.progress)
+    }
+
     pub(super) fn log(c: &Connection, id: &str, level: &str, msg: &str) -> Result<()> {
         let now = now_ms() as i64;
         c.execute(
@@ -602,6 +658,75 @@ mod tests {
                 "step freeze started",
                 "froze 1 guest",
                 "step freeze done",
+                "succeeded"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_step_end_lands_with_the_next_start_or_the_operations_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        let lines = |v: &[&str]| v.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        {
+            let j = Journal::open(&path).unwrap();
+            j.create_logged("op1", "demo", &json!({}), "demo started")
+                .unwrap();
+            j.step_started_logged("op1", 0, "look", &json!({}), "step look started")
+                .unwrap();
+            let said = lines(&["looked", "step look done"]);
+            let done = StepDone {
+                idx: 0,
+                result: &json!({"seen": 2}),
+                msgs: &said,
+                progress: &json!({"overall": 0.4}),
+            };
+            j.step_done_then_started("op1", &done, 1, "act", &json!({"n": 2}), "step act started")
+                .unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let steps = j.steps("op1").unwrap();
+        assert_eq!(steps[0].state, StepState::Done);
+        assert_eq!(steps[0].result, Some(json!({"seen": 2})));
+        assert_eq!(steps[1].state, StepState::Started);
+        assert_eq!(steps[1].intent, json!({"n": 2}));
+        assert_eq!(
+            j.get("op1").unwrap().progress,
+            Some(json!({"overall": 0.4}))
+        );
+        let said = lines(&["step act done"]);
+        let done = StepDone {
+            idx: 1,
+            result: &json!("acted"),
+            msgs: &said,
+            progress: &json!({"overall": 0.9}),
+        };
+        j.step_done_then_end(
+            "op1",
+            &done,
+            OpState::Succeeded,
+            "succeeded",
+            &json!({"overall": 1.0}),
+        )
+        .unwrap();
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        let steps = j.steps("op1").unwrap();
+        assert_eq!(steps[1].state, StepState::Done);
+        assert_eq!(steps[1].result, Some(json!("acted")));
+        let op = j.get("op1").unwrap();
+        assert_eq!(op.state, OpState::Succeeded);
+        assert_eq!(op.progress, Some(json!({"overall": 1.0})));
+        let msgs: Vec<String> = j.logs("op1").unwrap().into_iter().map(|l| l.msg).collect();
+        assert_eq!(
+            msgs,
+            [
+                "demo started",
+                "step look started",
+                "looked",
+                "step look done",
+                "step act started",
+                "step act done",
                 "succeeded"
             ]
         );

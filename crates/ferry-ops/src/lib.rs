@@ -7,7 +7,13 @@
 //! holds each operation's kind and parameters, and for each step its
 //! *intent* — what it is about to do and what its undo needs — written
 //! **before** the step acts, then its result or error. So after a `kill -9`
-//! at any point the journal names every step that may have acted.
+//! at any point the journal names every step that may have acted. The end
+//! of a step that is run again after a crash ([`Recovery::Retry`]) is
+//! written with the next step's intent (or the operation's end), in one
+//! transaction: a crash in between finds it started, not done, and runs
+//! it again, as after a crash just before its end. Any other step's end is
+//! written before the next step is considered, so a crash after it rolls
+//! forward.
 //!
 //! # Recovery
 //! At start-up [`Manager::recover`] rebuilds each unfinished operation's plan

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{OpsError, Result, StepError};
-use crate::journal::{Journal, OpRecord, OpState, StepRecord, StepState};
+use crate::journal::{Journal, OpRecord, OpState, StepDone, StepRecord, StepState};
 use crate::progress::ProgressView;
 use crate::step::{Plan, ProgressHandle, Recovery, StepContext};
 
@@ -284,28 +284,65 @@ impl<C: Send + Sync + 'static> Manager<C> {
                 return self.compensate(run, end, &reason).await;
             }
         };
+        // The end of a step that a crash has run again
+        // ([`Recovery::Retry`]) waits to be journaled with the next step's
+        // start (or the operation's end): one sync of the journal between
+        // the two instead of two. Until then a crash finds the step
+        // started, not done, as a crash just before its end would, and
+        // runs it again. Another step's end is journaled at once (a crash
+        // after it rolls forward), as is a waiting end before anything
+        // else is journaled (compensation, a failure).
+        let mut ended: Option<Ended> = None;
+        // Writes a step's end still waiting; on failure, the reason to
+        // compensate.
+        let write_ended = |ended: &mut Option<Ended>| -> std::result::Result<(), String> {
+            let Some(e) = ended.take() else {
+                return Ok(());
+            };
+            self.journal
+                .step_done_logged(id, e.idx, &e.result, &e.lines, &e.view)
+                .map_err(|err| format!("step {} done but not journaled: {err}", e.name))?;
+            tracing::info!(op = %id, "step {} done", e.name);
+            Ok(())
+        };
         for idx in from..plan.steps.len() {
             let step = &plan.steps[idx];
             let name = step.name().to_string();
             if run.cancel.is_cancelled() {
+                if let Err(reason) = write_ended(&mut ended) {
+                    return self.compensate(run, OpState::Failed, &reason).await;
+                }
                 return self.compensate(run, OpState::Cancelled, "cancelled").await;
             }
             let cx = self.context(run, idx, &results);
             let intent = match step.intent(&cx) {
                 Ok(v) => v,
                 Err(e) => {
-                    let reason = format!("step {name} failed before acting: {e}");
+                    let reason = match write_ended(&mut ended) {
+                        Ok(()) => format!("step {name} failed before acting: {e}"),
+                        Err(reason) => reason,
+                    };
                     return self.compensate(run, OpState::Failed, &reason).await;
                 }
             };
-            // The intent and the log line in one journal write.
+            // The intent and the log line in one journal write, with the
+            // end of the step before if it waits.
             let msg = format!("step {name} started");
-            if let Err(e) = self
-                .journal
-                .step_started_logged(id, idx, &name, &intent, &msg)
-            {
-                let reason = format!("step {name} not started: {e}");
+            let wrote = match &ended {
+                None => self
+                    .journal
+                    .step_started_logged(id, idx, &name, &intent, &msg)
+                    .map_err(|e| format!("step {name} not started: {e}")),
+                Some(e) => self
+                    .journal
+                    .step_done_then_started(id, &e.record(), idx, &name, &intent, &msg)
+                    .map_err(|err| format!("step {} done but not journaled: {err}", e.name)),
+            };
+            if let Err(reason) = wrote {
                 return self.compensate(run, OpState::Failed, &reason).await;
+            }
+            if let Some(e) = ended.take() {
+                tracing::info!(op = %id, "step {} done", e.name);
             }
             tracing::info!(op = %id, "{msg}");
             progress.update(|t| t.start(cx.node));
@@ -313,26 +350,35 @@ impl<C: Send + Sync + 'static> Manager<C> {
             match step.run(&cx).await {
                 Ok(result) => {
                     // The result, the log line and the progress with this
-                    // step done in one journal write.
+                    // step done, journaled together with what comes next.
                     progress.update(|t| t.finish(cx.node));
-                    let msg = format!("step {name} done");
-                    let view = view_json(&progress.view());
                     let mut lines = cx.take_when_done();
-                    lines.push(msg.clone());
-                    if let Err(e) = self
-                        .journal
-                        .step_done_logged(id, idx, &result, &lines, &view)
-                    {
-                        // The step acted but the journal cannot say so: undo it
-                        // rather than go on with an unrecorded change.
-                        let reason = format!("step {name} done but not journaled: {e}");
-                        return self.compensate(run, OpState::Failed, &reason).await;
-                    }
-                    tracing::info!(op = %id, "{msg}");
+                    lines.push(format!("step {name} done"));
+                    ended = Some(Ended {
+                        idx,
+                        name: name.clone(),
+                        result: result.clone(),
+                        lines,
+                        view: view_json(&progress.view()),
+                    });
                     results.insert(name, result);
-                    crate::fault::test_pause(&format!("{}:done:{idx}", run.kind)).await;
+                    // Test-only: at this pause point the end is journaled.
+                    let point = format!("{}:done:{idx}", run.kind);
+                    let armed = crate::fault::test_pause_armed(&point);
+                    if armed || step.recovery() != Recovery::Retry {
+                        // The step acted but the journal cannot say so: undo
+                        // it rather than go on with an unrecorded change.
+                        if let Err(reason) = write_ended(&mut ended) {
+                            return self.compensate(run, OpState::Failed, &reason).await;
+                        }
+                    }
+                    if armed {
+                        crate::fault::test_pause(&point).await;
+                    }
                 }
                 Err(e) => {
+                    // Not reached with an end waiting: it was journaled
+                    // with this step's start.
                     let cancelled = e == StepError::Cancelled;
                     let said = cx.take_when_done();
                     if !said.is_empty() {
@@ -355,14 +401,30 @@ impl<C: Send + Sync + 'static> Manager<C> {
             }
         }
         progress.update(|t| t.complete());
-        tracing::info!(op = %id, "succeeded");
         let view = view_json(&progress.view());
-        if let Err(e) = self
-            .journal
-            .end(id, OpState::Succeeded, None, "succeeded", &view)
-        {
-            tracing::warn!(op = %id, "cannot write the journal: {e}");
+        // The last step's end and the operation's in one journal write.
+        let wrote = match &ended {
+            None => self
+                .journal
+                .end(id, OpState::Succeeded, None, "succeeded", &view)
+                .map_err(|e| e.to_string()),
+            Some(e) => self
+                .journal
+                .step_done_then_end(id, &e.record(), OpState::Succeeded, "succeeded", &view)
+                .map_err(|err| {
+                    // The step acted but the journal cannot say so.
+                    format!("step {} done but not journaled: {err}", e.name)
+                }),
+        };
+        match (wrote, ended.take()) {
+            (Ok(()), Some(e)) => tracing::info!(op = %id, "step {} done", e.name),
+            (Ok(()), None) => {}
+            (Err(reason), Some(_)) => {
+                return self.compensate(run, OpState::Failed, &reason).await;
+            }
+            (Err(e), None) => tracing::warn!(op = %id, "cannot write the journal: {e}"),
         }
+        tracing::info!(op = %id, "succeeded");
         OpState::Succeeded
     }
 
@@ -445,6 +507,28 @@ impl<C: Send + Sync + 'static> Manager<C> {
         tracing::info!(op = %id, "{msg}");
         if let Err(e) = self.journal.log(id, level, msg) {
             tracing::warn!(op = %id, "cannot write the journal log: {e}");
+        }
+    }
+}
+
+/// A step's end not journaled yet (see [`Manager::execute`]).
+struct Ended {
+    idx: usize,
+    name: String,
+    result: Value,
+    /// Its closing log lines, "step <name> done" last.
+    lines: Vec<String>,
+    /// The operation's progress with the step done.
+    view: Value,
+}
+
+impl Ended {
+    fn record(&self) -> StepDone<'_> {
+        StepDone {
+            idx: self.idx,
+            result: &self.result,
+            msgs: &self.lines,
+            progress: &self.view,
         }
     }
 }

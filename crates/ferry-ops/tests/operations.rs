@@ -321,12 +321,13 @@ async fn kill_9_at_every_step_boundary() {
             &["a", "b", "c"],
             "rolling forward from step a",
         ),
-        // a done, b not started.
+        // a done, b not started: a (retry) waits to journal its end with
+        // b's start, so it is run again.
         (
             "before-intent:b",
             OpState::Succeeded,
             &["a", "b", "c"],
-            "rolling forward from step b",
+            "rolling forward from step a",
         ),
         // b (compensate) interrupted: everything is undone.
         (
@@ -341,6 +342,7 @@ async fn kill_9_at_every_step_boundary() {
             &[],
             "interrupted by a restart during step b",
         ),
+        // b (compensate) journaled its end at once: roll forward.
         (
             "before-intent:c",
             OpState::Succeeded,
