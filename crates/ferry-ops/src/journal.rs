@@ -611,6 +611,11 @@ mod tests {
         assert_eq!(j.logs("op1").unwrap()[0].msg, "freezing web-1");
     }
 
+    /// The log lines of operation `id`, in order.
+    fn messages(j: &Journal, id: &str) -> Vec<String> {
+        j.logs(id).unwrap().into_iter().map(|l| l.msg).collect()
+    }
+
     #[test]
     fn combined_writes_land_together() {
         let dir = tempfile::tempdir().unwrap();
@@ -650,7 +655,7 @@ mod tests {
         let op = j.get("op1").unwrap();
         assert_eq!(op.state, OpState::Succeeded);
         assert_eq!(op.progress, Some(json!({"overall": 1.0})));
-        let msgs: Vec<String> = j.logs("op1").unwrap().into_iter().map(|l| l.msg).collect();
+        let msgs = messages(&j, "op1");
         assert_eq!(
             msgs,
             [
@@ -717,7 +722,7 @@ mod tests {
         let op = j.get("op1").unwrap();
         assert_eq!(op.state, OpState::Succeeded);
         assert_eq!(op.progress, Some(json!({"overall": 1.0})));
-        let msgs: Vec<String> = j.logs("op1").unwrap().into_iter().map(|l| l.msg).collect();
+        let msgs = messages(&j, "op1");
         assert_eq!(
             msgs,
             [
