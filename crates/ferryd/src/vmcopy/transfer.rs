@@ -1167,14 +1167,13 @@ impl Step<App> for CopyData {
                         let (u, plan) = unit_plan(&after(&leaf.ranges, skip), PIECE, XFER);
                         let base = units.len();
                         units.extend(u);
-                        // The pieces' last units, and the leaf's (none
-                        // when all of it was sent before a restart).
+                        // The pieces' last units, numbered in the stream.
                         let plan: Vec<PieceEnd> =
                             plan.into_iter().map(|(end, p)| (base + end, p)).collect();
-                        plans.push((skip, plan, (units.len() > base).then(|| units.len() - 1)));
+                        plans.push((skip, plan, units.len() - base));
                     }
                     let mut stream = disk.sending(units).enumerate();
-                    for ((li, leaf), (skip, plan, last)) in
+                    for ((li, leaf), (skip, plan, count)) in
                         disk.leaves.iter().enumerate().zip(plans)
                     {
                         started[di][li] = true;
@@ -1190,99 +1189,86 @@ impl Step<App> for CopyData {
                         let mut waited = std::time::Duration::ZERO;
                         let mut plan = plan.into_iter().peekable();
                         let mut got = 0u64;
-                        // The leaf's units, up to its last (none if all of
-                        // it was sent before a restart).
-                        if let Some(last) = last {
-                            loop {
-                                let Some((i, r)) = stream.next().await else {
-                                    return Err(StepError::failed(format!(
-                                        "{}: the transfer of {} ended before its last unit",
-                                        disk.target.device, leaf.name
-                                    )));
-                                };
-                                'unit: {
-                                    let (n, s) = disk.answered(cx, &pacer, r).await?;
-                                    sent += s;
-                                    got += n;
-                                    leg(di, li, skip + got, 0);
-                                    // Flushes that answered: their leaves' progress
-                                    // and checks go on now.
-                                    while flushing.front().is_some_and(|f| f.task.is_finished()) {
-                                        let f = flushing.pop_front().expect("a front flush");
+                        // The leaf's units (none if all of it was sent
+                        // before a restart).
+                        let mut units = stream.by_ref().take(count);
+                        while let Some((i, r)) = units.next().await {
+                            let (n, s) = disk.answered(cx, &pacer, r).await?;
+                            sent += s;
+                            got += n;
+                            leg(di, li, skip + got, 0);
+                            // Flushes that answered: their leaves' progress
+                            // and checks go on now.
+                            while flushing.front().is_some_and(|f| f.task.is_finished()) {
+                                let f = flushing.pop_front().expect("a front flush");
+                                landed(f.done(cx).await?);
+                            }
+                            // Not the last unit of the next piece: go on.
+                            let Some((_, piece)) = plan.next_if(|(end, _)| *end == i) else {
+                                continue;
+                            };
+                            let pb = span_bytes(&piece);
+                            at += pb;
+                            through += pb;
+                            // Learn the transfer rate as the leaf goes (the
+                            // first leaves' split is otherwise a guess).
+                            let mut m = measured();
+                            m.t_bytes += at - skip;
+                            m.t_secs += t0.elapsed().as_secs_f64();
+                            resplit(&m, &started);
+                            // Test-only: a crash point once half the data is
+                            // sent (and checkpointed) in this run.
+                            let pause = !paused
+                                && through * 2 >= grand - resumed.min(grand)
+                                && test_pause_armed("vm.copy:copying");
+                            // At most PIECES_AHEAD pieces unverified. The
+                            // checks the flushes hold are verify's to do.
+                            let w = Instant::now();
+                            let ahead = match pieces_ahead.clone().try_acquire_owned() {
+                                Ok(p) => p,
+                                Err(_) => {
+                                    while let Some(f) = flushing.pop_front() {
                                         landed(f.done(cx).await?);
                                     }
-                                    // Not the last unit of the next piece: go on.
-                                    let Some((_, piece)) = plan.next_if(|(end, _)| *end == i)
-                                    else {
-                                        break 'unit;
-                                    };
-                                    let pb = span_bytes(&piece);
-                                    at += pb;
-                                    through += pb;
-                                    // Learn the transfer rate as the leaf goes (the
-                                    // first leaves' split is otherwise a guess).
-                                    let mut m = measured();
-                                    m.t_bytes += at - skip;
-                                    m.t_secs += t0.elapsed().as_secs_f64();
-                                    resplit(&m, &started);
-                                    // Test-only: a crash point once half the data is
-                                    // sent (and checkpointed) in this run.
-                                    let pause = !paused
-                                        && through * 2 >= grand - resumed.min(grand)
-                                        && test_pause_armed("vm.copy:copying");
-                                    // At most PIECES_AHEAD pieces unverified. The
-                                    // checks the flushes hold are verify's to do.
-                                    let w = Instant::now();
-                                    let ahead = match pieces_ahead.clone().try_acquire_owned() {
-                                        Ok(p) => p,
-                                        Err(_) => {
-                                            while let Some(f) = flushing.pop_front() {
-                                                landed(f.done(cx).await?);
-                                            }
-                                            pieces_ahead
-                                                .clone()
-                                                .acquire_owned()
-                                                .await
-                                                .map_err(StepError::failed)?
-                                        }
-                                    };
-                                    let piece = Check {
-                                        _ahead: Some(ahead),
-                                        ..Check::piece(di, li, piece)
-                                    };
-                                    if !records.due(pb, pause) {
-                                        waited += w.elapsed();
-                                        check(piece);
-                                        break 'unit;
-                                    }
-                                    unflushed.push(Mark {
-                                        disk: di,
-                                        leaf: li,
-                                        done: at,
-                                    });
-                                    flushed_to = at;
-                                    held.push(piece);
-                                    start_flush(
-                                        cx,
-                                        disk,
-                                        &mut flushing,
-                                        &mut unflushed,
-                                        &mut held,
-                                        &landed,
-                                    )
-                                    .await?;
-                                    waited += w.elapsed();
-                                    if pause {
-                                        paused = true;
-                                        while let Some(f) = flushing.pop_front() {
-                                            landed(f.done(cx).await?);
-                                        }
-                                        test_pause("vm.copy:copying").await;
-                                    }
+                                    pieces_ahead
+                                        .clone()
+                                        .acquire_owned()
+                                        .await
+                                        .map_err(StepError::failed)?
                                 }
-                                if i == last {
-                                    break;
+                            };
+                            let piece = Check {
+                                _ahead: Some(ahead),
+                                ..Check::piece(di, li, piece)
+                            };
+                            if !records.due(pb, pause) {
+                                waited += w.elapsed();
+                                check(piece);
+                                continue;
+                            }
+                            unflushed.push(Mark {
+                                disk: di,
+                                leaf: li,
+                                done: at,
+                            });
+                            flushed_to = at;
+                            held.push(piece);
+                            start_flush(
+                                cx,
+                                disk,
+                                &mut flushing,
+                                &mut unflushed,
+                                &mut held,
+                                &landed,
+                            )
+                            .await?;
+                            waited += w.elapsed();
+                            if pause {
+                                paused = true;
+                                while let Some(f) = flushing.pop_front() {
+                                    landed(f.done(cx).await?);
                                 }
+                                test_pause("vm.copy:copying").await;
                             }
                         }
                         let t_took = t0.elapsed();
