@@ -329,16 +329,6 @@ impl Volume {
         }
     }
 
-    /// Starts writing `ranges` (each `(offset, length)`) out to the disk
-    /// without waiting, and lets go of the pages of what earlier calls (on
-    /// any volume of the pool) started writing, a few MiB behind, once
-    /// written: for a writer that will not read the ranges again soon and
-    /// flushes later. A copy's target calls it for the ranges of each
-    /// piece it verified, so the copy can flush rarely and still find the
-    /// data written out and the pages reused (see `docs/vm-copy.md`).
-    /// Ranges whose data lie one after the other in the pool's data file
-    /// are written out as one. Like a write, durable only after a flush; a
-    /// writeback error is reported by the next flush.
     /// Starts writing `[off, off + len)` out to the disk, without waiting
     /// and without letting its pages go: for a bulk writer (a copy's
     /// target) whose flush at the end should find little left to write,
@@ -351,6 +341,16 @@ impl Volume {
             .start_writeback(&self.data_runs("write out", off, len));
     }
 
+    /// Starts writing `ranges` (each `(offset, length)`) out to the disk
+    /// without waiting, and lets go of the pages of what earlier calls (on
+    /// any volume of the pool) started writing, a few MiB behind, once
+    /// written: for a writer that will not read the ranges again soon and
+    /// flushes later. A copy's target calls it for the ranges of each
+    /// piece it verified, so the copy can flush rarely and still find the
+    /// data written out and the pages reused (see `docs/vm-copy.md`).
+    /// Ranges whose data lie one after the other in the pool's data file
+    /// are written out as one. Like a write, durable only after a flush; a
+    /// writeback error is reported by the next flush.
     pub fn write_behind(&self, ranges: &[(u64, u64)]) {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for &(off, len) in ranges {

@@ -18,10 +18,10 @@
 //!   have not started are re-split: their fraction is 0, so the overall
 //!   figure does not move when they are (the split is inside a leaf whose
 //!   total weight is fixed).
-//! - A transfer's fraction is the mean of the leaf's bytes sent and bytes
-//!   flushed ([`transfer_fraction`]); it is done once all is flushed, so
-//!   the flushes still running after a leaf is all sent (the copy's last
-//!   ones above all) count for part of its weight.
+//! - A transfer's fraction is the leaf's bytes sent
+//!   ([`transfer_fraction`]); it is done once all is flushed. Flushes come
+//!   every [`RECORD_EVERY`] bytes: counting flushed bytes would move the
+//!   bar in steps.
 //! - Before its first node, the step weighs the operation's steps in
 //!   seconds (see [`step_weights`]): the fixed steps count for the time
 //!   they take. A disk weighs its expected seconds, next to an `open disks`
