@@ -272,23 +272,10 @@ impl Journal {
         self.with(|c| sql::step_finished(c, id, idx, state, result, error))
     }
 
-    /// Step `idx` is done with `result`: that, log lines and the
-    /// operation's progress, durable together.
-    pub fn step_done_logged(
-        &self,
-        id: &str,
-        idx: usize,
-        result: &Value,
-        msgs: &[String],
-        progress: &Value,
-    ) -> Result<()> {
-        let done = StepDone {
-            idx,
-            result,
-            msgs,
-            progress,
-        };
-        self.in_tx(|c| sql::step_done(c, id, &done))
+    /// A step is done: its result, log lines and the operation's
+    /// progress, durable together.
+    pub fn step_done_logged(&self, id: &str, done: &StepDone<'_>) -> Result<()> {
+        self.in_tx(|c| sql::step_done(c, id, done))
     }
 
     /// A step done ([`Journal::step_done_logged`]) and the next one
@@ -626,14 +613,14 @@ mod tests {
                 .unwrap();
             j.step_started_logged("op1", 0, "freeze", &json!({"vm": 1}), "step freeze started")
                 .unwrap();
-            j.step_done_logged(
-                "op1",
-                0,
-                &json!("frozen"),
-                &["froze 1 guest".into(), "step freeze done".into()],
-                &json!({"overall": 0.5}),
-            )
-            .unwrap();
+            let said = ["froze 1 guest".to_string(), "step freeze done".to_string()];
+            let done = StepDone {
+                idx: 0,
+                result: &json!("frozen"),
+                msgs: &said,
+                progress: &json!({"overall": 0.5}),
+            };
+            j.step_done_logged("op1", &done).unwrap();
         }
         let j = Journal::open(&path).unwrap();
         let steps = j.steps("op1").unwrap();

@@ -300,7 +300,7 @@ impl<C: Send + Sync + 'static> Manager<C> {
                 return Ok(());
             };
             self.journal
-                .step_done_logged(id, e.idx, &e.result, &e.lines, &e.view)
+                .step_done_logged(id, &e.record())
                 .map_err(|err| format!("step {} done but not journaled: {err}", e.name))?;
             tracing::info!(op = %id, "step {} done", e.name);
             Ok(())

@@ -27,22 +27,22 @@ pub struct ExportRecord {
     pub volume: Option<String>,
     pub snapshot: Option<String>,
     pub secret: String,
+    /// How it writes (kept as the record's own fields `direct` and
+    /// `write_out`).
+    #[serde(flatten)]
+    pub writes: WriteOptions,
+}
+
+/// How a volume's export writes (neither applies to a snapshot's
+/// export, which is read-only).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct WriteOptions {
     /// Large writes bypass the page cache (see [`VolumeExport::direct`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub direct: bool,
     /// Writes start going to the disk at once (see
     /// [`VolumeExport::write_out`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub write_out: bool,
-}
-
-/// How a volume's export writes (neither applies to a snapshot's
-/// export, which is read-only).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WriteOptions {
-    /// See [`VolumeExport::direct`].
-    pub direct: bool,
-    /// See [`VolumeExport::write_out`].
     pub write_out: bool,
 }
 
@@ -103,16 +103,13 @@ impl Exports {
 
     fn serve(&self, pool: &Pool, rec: &ExportRecord) -> Result<(), ExportError> {
         let export: Arc<dyn ferry_nbd::export::Export> = match (&rec.volume, &rec.snapshot) {
-            (Some(v), None) => Arc::new(VolumeExport::new(
-                pool.clone(),
-                pool.volume(v)?,
-                WriteOptions {
-                    direct: rec.direct,
-                    write_out: rec.write_out,
-                },
-            )),
-            (None, Some(_)) if rec.direct => return Err(ExportError::ReadOnly("direct")),
-            (None, Some(_)) if rec.write_out => return Err(ExportError::ReadOnly("write_out")),
+            (Some(v), None) => {
+                Arc::new(VolumeExport::new(pool.clone(), pool.volume(v)?, rec.writes))
+            }
+            (None, Some(_)) if rec.writes.direct => return Err(ExportError::ReadOnly("direct")),
+            (None, Some(_)) if rec.writes.write_out => {
+                return Err(ExportError::ReadOnly("write_out"));
+            }
             (None, Some(s)) => Arc::new(SnapshotExport {
                 snapshot: pool.open_snapshot(s)?,
             }),
@@ -180,8 +177,7 @@ impl Exports {
             volume,
             snapshot,
             secret: new_token(),
-            direct: writes.direct,
-            write_out: writes.write_out,
+            writes,
         };
         self.serve(pool, &rec)?;
         records.insert(name.to_string(), rec.clone());
@@ -234,8 +230,8 @@ impl Exports {
             volume: r.volume.clone(),
             snapshot: r.snapshot.clone(),
             read_only: r.snapshot.is_some(),
-            direct: r.direct,
-            write_out: r.write_out,
+            direct: r.writes.direct,
+            write_out: r.writes.write_out,
             unix_uri: format!("nbd+unix:///{}?socket={}", r.name, self.unix_path.display()),
             tcp_uri: tcp.map(|a| format!("nbd://{a}/{}/{}", r.name, r.secret)),
         }
