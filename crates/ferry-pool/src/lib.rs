@@ -49,7 +49,9 @@
 //! several cannot deadlock. [`Volume::try_read_mapped`] hands a read out
 //! as places in the data file mapped read-only, for a server to `send`
 //! from; its chunks stay pinned (a pinned chunk that is freed is reused
-//! only once unpinned) until the [`MappedRead`] is dropped. Writers of one chunk
+//! only once unpinned) until the [`MappedRead`] is dropped;
+//! [`Snapshot::try_read_mapped`] does the same for a snapshot, whose bytes,
+//! when all cached, may also be read in place ([`CachedRead`]). Writers of one chunk
 //! serialise on one of 256 striped chunk locks and hold their volume's state
 //! lock shared; a snapshot holds it exclusively, which makes a group
 //! snapshot atomic across its volumes. A [`Snapshot`] handle refuses reads
@@ -237,7 +239,7 @@ pub use control::{Pool, SnapshotInfo, VolumeInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use hydrator::{HydrationProgress, Hydrator, HydratorOptions};
 pub use lazy::ChunkSource;
-pub use mapped::MappedRead;
+pub use mapped::{CachedRead, MappedRead};
 pub use pool::{DATA_FILE, DIRECT_ALIGN, META_FILE, PoolOptions, Recovery, aligned_slice};
 pub use profile::ProfileLimit;
 pub use snapshot::Snapshot;

@@ -16,9 +16,12 @@
 //! lock, so either the free sees the pin or the reader sees the changed
 //! word and gives up.
 //!
-//! Nothing here reads the mapped memory: the addresses are for system
-//! calls (`send`), in which the kernel copies from the page cache and
-//! turns a fault into an error instead of a signal.
+//! The addresses are for system calls (`send`), in which the kernel
+//! copies from the page cache and turns a fault into an error instead of
+//! a signal. One exception reads the memory itself: a snapshot's read
+//! whose pages are all cached ([`MappedRead::into_cached`]), which a VM
+//! copy hashes and sends in place. Nothing writes a snapshot's chunks, so
+//! its bytes cannot change under the reader, and no fault needs the disk.
 
 use std::sync::{Arc, PoisonError};
 
@@ -37,6 +40,8 @@ pub struct MappedRead {
     ranges: Vec<(usize, usize)>,
     pins: Pins,
     _map: Arc<MmapRaw>,
+    /// A snapshot's bytes: nothing writes its chunks while they are pinned.
+    frozen: bool,
 }
 
 impl MappedRead {
@@ -47,6 +52,57 @@ impl MappedRead {
     pub fn ranges(&self) -> &[(usize, usize)] {
         &self.ranges
     }
+
+    /// The read as bytes to be read in place, for a snapshot's read whose
+    /// pages are all in the page cache; `Err(self)` for a volume's read
+    /// (its chunks may change under the reader) or when some page is not
+    /// cached (a fault would then read the disk, and a disk error would
+    /// raise `SIGBUS` instead of returning one: send the ranges, or read
+    /// with [`crate::Snapshot::read_at`]).
+    ///
+    /// A page the kernel evicts between this check and the read is read
+    /// again from the disk on the fault: only an I/O error in that moment
+    /// can still end in `SIGBUS`.
+    pub fn into_cached(self) -> Result<CachedRead, MappedRead> {
+        if self.frozen && self.ranges.iter().all(|&(a, n)| resident(a, n)) {
+            Ok(CachedRead(self))
+        } else {
+            Err(self)
+        }
+    }
+}
+
+/// A snapshot's read whose bytes are read in place (see
+/// [`MappedRead::into_cached`]).
+#[derive(Debug)]
+pub struct CachedRead(MappedRead);
+
+impl CachedRead {
+    /// The bytes of each piece of the read, in order.
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        self.0.ranges.iter().map(|&(a, n)| {
+            // SAFETY: `[a, a + n)` lies in the read-only mapping kept alive
+            // by `self`, inside the data file (which never shrinks), over a
+            // snapshot's chunks pinned by `self`: no write of the pool
+            // touches them while the snapshot exists (its volume copies on
+            // write) and the pin keeps them from being freed and reused, so
+            // the bytes do not change while borrowed.
+            unsafe { std::slice::from_raw_parts(a as *const u8, n) }
+        })
+    }
+}
+
+/// Whether every page of `[addr, addr + len)` (mapped) is in the page cache.
+fn resident(addr: usize, len: usize) -> bool {
+    // SAFETY: sysconf has no memory arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let start = addr - addr % page;
+    let end = (addr + len).next_multiple_of(page);
+    let mut vec = vec![0u8; (end - start) / page];
+    // SAFETY: `[start, end)` is page-aligned and mapped (inside the
+    // caller's mapping); `vec` has one byte per page of it.
+    let r = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
+    r == 0 && vec.iter().all(|b| b & 1 == 1)
 }
 
 impl std::fmt::Debug for MappedRead {
@@ -144,17 +200,35 @@ impl Volume {
             pinned.push(p);
             add_run(&mut runs, self.sh.data_at(p) + within, n as u64);
         }
-        self.sh.pin(&pinned);
-        let pins = Pins(self.sh.clone(), pinned);
-        if words.iter().any(|&(c, w)| self.v.fast.load(c) != w) {
-            return None;
-        }
-        let end = runs.iter().map(|r| r.1).max()?;
-        let map = self.sh.mapping(end)?;
-        let base = map.as_ptr() as usize;
+        let read = self.sh.mapped_read(pinned, &runs, false, || {
+            words.iter().all(|&(c, w)| self.v.fast.load(c) == w)
+        })?;
         for &(c, _) in &words {
             self.v.profile.record(c);
         }
+        Some(read)
+    }
+}
+
+impl Shared {
+    /// The read of the data file's byte `runs` `[from, to)`, over chunks
+    /// `pinned`: they are pinned, then `still` tells whether they are still
+    /// the reader's (a chunk freed before its pin may have been reused).
+    pub(crate) fn mapped_read(
+        self: &Arc<Self>,
+        pinned: Vec<u64>,
+        runs: &[(u64, u64)],
+        frozen: bool,
+        still: impl FnOnce() -> bool,
+    ) -> Option<MappedRead> {
+        self.pin(&pinned);
+        let pins = Pins(self.clone(), pinned);
+        if !still() {
+            return None;
+        }
+        let end = runs.iter().map(|r| r.1).max()?;
+        let map = self.mapping(end)?;
+        let base = map.as_ptr() as usize;
         Some(MappedRead {
             ranges: runs
                 .iter()
@@ -162,6 +236,7 @@ impl Volume {
                 .collect(),
             pins,
             _map: map,
+            frozen,
         })
     }
 }

@@ -133,6 +133,43 @@ impl Snapshot {
         self.size
     }
 
+    /// The read of `[off, off + len)` as places in the mapped data file
+    /// (see [`crate::MappedRead`]; its bytes may be read in place once
+    /// [`crate::MappedRead::into_cached`] found them cached), when every
+    /// chunk of it holds
+    /// data; `None` otherwise (holes, zeroes, out of bounds, a deleted
+    /// snapshot, no mapping), and the caller reads with
+    /// [`Snapshot::read_at`].
+    pub fn try_read_mapped(&self, off: u64, len: u64) -> Option<crate::MappedRead> {
+        let sh = &self.pool.sh;
+        if len == 0 || off.checked_add(len).is_none_or(|e| e > self.size) {
+            return None;
+        }
+        let txn = sh.db.begin_read().ok()?;
+        let map = txn.open_table(MAP).ok()?;
+        let parents = |l: u64| self.parents.get(&l).copied().flatten();
+        let cs = sh.chunk;
+        let (mut pinned, mut runs) = (Vec::new(), Vec::new());
+        let mut pos = off;
+        while pos < off + len {
+            let (c, within) = (pos / cs, pos % cs);
+            let n = (cs - within).min(off + len - pos);
+            match meta::resolve(&map, &parents, self.lineage, c, self.epoch).ok()? {
+                None | Some(ZERO) => return None,
+                Some(p) => {
+                    pinned.push(p);
+                    crate::pool::add_run(&mut runs, sh.data_at(p) + within, n);
+                }
+            }
+            pos += n;
+        }
+        // Pinned, then still there: its chunks were not freed before the
+        // pin (deleting a snapshot frees them under the catalog's lock).
+        sh.mapped_read(pinned, &runs, true, || {
+            self.pool.snap_rec(&self.name).is_ok()
+        })
+    }
+
     /// Read `buf.len()` bytes at `off` of the frozen content.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         let sh = &self.pool.sh;

@@ -888,3 +888,82 @@ fn a_chunk_pinned_twice_is_free_after_the_second_unpin() {
     assert_eq!(b.try_read_mapped(CS, CS).unwrap().ranges()[0].0, at);
     p.verify_clean().unwrap();
 }
+
+/// A snapshot's mapped read, as a copy hashes and sends it in place.
+fn in_place(s: &ferry_pool::Snapshot, off: u64, len: u64) -> Option<Vec<u8>> {
+    let c = s.try_read_mapped(off, len)?.into_cached().ok()?;
+    Some(c.pieces().flatten().copied().collect())
+}
+
+#[test]
+fn a_snapshots_cached_read_holds_its_frozen_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("v", 64 * CS).unwrap();
+    let old = pattern(8 * CS as usize, 0x21);
+    v.write_at(2 * CS, &old).unwrap();
+    p.snapshot("v", "s").unwrap();
+    let s = p.open_snapshot("s").unwrap();
+    let m = in_place(&s, 2 * CS + 7, 6 * CS).expect("cached after the write");
+    // The volume moves on; the snapshot's bytes, read in place, do not.
+    v.write_at(2 * CS, &pattern(8 * CS as usize, 0x77)).unwrap();
+    p.flush().unwrap();
+    assert_eq!(m, old[7..7 + 6 * CS as usize]);
+    assert_eq!(in_place(&s, 2 * CS + 7, 6 * CS).unwrap(), m);
+    let mut buf = vec![0u8; 6 * CS as usize];
+    s.read_at(2 * CS + 7, &mut buf).unwrap();
+    assert_eq!(buf, m);
+    // Holes, zeroes and bad ranges are read the ordinary way.
+    assert!(s.try_read_mapped(CS, 2 * CS).is_none(), "a hole");
+    assert!(s.try_read_mapped(0, 0).is_none());
+    assert!(
+        s.try_read_mapped(63 * CS, 2 * CS).is_none(),
+        "beyond the end"
+    );
+    v.write_zeroes(20 * CS, CS, false).unwrap();
+    p.snapshot("v", "z").unwrap();
+    let z = p.open_snapshot("z").unwrap();
+    assert!(z.try_read_mapped(20 * CS, CS).is_none(), "a zeroed chunk");
+    // A volume's own read may change under the reader: never in place.
+    assert!(
+        v.try_read_mapped(2 * CS, CS)
+            .unwrap()
+            .into_cached()
+            .is_err()
+    );
+    p.delete_snapshot("s").unwrap();
+    assert!(
+        s.try_read_mapped(2 * CS, CS).is_none(),
+        "a deleted snapshot"
+    );
+    p.verify_clean().unwrap();
+}
+
+#[test]
+fn a_deleted_snapshots_chunks_being_read_are_not_reused_until_the_read_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(&dir);
+    let v = p.create_volume("v", 4 * CS).unwrap();
+    v.write_at(0, &vec![0xaa; CS as usize]).unwrap();
+    p.snapshot("v", "s").unwrap();
+    // The volume's next write goes to a new chunk: the old one is the
+    // snapshot's alone, freed when it is deleted.
+    v.write_at(0, &vec![0xab; CS as usize]).unwrap();
+    p.flush().unwrap();
+    let s = p.open_snapshot("s").unwrap();
+    let c = s
+        .try_read_mapped(0, CS)
+        .unwrap()
+        .into_cached()
+        .expect("cached");
+    p.delete_snapshot("s").unwrap();
+    p.flush().unwrap();
+    let w = p.create_volume("w", 4 * CS).unwrap();
+    w.write_at(0, &vec![0xbb; CS as usize]).unwrap();
+    p.flush().unwrap();
+    // Never another volume's bytes under the reader (punched: zeroes).
+    let seen: Vec<u8> = c.pieces().flatten().copied().collect();
+    assert!(seen.iter().all(|&x| x == 0xaa || x == 0));
+    drop(c);
+    p.verify_clean().unwrap();
+}
