@@ -60,6 +60,7 @@ use ferry_nbd::client::{Address, Pool as NbdPool};
 use ferry_ops::{
     BoxFuture, NodeId, Recovery, Step, StepContext, StepError, test_pause, test_pause_armed,
 };
+use ferry_pool::CachedRead;
 use ferry_pool::Snapshot as PoolSnapshot;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -85,6 +86,12 @@ const XFER: u64 = 2 << 20;
 /// gave a sparse copy of 0.17-0.29 s, two 0.18-0.21 s; dense 1.24-1.34 s
 /// and 1.12-1.18 s).
 const IN_FLIGHT: usize = 2;
+/// Units read and hashed ahead of the [`IN_FLIGHT`] writes, so that a
+/// write that answers is followed at once by the next: reading and hashing
+/// 2 MiB takes ~0.35 ms, which otherwise left no write in flight for ~11 ms
+/// of a 63 ms sparse transfer (BENCHMARKS.md sessions 22 and 23: a sparse
+/// copy 3-6 ms faster).
+const READ_AHEAD: usize = 2;
 /// Blocks per hash request to the target.
 const HASH_BATCH: usize = 16;
 /// Hash requests in flight at once, within one check.
@@ -304,24 +311,49 @@ pub fn hash_ranges(
     hashes
 }
 
-/// One transfer unit read from the snapshot: its data, the hash of each
+/// One transfer unit read from the snapshot: its bytes, the hash of each
 /// of its [`BLOCK`]s `(offset, length, hash)`, and the byte runs (within
-/// `data`) of the blocks that are not all zeroes — the only ones sent.
+/// the unit) of the blocks that are not all zeroes — the only ones sent.
 struct Unit {
-    /// At least as long as the unit (a reused buffer): the unit is its start.
-    data: Vec<u8>,
+    data: UnitBytes,
     hashes: Vec<((u64, u64), String)>,
     runs: Vec<(usize, usize)>,
+}
+
+/// Where a unit's bytes are.
+enum UnitBytes {
+    /// Read into a buffer, at least as long as the unit (a reused one):
+    /// the unit is its start.
+    Read(Vec<u8>),
+    /// In place in the source pool's page cache, one piece of the data
+    /// file ([`read_unit`] takes no other) whose every page is cached:
+    /// hashed and sent from there, with no copy into a buffer.
+    Cached(CachedRead),
+}
+
+impl UnitBytes {
+    fn get(&self) -> &[u8] {
+        match self {
+            UnitBytes::Read(b) => b,
+            UnitBytes::Cached(c) => c.pieces().next().unwrap_or_default(),
+        }
+    }
 }
 
 /// Buffers of units sent and of ranges hashed, for the next units and
 /// the next copies: a fresh 4 MiB buffer costs a page fault and a page
 /// clearing per 4 KiB (a copy of 80 MiB faulted in ~32 MB of them on the
 /// sending host before they were kept beyond one disk, `perf record -e
-/// page-faults`). Kept up to [`IN_FLIGHT`] units' worth, for 30 s unused.
+/// page-faults`). Kept up to [`IN_FLIGHT`] + [`READ_AHEAD`] units' worth,
+/// for 30 s unused.
 fn spares() -> &'static Arc<Reserve> {
     static SPARES: std::sync::OnceLock<Arc<Reserve>> = std::sync::OnceLock::new();
-    SPARES.get_or_init(|| Reserve::new(IN_FLIGHT * XFER as usize, Duration::from_secs(30)))
+    SPARES.get_or_init(|| {
+        Reserve::new(
+            (IN_FLIGHT + READ_AHEAD) * XFER as usize,
+            Duration::from_secs(30),
+        )
+    })
 }
 
 /// A buffer of at least `n` bytes (contents of no meaning).
@@ -337,10 +369,26 @@ fn spare(n: usize) -> Vec<u8> {
     }
 }
 
+/// Reads unit `[off, off + n)` of `snap` and hashes its blocks. Where the
+/// unit lies in one piece of the data file and all of it is in the page
+/// cache, it is hashed and later sent in place (a sparse 80 MiB copy: 5 ms
+/// less CPU, 2-4 ms less time, BENCHMARKS.md session 23); otherwise it is
+/// read into a buffer.
 fn read_unit(snap: &PoolSnapshot, off: u64, n: u64) -> Result<Unit, String> {
-    let mut data = spare(n as usize);
-    let unit = &mut data[..n as usize];
-    snap.read_at(off, unit).map_err(|e| e.to_string())?;
+    let cached = snap
+        .try_read_mapped(off, n)
+        .filter(|m| m.ranges().len() == 1)
+        .and_then(|m| m.into_cached().ok());
+    let data = match cached {
+        Some(c) => UnitBytes::Cached(c),
+        None => {
+            let mut data = spare(n as usize);
+            snap.read_at(off, &mut data[..n as usize])
+                .map_err(|e| e.to_string())?;
+            UnitBytes::Read(data)
+        }
+    };
+    let unit = &data.get()[..n as usize];
     let mut hashes = Vec::new();
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut at = 0usize;
@@ -481,7 +529,8 @@ impl Drop for Sending {
 impl Disk {
     /// The `units` `(offset, length)` of this disk, each read and hashed
     /// on the blocking pool and its blocks that are not all zeroes written
-    /// to the target; [`IN_FLIGHT`] at once, answered in order. A caller
+    /// to the target; [`IN_FLIGHT`] written at once, [`READ_AHEAD`] more
+    /// read ahead of them, answered in order. A caller
     /// that stops polling (waiting for a flush) does not stop the units
     /// in flight.
     fn sending(
@@ -493,9 +542,11 @@ impl Disk {
             self.nbd.clone(),
             self.target.volume.clone(),
         );
+        let writes = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         futures::stream::iter(units)
             .map(move |(off, n)| {
                 let (snap, nbd, vol) = (snap.clone(), nbd.clone(), vol.clone());
+                let writes = writes.clone();
                 Sending(tokio::spawn(async move {
                     let name = snap.name().to_string();
                     let u = tokio::task::spawn_blocking(move || read_unit(&snap, off, n))
@@ -504,15 +555,20 @@ impl Disk {
                         .map_err(|e| {
                             StepError::failed(format!("reading snapshot {name} at {off}: {e}"))
                         })?;
+                    let _writing = writes.acquire_owned().await.map_err(StepError::failed)?;
                     let mut sent = 0;
                     for &(a, b) in &u.runs {
                         let at = off + a as u64;
-                        nbd.write_at(at, &u.data[a..b], false).await.map_err(|e| {
-                            StepError::failed(format!("writing {vol} at {at}: {e}"))
-                        })?;
+                        nbd.write_at(at, &u.data.get()[a..b], false)
+                            .await
+                            .map_err(|e| {
+                                StepError::failed(format!("writing {vol} at {at}: {e}"))
+                            })?;
                         sent += (b - a) as u64;
                     }
-                    spares().give(u.data);
+                    if let UnitBytes::Read(b) = u.data {
+                        spares().give(b);
+                    }
                     Ok(Sent {
                         bytes: n,
                         sent,
@@ -520,7 +576,7 @@ impl Disk {
                     })
                 }))
             })
-            .buffered(IN_FLIGHT)
+            .buffered(IN_FLIGHT + READ_AHEAD)
     }
 
     /// Takes note of a unit [`Disk::sending`] answered: keeps its hashes
