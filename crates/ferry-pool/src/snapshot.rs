@@ -163,10 +163,13 @@ impl Snapshot {
             }
             pos += n;
         }
-        // Pinned, then still there: its chunks were not freed before the
-        // pin (deleting a snapshot frees them under the catalog's lock).
+        // Pinned, then still there (the same snapshot, not a new one of
+        // that name): its chunks were not freed before the pin (deleting
+        // a snapshot frees them under the catalog's lock).
         sh.mapped_read(pinned, &runs, true, || {
-            self.pool.snap_rec(&self.name).is_ok()
+            self.pool
+                .snap_rec(&self.name)
+                .is_ok_and(|r| (r.volume, r.epoch) == (self.lineage, self.epoch))
         })
     }
 

@@ -902,6 +902,7 @@ fn a_snapshots_cached_read_holds_its_frozen_bytes() {
     let v = p.create_volume("v", 64 * CS).unwrap();
     let old = pattern(8 * CS as usize, 0x21);
     v.write_at(2 * CS, &old).unwrap();
+    v.write_at(30 * CS, &pattern(CS as usize, 0x30)).unwrap();
     p.snapshot("v", "s").unwrap();
     let s = p.open_snapshot("s").unwrap();
     let m = in_place(&s, 2 * CS + 7, 6 * CS).expect("cached after the write");
@@ -935,6 +936,19 @@ fn a_snapshots_cached_read_holds_its_frozen_bytes() {
     assert!(
         s.try_read_mapped(2 * CS, CS).is_none(),
         "a deleted snapshot"
+    );
+    // Chunks the volume never overwrote are the new snapshot's too; the
+    // old handle still refuses them.
+    assert!(
+        p.open_snapshot("z")
+            .unwrap()
+            .try_read_mapped(30 * CS, CS)
+            .is_some()
+    );
+    p.snapshot("v", "s").unwrap();
+    assert!(
+        s.try_read_mapped(30 * CS, CS).is_none(),
+        "a new snapshot of the same name"
     );
     p.verify_clean().unwrap();
 }
