@@ -78,8 +78,8 @@ pub const BLOCK: u64 = 1 << 20;
 /// (`copy`, session 16, every round of three runs: sparse 0.12-0.21 s
 /// instead of 0.17-0.29 s with 4 MiB units; dense 1.16-1.48 s).
 const XFER: u64 = 2 << 20;
-/// Transfer units in flight at once (read, hashed and written), each a
-/// task of its own. Two: one is read while the other is written, and what
+/// Transfer units being written at once (each a task of its own, which
+/// reads and hashes its unit first, see [`READ_AHEAD`]). Two, so that what
 /// the target holds in its page cache, not yet flushed and verified, stays
 /// small — every fresh page costs the target a fault on a VM host, pages
 /// it let go are reused (`copy`, session 16, 4 MiB units: eight in flight
