@@ -21,7 +21,8 @@
 //! a signal. One exception reads the memory itself: a snapshot's read
 //! whose pages are all cached ([`MappedRead::into_cached`]), which a VM
 //! copy hashes and sends in place. Nothing writes a snapshot's chunks, so
-//! its bytes cannot change under the reader, and no fault needs the disk.
+//! its bytes cannot change under the reader while the snapshot exists,
+//! and no fault needs the disk.
 
 use std::sync::{Arc, PoisonError};
 
@@ -82,11 +83,16 @@ impl CachedRead {
     pub fn pieces(&self) -> impl Iterator<Item = &[u8]> {
         self.0.ranges.iter().map(|&(a, n)| {
             // SAFETY: `[a, a + n)` lies in the read-only mapping kept alive
-            // by `self`, inside the data file (which never shrinks), over a
-            // snapshot's chunks pinned by `self`: no write of the pool
-            // touches them while the snapshot exists (its volume copies on
-            // write) and the pin keeps them from being freed and reused, so
-            // the bytes do not change while borrowed.
+            // by `self`, inside the data file (which never shrinks), so it
+            // stays readable while borrowed. It covers a snapshot's chunks
+            // pinned by `self`: no write of the pool touches them while the
+            // snapshot exists (its volume copies on write), and the pin
+            // keeps them from being reused for other data. Only deleting
+            // the snapshot meanwhile, which callers must not do while they
+            // read it (as for `Snapshot::read_at`), would change them, and
+            // then only to zeroes (freed chunks are punched out): any byte
+            // is a valid `u8`, the reader sees wrong values, never another
+            // volume's data.
             unsafe { std::slice::from_raw_parts(a as *const u8, n) }
         })
     }
