@@ -178,6 +178,29 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Split `[off, off+len)` of a volume or snapshot into (chunk, offset
+    /// within chunk, length, position in buffer).
+    pub(crate) fn pieces(
+        &self,
+        off: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (u64, u64, usize, usize)> + use<> {
+        let cs = self.chunk;
+        let end = off + len;
+        let mut pos = off;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let c = pos / cs;
+            let within = pos % cs;
+            let n = (cs - within).min(end - pos);
+            let item = (c, within, n as usize, (pos - off) as usize);
+            pos += n;
+            Some(item)
+        })
+    }
+
     pub fn data_at(&self, phys: u64) -> u64 {
         phys * self.chunk
     }

@@ -148,20 +148,15 @@ impl Snapshot {
         let txn = sh.db.begin_read().ok()?;
         let map = txn.open_table(MAP).ok()?;
         let parents = |l: u64| self.parents.get(&l).copied().flatten();
-        let cs = sh.chunk;
         let (mut pinned, mut runs) = (Vec::new(), Vec::new());
-        let mut pos = off;
-        while pos < off + len {
-            let (c, within) = (pos / cs, pos % cs);
-            let n = (cs - within).min(off + len - pos);
+        for (c, within, n, _) in sh.pieces(off, len) {
             match meta::resolve(&map, &parents, self.lineage, c, self.epoch).ok()? {
                 None | Some(ZERO) => return None,
                 Some(p) => {
                     pinned.push(p);
-                    crate::pool::add_run(&mut runs, sh.data_at(p) + within, n);
+                    crate::pool::add_run(&mut runs, sh.data_at(p) + within, n as u64);
                 }
             }
-            pos += n;
         }
         // Pinned, then still there (the same snapshot, not a new one of
         // that name): its chunks were not freed before the pin (deleting
@@ -199,15 +194,10 @@ impl Snapshot {
         let map = txn.open_table(MAP).ctx(|| "open map".into())?;
         let parents = |l: u64| self.parents.get(&l).copied().flatten();
         let cs = sh.chunk;
-        let mut pos = off;
-        let mut at = 0usize;
         // Chunks that follow each other in the data file are read with one
         // pread: (first physical chunk, offset within it, start in buf, length).
         let mut run: Option<(u64, u64, usize, usize)> = None;
-        while at < buf.len() {
-            let c = pos / cs;
-            let within = pos % cs;
-            let n = ((cs - within) as usize).min(buf.len() - at);
+        for (c, within, n, at) in sh.pieces(off, buf.len() as u64) {
             match meta::resolve(&map, &parents, self.lineage, c, self.epoch)? {
                 None | Some(ZERO) => buf[at..at + n].fill(0),
                 Some(p) => match &mut run {
@@ -227,8 +217,6 @@ impl Snapshot {
                     }
                 },
             }
-            pos += n as u64;
-            at += n;
         }
         if let Some((p0, w0, a0, len)) = run {
             sh.pread(p0, w0, &mut buf[a0..a0 + len])?;

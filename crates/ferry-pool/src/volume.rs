@@ -285,20 +285,7 @@ impl Volume {
         off: u64,
         len: u64,
     ) -> impl Iterator<Item = (u64, u64, usize, usize)> + use<> {
-        let cs = self.sh.chunk;
-        let end = off + len;
-        let mut pos = off;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let c = pos / cs;
-            let within = pos % cs;
-            let n = (cs - within).min(end - pos);
-            let item = (c, within, n as usize, (pos - off) as usize);
-            pos += n;
-            Some(item)
-        })
+        self.sh.pieces(off, len)
     }
 
     /// Read `buf.len()` bytes at `off`.
