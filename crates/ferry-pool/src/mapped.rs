@@ -28,6 +28,7 @@ use std::sync::{Arc, PoisonError};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::error::Ctx;
 use crate::fastmap::Fast;
 use crate::pool::{Shared, add_run, lock};
 use crate::volume::Volume;
@@ -40,7 +41,7 @@ const MAP_STEP: u64 = 1 << 30;
 pub struct MappedRead {
     ranges: Vec<(usize, usize)>,
     pins: Pins,
-    _map: Arc<MmapRaw>,
+    map: Arc<MmapRaw>,
     /// A snapshot's bytes: nothing writes its chunks while they are pinned.
     frozen: bool,
 }
@@ -54,12 +55,29 @@ impl MappedRead {
         &self.ranges
     }
 
+    /// Reads the bytes into `buf` (as long as the read) with `pread`: for
+    /// a read [`MappedRead::into_cached`] declined, without looking its
+    /// chunks up again.
+    pub fn read_into(&self, buf: &mut [u8]) -> crate::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (sh, base) = (&self.pins.0, self.map.as_ptr() as usize);
+        let mut at = 0;
+        for &(addr, n) in &self.ranges {
+            let from = (addr - base) as u64;
+            sh.data
+                .read_exact_at(&mut buf[at..at + n], from)
+                .ctx(|| format!("read data file of pool {} at {from}", sh.dir.display()))?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// The read as bytes to be read in place, for a snapshot's read whose
     /// pages are all in the page cache; `Err(self)` for a volume's read
     /// (its chunks may change under the reader) or when some page is not
     /// cached (a fault would then read the disk, and a disk error would
     /// raise `SIGBUS` instead of returning one: send the ranges, or read
-    /// with [`crate::Snapshot::read_at`]).
+    /// them with [`MappedRead::read_into`]).
     ///
     /// A page the kernel evicts between this check and the read is read
     /// again from the disk on the fault: only an I/O error in that moment
@@ -241,7 +259,7 @@ impl Shared {
                 .map(|&(from, to)| (base + from as usize, (to - from) as usize))
                 .collect(),
             pins,
-            _map: map,
+            map,
             frozen,
         })
     }

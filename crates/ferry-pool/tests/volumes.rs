@@ -809,6 +809,9 @@ fn a_mapped_read_holds_the_volumes_bytes() {
     v.write_at(60 * CS, &pattern(2 * CS as usize, 2)).unwrap();
     let m = v.try_read_mapped(3 * CS + 100, 30 * CS).unwrap();
     assert_eq!(bytes(&m), data[100..100 + 30 * CS as usize]);
+    let mut got = vec![0u8; 30 * CS as usize];
+    m.read_into(&mut got).unwrap();
+    assert_eq!(got, data[100..100 + 30 * CS as usize]);
     // Before the flush too: the data file holds acknowledged writes.
     let m2 = v.try_read_mapped(60 * CS + 1, CS).unwrap();
     assert_eq!(bytes(&m2), pattern(2 * CS as usize, 2)[1..1 + CS as usize]);
@@ -914,6 +917,13 @@ fn a_snapshots_cached_read_holds_its_frozen_bytes() {
     let mut buf = vec![0u8; 6 * CS as usize];
     s.read_at(2 * CS + 7, &mut buf).unwrap();
     assert_eq!(buf, m);
+    // Read with pread from the places it found, as when not cached.
+    let mut got = vec![0u8; 6 * CS as usize];
+    s.try_read_mapped(2 * CS + 7, 6 * CS)
+        .unwrap()
+        .read_into(&mut got)
+        .unwrap();
+    assert_eq!(got, m);
     // Holes, zeroes and bad ranges are read the ordinary way.
     assert!(s.try_read_mapped(CS, 2 * CS).is_none(), "a hole");
     assert!(s.try_read_mapped(0, 0).is_none());

@@ -373,18 +373,26 @@ fn spare(n: usize) -> Vec<u8> {
 /// unit lies in one piece of the data file and all of it is in the page
 /// cache, it is hashed and later sent in place (a sparse 80 MiB copy: 5 ms
 /// less CPU, 2-4 ms less time, BENCHMARKS.md session 23); otherwise it is
-/// read into a buffer.
+/// read into a buffer (from the places the mapped read found, when it
+/// found them: holes and zeroes through `Snapshot::read_at`).
 fn read_unit(snap: &PoolSnapshot, off: u64, n: u64) -> Result<Unit, String> {
-    let cached = snap
+    let mapped = snap
         .try_read_mapped(off, n)
-        .filter(|m| m.ranges().len() == 1)
-        .and_then(|m| m.into_cached().ok());
-    let data = match cached {
-        Some(c) => UnitBytes::Cached(c),
-        None => {
+        .map(|m| match m.ranges().len() {
+            1 => m.into_cached(),
+            _ => Err(m),
+        });
+    let data = match mapped {
+        Some(Ok(c)) => UnitBytes::Cached(c),
+        declined => {
             let mut data = spare(n as usize);
-            snap.read_at(off, &mut data[..n as usize])
-                .map_err(|e| e.to_string())?;
+            let buf = &mut data[..n as usize];
+            // Its chunks already looked up (and pinned): not again.
+            match declined {
+                Some(Err(m)) => m.read_into(buf),
+                _ => snap.read_at(off, buf),
+            }
+            .map_err(|e| e.to_string())?;
             UnitBytes::Read(data)
         }
     };
